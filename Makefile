@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Both create (or reuse) the local virtualenv .venv and install what they need.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install clean-venv
+
+install: $(STAMP)
+
+# Reinstalled only when pyproject.toml changes; torch/torchvision are pinned here and
+# in pyproject.toml so pip never reaches for a newer multi-GB build.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m simulation --config configs/quickstart.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=10
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,105 @@
+"""The ClientApp: Flower message handlers around a workload.
+
+The experiment config arrives from the server with every message (one source of
+truth, the same on the simulation and the deployment engine). Node-specific facts come
+from the SuperNode's node config: `partition-id`, `num-partitions` and optionally
+`device`. Modules that never leave the client (task decoders, modality encoders, the
+JSCC) persist between rounds in `context.state`, which stays on the node.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from models import get_workload, resolve_device
+from simulation.config import ExperimentConfig, config_from_dict
+from simulation.data import load_partition
+
+PRIVATE_STATE = "private-modules"
+
+app = ClientApp()
+
+
+def experiment_from_message(msg: Message) -> ExperimentConfig:
+    return config_from_dict(json.loads(str(msg.content["config"]["experiment"])))
+
+
+def client_lora_rank(cfg: ExperimentConfig, partition_id: int) -> int:
+    """Heterogeneous ranks (svd_lora) are assigned round-robin over partitions."""
+    ranks = cfg.lora.client_ranks
+    return ranks[partition_id % len(ranks)] if ranks else cfg.lora.rank
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise KeyError(
+            f"node config lacks {err}; start the SuperNode with "
+            "--node-config 'partition-id=K num-partitions=N'"
+        ) from None
+
+
+def private_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors other than the adapters: they stay on this node. (Adapters
+    need no saving: the server sends them, and FFA-LoRA's frozen A comes from a seed.)"""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+
+
+def _setup(msg: Message, context: Context):
+    cfg = experiment_from_message(msg)
+    pid, n = _partition(context)
+    device = resolve_device(str(context.node_config.get("device", cfg.device)))
+    workload = get_workload(cfg.workload)
+    model = workload.build(cfg, device, lora_rank=client_lora_rank(cfg, pid))
+    if PRIVATE_STATE in context.state.array_records:
+        saved = context.state.array_records[PRIVATE_STATE]
+        params = private_parameters(model)
+        with torch.no_grad():
+            for name, arr in saved.items():
+                params[name].copy_(torch.from_numpy(arr.numpy()))
+    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    workload.load_shared_state(model, arrays)
+    train_ds, test_ds = load_partition(cfg.data, pid, n, cfg.model.caption_len)
+    return cfg, pid, workload, model, train_ds, test_ds
+
+
+def _save_private(model: torch.nn.Module, context: Context) -> None:
+    params = private_parameters(model)
+    context.state[PRIVATE_STATE] = ArrayRecord(
+        {n: Array(p.detach().cpu().numpy()) for n, p in params.items()}
+    )
+
+
+def _metric_record(metrics: dict[str, float]) -> MetricRecord:
+    # MetricRecord wants plain Python numbers.
+    return MetricRecord({k: (int(v) if k == "num-examples" else float(v)) for k, v in metrics.items()})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, pid, workload, model, train_ds, _ = _setup(msg, context)
+    lora_train = str(msg.content["config"].get("lora-train", "ab"))
+    server_round = int(msg.content["config"].get("server-round", 0))
+    metrics = workload.train_local(
+        model, train_ds, cfg, lora_train=lora_train, seed=cfg.seed * 100_003 + server_round * 1009 + pid
+    )
+    _save_private(model, context)
+    shared = workload.shared_state(model, lora_train)
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in shared.items()}),
+        "metrics": _metric_record(metrics),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, _, workload, model, _, test_ds = _setup(msg, context)
+    metrics = workload.evaluate(model, test_ds, cfg)
+    return Message(content=RecordDict({"metrics": _metric_record(metrics)}), reply_to=msg)

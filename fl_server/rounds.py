@@ -1,0 +1,123 @@
+"""The federated round loop of the ServerApp.
+
+Flower's `Strategy.start()` returns its history only when the last round is done; we
+drive the same strategy hooks (configure_train / aggregate_train / configure_evaluate /
+aggregate_evaluate) ourselves so that every round is written to metrics.json as it
+ends, progress is shown while it runs, and a crash keeps what was measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from models import get_workload
+from simulation.config import ExperimentConfig
+from simulation.report import RunRecorder, new_run_dir
+from strategies import build_strategy
+
+log = logging.getLogger("fedsemcom")
+
+# Metrics copied from the aggregated records into each round's row.
+TRAIN_KEYS = ("train_loss", "symbols_per_example", "bytes_up", "bytes_down",
+              "clients_accepted", "clients_rejected")
+EVAL_KEYS = ("accuracy", "vqa_accuracy", "bleu", "psnr", "majority_class_share")
+
+
+def make_strategy(cfg: ExperimentConfig):
+    min_eval = 0 if cfg.fraction_evaluate == 0 else min(cfg.min_train_clients, cfg.num_clients)
+    return build_strategy(
+        cfg.strategy.name,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_clients,
+        min_evaluate_nodes=min_eval,
+        min_available_nodes=cfg.min_train_clients,
+        target_rank=cfg.strategy.svd_rank,
+        lora_alpha=cfg.lora.alpha,
+    )
+
+
+def initial_arrays(cfg: ExperimentConfig, lora_train: str) -> ArrayRecord:
+    """The global adapters at round 0: every party builds the same seeded model."""
+    workload = get_workload(cfg.workload)
+    shared = workload.shared_state(workload.build(cfg, "cpu"), lora_train)
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in shared.items()})
+
+
+def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
+                  console: Console | None = None) -> dict[str, Any]:
+    """Run `cfg.rounds` rounds of federated LoRA fine-tuning; return the results dict."""
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output_dir, cfg.name)
+    recorder = RunRecorder(run_dir, cfg.to_dict())
+    strategy = make_strategy(cfg)
+    arrays = initial_arrays(cfg, strategy.lora_train)
+    console.print(f"[bold]fedsemcom[/] {cfg.name}: {cfg.rounds} rounds, {cfg.num_clients} "
+                  f"clients, strategy {cfg.strategy.name}, results in {run_dir}")
+    progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total} rounds"),
+                        TimeElapsedColumn(), console=console)
+    try:
+        with progress:
+            task = progress.add_task("federated rounds", total=cfg.rounds)
+            for rnd in range(1, cfg.rounds + 1):
+                t0 = time.time()
+                config = ConfigRecord({"experiment": cfg.to_json()})
+                replies = list(grid.send_and_receive(
+                    strategy.configure_train(rnd, arrays, config, grid),
+                    timeout=cfg.round_timeout_s,
+                ))
+                new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+                if new_arrays is not None:
+                    arrays = new_arrays
+                else:
+                    log.warning("round %d: no valid update; keeping the global adapters", rnd)
+                eval_metrics = None
+                if cfg.fraction_evaluate > 0:
+                    config = ConfigRecord({"experiment": cfg.to_json()})
+                    eval_replies = list(grid.send_and_receive(
+                        strategy.configure_evaluate(rnd, arrays, config, grid),
+                        timeout=cfg.round_timeout_s,
+                    ))
+                    eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
+                row = _round_row(rnd, train_metrics, eval_metrics, len(replies), time.time() - t0)
+                recorder.add_round(row)
+                progress.advance(task)
+                progress.console.print(_summary(row, cfg.rounds))
+        np.savez(run_dir / "global_adapters.npz", **{k: v.numpy() for k, v in arrays.items()})
+        recorder.finish("completed")
+    except BaseException as err:
+        recorder.finish("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    return recorder.data
+
+
+def _round_row(rnd: int, train_m, eval_m, n_replies: int, seconds: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"round": rnd, "clients_replied": n_replies, "seconds": round(seconds, 2)}
+    for keys, record in ((TRAIN_KEYS, train_m), (EVAL_KEYS, eval_m)):
+        for k in keys:
+            if record is not None and k in record:
+                row[k] = float(record[k])
+    if eval_m is not None and "loss" in eval_m:
+        row["eval_loss"] = float(eval_m["loss"])
+    return row
+
+
+def _summary(row: dict[str, Any], rounds: int) -> str:
+    parts = [f"round {row['round']}/{rounds}"]
+    for key, fmt in (("train_loss", "loss {:.3f}"), ("accuracy", "acc {:.3f}"),
+                     ("vqa_accuracy", "vqa {:.3f}"), ("bleu", "bleu {:.3f}"),
+                     ("psnr", "psnr {:.1f} dB"), ("bytes_up", "up {:.0f} B")):
+        if key in row:
+            parts.append(fmt.format(row[key]))
+    parts.append(f"{row['seconds']:.1f} s")
+    return "  ".join(parts)

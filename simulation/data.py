@@ -1,0 +1,546 @@
+"""Data for the federated semantic-communication experiments.
+
+The main source is a synthetic multi-task scene generator: coloured shapes on a dark
+background, with a class label, a segmentation map, boxes, a caption and a VQA pair per
+image. It needs no download, every sample is a pure function of (seed, index), so each
+Flower client renders only its own samples, and every answer is true by construction,
+which makes task metrics meaningful even for tiny models.
+
+Clients get their share through Flower Datasets partitioners (IID or Dirichlet label
+skew) and split it into a local train and test set. CIFAR-10, STL-10 (read from a local
+folder, never downloaded) and scikit-learn's bundled digits serve as real-image
+datasets for classification and reconstruction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from simulation.config import DataConfig
+
+# --------------------------------------------------------------------------- vocabulary
+
+CLASSES = ("circle", "square", "triangle", "cross")
+"""Object classes. Segmentation ids: 0 = background, class index + 1 for an object."""
+
+COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.90, 0.15, 0.15),
+    "green": (0.20, 0.80, 0.25),
+    "blue": (0.20, 0.35, 0.95),
+    "yellow": (0.95, 0.90, 0.20),
+    "purple": (0.65, 0.25, 0.85),
+    "white": (0.95, 0.95, 0.95),
+}
+BACKGROUND = (0.05, 0.05, 0.07)
+NOISE_STD = 0.02  # pixel noise: keeps images from being piecewise constant
+
+MAX_OBJECTS = 4  # the most objects a scene can hold (config allows 1..4)
+COUNT_WORDS = ("one", "two", "three", "four")
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+_SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+_CAPTION_WORDS = ("a", "and", "big", "small", *COLORS, *CLASSES)
+_QUESTION_WORDS = ("what", "color", "is", "the", "largest", "shape", "object",
+                   "how", "many", "objects", "are", "there")
+ANSWERS: tuple[str, ...] = (*COLORS, *CLASSES, *COUNT_WORDS, "yes", "no")
+"""The closed VQA answer set; an item's "answer" is an index into it."""
+
+VOCAB: tuple[str, ...] = _SPECIAL_TOKENS + tuple(
+    dict.fromkeys(_CAPTION_WORDS + _QUESTION_WORDS + ANSWERS)
+)
+WORD_TO_ID = {word: i for i, word in enumerate(VOCAB)}
+QUESTION_LEN = 8  # BOS + the longest question (6 words) + EOS
+
+# --------------------------------------------------------------------------- scene specs
+
+# Shapes are sized by their area so that "largest" means what one sees and, since every
+# shape draws its area from the same range, the four labels are equally likely.
+# AREA_FACTOR[c] * half_extent**2 is the area of class c (image side = 1).
+_CROSS_ARM = 0.35  # half-thickness of a cross arm, relative to the half-extent
+AREA_FACTOR = (
+    math.pi,  # circle of radius r
+    4.0,  # square of half-side r
+    2.0,  # triangle, apex up, base 2r, height 2r
+    8 * _CROSS_ARM - 4 * _CROSS_ARM**2,  # two 2r x 2t bars minus their overlap
+)
+SIDE_RANGE = (0.18, 0.40)  # sqrt(area) of an object, in image sides
+BIG_SIDE = 0.29  # objects at least this big are called "big" in captions
+# Every object's centre stays outside every other object's bounding box (by this
+# margin, more than half a pixel at image_size >= 16), so no object is ever hidden and
+# the counts and yes/no answers stay true after painting.
+_CENTRE_MARGIN = 0.04
+_MIN_IMAGE_SIZE = 16
+
+
+class SceneObject(NamedTuple):
+    class_id: int  # index into CLASSES
+    color: str  # key of COLORS
+    center: tuple[float, float]  # (x, y) in [0, 1], x to the right, y down
+    size: float  # half-extent: the object lies within center +- size
+
+    @property
+    def area(self) -> float:
+        return AREA_FACTOR[self.class_id] * self.size**2
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        (x, y), r = self.center, self.size
+        return (x - r, y - r, x + r, y + r)
+
+
+def _place(rng: np.random.Generator, size: float, placed: list[SceneObject]
+           ) -> tuple[float, float] | None:
+    """A centre that keeps this object and the placed ones mutually unhidden."""
+    for _ in range(50):
+        x, y = rng.uniform(size, 1.0 - size, size=2)
+        if all(max(abs(x - o.center[0]), abs(y - o.center[1])) > max(size, o.size)
+               + _CENTRE_MARGIN for o in placed):
+            return float(x), float(y)
+    return None
+
+
+def scene_spec(seed: int, index: int, max_objects: int) -> list[SceneObject]:
+    """The objects of scene `index`, largest first (painting order), without rendering.
+
+    Seeded by (seed, index) alone, so a client can build any single sample without
+    the others. Objects may overlap; later (smaller) ones paint over earlier ones.
+    """
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects={max_objects!r} is out of range: use 1..{MAX_OBJECTS}")
+    rng = np.random.default_rng([seed, index])
+    count = int(rng.integers(1, max_objects + 1))
+    sides = np.sort(rng.uniform(*SIDE_RANGE, size=count))[::-1]
+    classes = rng.integers(len(CLASSES), size=count)
+    colors = rng.integers(len(COLORS), size=count)
+    color_names = list(COLORS)
+    objects: list[SceneObject] = []
+    for side, class_id, color in zip(sides, classes, colors):
+        size = side / math.sqrt(AREA_FACTOR[class_id])
+        center = _place(rng, size, objects)
+        while center is None:  # crowded scene: shrink until it fits
+            size *= 0.9
+            center = _place(rng, size, objects)
+        objects.append(SceneObject(int(class_id), color_names[color], center, float(size)))
+    # Shrinking can reorder areas; a stable sort keeps the first of equals first.
+    return sorted(objects, key=lambda o: -o.area)
+
+
+def scene_label(spec: Sequence[SceneObject]) -> int:
+    """The image label: the class of the largest object (the first of equals)."""
+    return max(spec, key=lambda o: o.area).class_id
+
+
+def synthetic_labels(cfg: DataConfig) -> np.ndarray:
+    """Labels of all `cfg.num_samples` scenes, from their specs (no rendering)."""
+    return _synthetic_labels(cfg.seed, cfg.num_samples, cfg.max_objects).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _synthetic_labels(seed: int, num_samples: int, max_objects: int) -> np.ndarray:
+    return np.array([scene_label(scene_spec(seed, i, max_objects)) for i in range(num_samples)],
+                    dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _shape_mask(obj: SceneObject, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pixels (by their centres x, y) that the object covers."""
+    dx, dy, r = x - obj.center[0], y - obj.center[1], obj.size
+    shape = CLASSES[obj.class_id]
+    if shape == "circle":
+        return dx**2 + dy**2 <= r**2
+    if shape == "square":
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    if shape == "triangle":  # apex at (0, -r), base from (-r, r) to (r, r)
+        return (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+    if shape == "cross":
+        t = _CROSS_ARM * r
+        ax, ay = np.abs(dx), np.abs(dy)
+        return ((ax <= r) & (ay <= t)) | ((ax <= t) & (ay <= r))
+    raise ValueError(f"unknown class_id {obj.class_id!r}: use 0..{len(CLASSES) - 1}")
+
+
+def render_scene(spec: Sequence[SceneObject], image_size: int,
+                 max_objects: int = MAX_OBJECTS, noise_seed: int | Sequence[int] = 0
+                 ) -> dict[str, np.ndarray]:
+    """Paint a scene spec: image, segmentation, boxes and object count as numpy arrays.
+
+    "boxes" has `max_objects` rows (x0, y0, x1, y1 in [0, 1], spec order, zero rows
+    after the last object) so that a batch of scenes stacks into one array.
+    """
+    if image_size < _MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size={image_size!r} is too small to draw every object "
+                         f"visibly: use at least {_MIN_IMAGE_SIZE}")
+    if len(spec) > max_objects:
+        raise ValueError(f"the scene has {len(spec)} objects but max_objects={max_objects}: "
+                         "raise max_objects to pad the boxes")
+    centres = (np.arange(image_size) + 0.5) / image_size
+    y, x = np.meshgrid(centres, centres, indexing="ij")
+    image = np.empty((3, image_size, image_size), dtype=np.float32)
+    image[:] = np.asarray(BACKGROUND, dtype=np.float32)[:, None, None]
+    segmentation = np.zeros((image_size, image_size), dtype=np.int64)
+    boxes = np.zeros((max_objects, 4), dtype=np.float32)
+    for k, obj in enumerate(spec):
+        mask = _shape_mask(obj, x, y)
+        segmentation[mask] = obj.class_id + 1
+        image[:, mask] = np.asarray(COLORS[obj.color], dtype=np.float32)[:, None]
+        boxes[k] = np.clip(obj.box, 0.0, 1.0)
+    noise = np.random.default_rng(noise_seed).normal(0.0, NOISE_STD, image.shape)
+    image = np.clip(image + noise.astype(np.float32), 0.0, 1.0)
+    return {"image": image, "segmentation": segmentation, "boxes": boxes,
+            "num_objects": np.int64(len(spec))}
+
+
+# --------------------------------------------------------------------------- text
+
+
+def encode_tokens(words: Sequence[str], length: int) -> np.ndarray:
+    """BOS, word ids, EOS, then PAD up to `length` (int64)."""
+    if len(words) + 2 > length:
+        raise ValueError(f"{len(words)} words need length >= {len(words) + 2}, got {length}")
+    ids = [BOS_ID, *(WORD_TO_ID.get(w, UNK_ID) for w in words), EOS_ID]
+    return np.array(ids + [PAD_ID] * (length - len(ids)), dtype=np.int64)
+
+
+def decode_tokens(ids: Sequence[int] | np.ndarray | torch.Tensor) -> str:
+    """Token ids as text for humans and BLEU: stops at EOS, skips PAD and BOS."""
+    if isinstance(ids, (torch.Tensor, np.ndarray)):
+        ids = ids.tolist()
+    words = []
+    for i in ids:
+        if i == EOS_ID:
+            break
+        if i in (PAD_ID, BOS_ID):
+            continue
+        words.append(VOCAB[i] if 0 <= i < len(VOCAB) else "<unk>")
+    return " ".join(words)
+
+
+def caption_words(spec: Sequence[SceneObject], caption_len: int) -> list[str]:
+    """"a big red circle and a small blue cross": objects largest first, as many as fit.
+
+    Every object takes four words plus "and", so `caption_len` (with BOS and EOS) bounds
+    how many objects a caption mentions; the largest one is always there.
+    """
+    if caption_len < 6:
+        raise ValueError(f"caption_len={caption_len!r} cannot hold one object "
+                         "(BOS + 'a big red circle' + EOS): use at least 6")
+    words: list[str] = []
+    for obj in sorted(spec, key=lambda o: -o.area):
+        phrase = ["and"] if words else []
+        phrase += ["a", "big" if math.sqrt(obj.area) >= BIG_SIDE else "small",
+                   obj.color, CLASSES[obj.class_id]]
+        if len(words) + len(phrase) + 2 > caption_len:
+            break
+        words += phrase
+    return words
+
+
+def scene_question(spec: Sequence[SceneObject], rng: np.random.Generator
+                   ) -> tuple[list[str], str]:
+    """A question about the scene and its true answer, one of four templates.
+
+    "what shape is the <colour> object" is asked only when exactly one object has
+    that colour; otherwise the colour question about the largest object is asked.
+    "is there a <shape>" is answered "yes" about half of the time.
+    """
+    largest = max(spec, key=lambda o: o.area)
+    template = int(rng.integers(4))
+    colour_counts = {c: sum(o.color == c for o in spec) for c in COLORS}
+    unique_colours = [c for c, n in colour_counts.items() if n == 1]
+    if template == 3 and not unique_colours:
+        template = 0
+    if template == 0:
+        return ["what", "color", "is", "the", "largest", CLASSES[largest.class_id]], largest.color
+    if template == 1:
+        return ["how", "many", "objects", "are", "there"], COUNT_WORDS[len(spec) - 1]
+    if template == 2:
+        present = sorted({o.class_id for o in spec})
+        absent = [c for c in range(len(CLASSES)) if c not in present]
+        ask_present = rng.random() < 0.5 or not absent
+        class_id = int(rng.choice(present if ask_present else absent))
+        return ["is", "there", "a", CLASSES[class_id]], "yes" if ask_present else "no"
+    colour = unique_colours[int(rng.integers(len(unique_colours)))]
+    obj = next(o for o in spec if o.color == colour)
+    return ["what", "shape", "is", "the", colour, "object"], CLASSES[obj.class_id]
+
+
+def synthetic_sample(seed: int, index: int, max_objects: int, image_size: int,
+                     caption_len: int = 12) -> dict[str, np.ndarray]:
+    """Everything about scene `index` as numpy arrays (the item dict of SyntheticScenes)."""
+    spec = scene_spec(seed, index, max_objects)
+    sample = render_scene(spec, image_size, max_objects, noise_seed=[seed, index, 2])
+    question, answer = scene_question(spec, np.random.default_rng([seed, index, 1]))
+    sample["label"] = np.int64(scene_label(spec))
+    sample["caption"] = encode_tokens(caption_words(spec, caption_len), caption_len)
+    sample["question"] = encode_tokens(question, QUESTION_LEN)
+    sample["answer"] = np.int64(ANSWERS.index(answer))
+    return sample
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class TensorDictDataset(Dataset):
+    """Samples held as stacked tensors; item i is {key: tensor[i]}.
+
+    Stacking once makes __getitem__ a few indexing operations, so DataLoader batches
+    cost nothing next to the model.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        lengths = {k: len(v) for k, v in tensors.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"all tensors need the same first dimension, got {lengths}")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+class SyntheticScenes(TensorDictDataset):
+    """The synthetic scenes `indices` of `cfg`, rendered once at construction.
+
+    Items: image [3,S,S] float32 in [0,1], label int64, segmentation [S,S] int64,
+    boxes [max_objects,4] float32, num_objects int64, caption [caption_len] int64,
+    question [QUESTION_LEN] int64, answer int64 (index into ANSWERS).
+    """
+
+    def __init__(self, cfg: DataConfig, indices: Sequence[int], caption_len: int = 12):
+        self.indices = np.asarray(indices, dtype=np.int64)
+        samples = [synthetic_sample(cfg.seed, int(i), cfg.max_objects, cfg.image_size,
+                                    caption_len) for i in self.indices]
+        if samples:
+            tensors = {k: torch.from_numpy(np.stack([s[k] for s in samples]))
+                       for k in samples[0]}
+        else:  # an empty dataset still has the right keys and trailing shapes
+            probe = synthetic_sample(cfg.seed, 0, cfg.max_objects, cfg.image_size, caption_len)
+            tensors = {k: torch.from_numpy(np.asarray(v)[None][:0]) for k, v in probe.items()}
+        super().__init__(tensors)
+
+
+# --------------------------------------------------------------------------- real images
+
+_REAL_FOLDERS = {"cifar10": "cifar-10-batches-py", "stl10": "stl10_binary"}
+
+
+def num_classes(cfg: DataConfig) -> int:
+    """Size of the label space: 4 shapes for synthetic scenes, 10 for the others."""
+    if cfg.name == "synthetic":
+        return len(CLASSES)
+    if cfg.name in ("cifar10", "stl10", "digits"):
+        return 10
+    raise ValueError(f"unknown data.name {cfg.name!r}: use synthetic, cifar10, stl10 or digits")
+
+
+def _dataset_root(name: str, root: str | None) -> Path:
+    """The folder torchvision expects, with an error that says where to put the data."""
+    folder = _REAL_FOLDERS[name]
+    if root is None:
+        raise FileNotFoundError(
+            f"data.root is not set for {name}: set it to a folder holding the extracted "
+            f"'{folder}' folder (nothing is downloaded)")
+    path = Path(root).expanduser()
+    if path.name == folder:  # the user pointed at the extracted folder itself
+        path = path.parent
+    if not (path / folder).is_dir():
+        raise FileNotFoundError(
+            f"{name} not found: '{path / folder}' does not exist. Place the extracted "
+            f"'{folder}' folder in '{path}' (nothing is downloaded)")
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def _real_arrays(name: str, root: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """All images (uint8 or float, channels first, NCHW) and labels of a real dataset.
+
+    Cached because every client in a simulation process reads the same files.
+    """
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()  # bundled with scikit-learn: 8x8, grey values 0..16
+        return digits.images[:, None].astype(np.float32) / 16.0, digits.target.astype(np.int64)
+    import torchvision
+
+    path = _dataset_root(name, root)
+    try:
+        if name == "cifar10":
+            ds = torchvision.datasets.CIFAR10(str(path), train=True, download=False)
+            return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, dtype=np.int64)
+        ds = torchvision.datasets.STL10(str(path), split="train", download=False)
+        return ds.data, np.asarray(ds.labels, dtype=np.int64)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise FileNotFoundError(
+            f"{name} files in '{path / _REAL_FOLDERS[name]}' are missing or corrupted "
+            f"({err}). Place the complete extracted '{_REAL_FOLDERS[name]}' folder there "
+            "(nothing is downloaded)") from err
+
+
+def real_labels(cfg: DataConfig) -> np.ndarray:
+    """Labels of the first `cfg.num_samples` images of a real dataset."""
+    _, labels = _real_arrays(cfg.name, cfg.root)
+    return labels[: cfg.num_samples].copy()
+
+
+def real_images(cfg: DataConfig, indices: Sequence[int]) -> torch.Tensor:
+    """Images `indices` as float32 [N,3,S,S] in [0,1], resized to cfg.image_size."""
+    images, _ = _real_arrays(cfg.name, cfg.root)
+    x = torch.from_numpy(np.ascontiguousarray(images[np.asarray(indices, dtype=np.int64)]))
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    size = cfg.image_size
+    if x.shape[-1] != size and len(x):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=x.shape[-1] > size).clamp(0.0, 1.0)
+    return x.contiguous()
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def _min_partition_size(num_samples: int, num_partitions: int) -> int:
+    """Ask for 2..10 samples per partition: enough for a train and a test sample.
+
+    Larger minimums make Dirichlet draws fail on 100 clients of a 4-class dataset.
+    """
+    wanted = min(10, max(2, num_samples // (10 * num_partitions)))
+    return max(1, min(wanted, num_samples // num_partitions))
+
+
+def _top_up(parts: list[np.ndarray], min_size: int) -> list[np.ndarray]:
+    """Move samples from the largest partitions to those below `min_size`."""
+    parts = [p.copy() for p in parts]
+    for i in range(len(parts)):
+        while len(parts[i]) < min_size:
+            donor = max(range(len(parts)), key=lambda j: len(parts[j]))
+            parts[i] = np.append(parts[i], parts[donor][-1])
+            parts[donor] = parts[donor][:-1]
+    return parts
+
+
+@functools.lru_cache(maxsize=16)
+def _partition_table(label_bytes: bytes, num_partitions: int, partitioner: str,
+                     alpha: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Sample indices of every partition, from a Flower Datasets partitioner.
+
+    Cached: all clients of a process share one assignment and it is computed once.
+    """
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    labels = np.frombuffer(label_bytes, dtype=np.int64)
+    order = np.arange(len(labels))
+    if partitioner == "iid":  # IidPartitioner cuts contiguous shards: shuffle first
+        order = np.random.default_rng(seed).permutation(order)
+    table = datasets.Dataset.from_dict({"label": labels[order], "index": order})
+    min_size = _min_partition_size(len(labels), num_partitions)
+
+    def run(part) -> list[np.ndarray]:
+        part.dataset = table
+        return [np.asarray(part.load_partition(pid)["index"], dtype=np.int64)
+                for pid in range(num_partitions)]
+
+    if partitioner == "iid":
+        return tuple(run(IidPartitioner(num_partitions=num_partitions)))
+    if partitioner != "dirichlet":
+        raise ValueError(f"unknown data.partitioner {partitioner!r}: use iid or dirichlet")
+
+    def dirichlet(min_partition_size: int) -> DirichletPartitioner:
+        return DirichletPartitioner(
+            num_partitions=num_partitions, partition_by="label", alpha=alpha,
+            min_partition_size=min_partition_size, self_balancing=True, seed=seed)
+
+    with warnings.catch_warnings():  # it warns on every failed draw before retrying
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            return tuple(run(dirichlet(min_size)))
+        except ValueError:  # 11 draws left a partition too small
+            parts = run(dirichlet(0))
+    warnings.warn(
+        f"Dirichlet partitioning (alpha={alpha}) of {len(labels)} samples into "
+        f"{num_partitions} partitions left some with fewer than {min_size} samples; "
+        "moved samples there from the largest partitions. Raise data.alpha or "
+        "data.num_samples, or lower num_clients, to avoid this.", stacklevel=3)
+    return tuple(_top_up(parts, min_size))
+
+
+def partition_indices(labels: np.ndarray, num_partitions: int, partition_id: int,
+                      cfg: DataConfig) -> np.ndarray:
+    """Indices (into `labels`) of the samples in partition `partition_id`.
+
+    Partitions are disjoint, cover every sample and are never empty. Dirichlet
+    partitions split each label among the partitions with concentration cfg.alpha.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if not isinstance(num_partitions, (int, np.integer)) or not 1 <= num_partitions <= len(labels):
+        raise ValueError(f"num_partitions={num_partitions!r} is invalid: use 1..{len(labels)} "
+                         f"(the number of samples), or raise data.num_samples")
+    if not isinstance(partition_id, (int, np.integer)) or not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition_id={partition_id!r} is out of range: use "
+                         f"0..{num_partitions - 1} for num_partitions={num_partitions}")
+    table = _partition_table(labels.tobytes(), int(num_partitions), cfg.partitioner,
+                             float(cfg.alpha), int(cfg.seed))
+    return table[partition_id].copy()
+
+
+def _split(indices: np.ndarray, test_fraction: float, seed: int, partition_id: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded shuffle, then the last `test_fraction` share (at least 1) is the test set."""
+    if len(indices) < 2:
+        raise ValueError(f"partition {partition_id} has {len(indices)} sample(s), too few "
+                         "for a train and a test set: raise data.num_samples or lower "
+                         "num_clients")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction={test_fraction!r} is invalid: use 0 < x < 1")
+    shuffled = np.random.default_rng([seed, partition_id]).permutation(indices)
+    n_test = min(max(1, round(len(shuffled) * test_fraction)), len(shuffled) - 1)
+    return shuffled[:-n_test], shuffled[-n_test:]
+
+
+def load_partition(cfg: DataConfig, partition_id: int, num_partitions: int,
+                   caption_len: int = 12) -> tuple[Dataset, Dataset]:
+    """The client's local (train, test) datasets.
+
+    Cached per process because a Flower client calls this on every message; the
+    returned datasets are shared, so do not modify their tensors in place.
+    """
+    key = tuple(sorted(dataclasses.asdict(cfg).items()))
+    return _load_partition(key, int(partition_id), int(num_partitions), int(caption_len))
+
+
+@functools.lru_cache(maxsize=128)
+def _load_partition(cfg_key: tuple, partition_id: int, num_partitions: int,
+                    caption_len: int) -> tuple[Dataset, Dataset]:
+    cfg = DataConfig(**dict(cfg_key))
+    if cfg.name == "synthetic":
+        labels = synthetic_labels(cfg)
+    elif cfg.name in ("cifar10", "stl10", "digits"):
+        labels = real_labels(cfg)
+    else:
+        raise ValueError(f"unknown data.name {cfg.name!r}: use synthetic, cifar10, stl10 "
+                         "or digits")
+    indices = partition_indices(labels, num_partitions, partition_id, cfg)
+    train, test = _split(indices, cfg.test_fraction, cfg.seed, partition_id)
+    if cfg.name == "synthetic":
+        return (SyntheticScenes(cfg, train, caption_len),
+                SyntheticScenes(cfg, test, caption_len))
+    return tuple(
+        TensorDictDataset({"image": real_images(cfg, part),
+                           "label": torch.from_numpy(labels[part])})
+        for part in (train, test))

@@ -1,0 +1,97 @@
+"""Run results: `runs/<run-id>/metrics.json`, rewritten after every round (so a run that
+fails half-way keeps what it measured), and `metrics.png` beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS = [
+    ("train_loss", "train loss", None),
+    ("accuracy", "accuracy", ["accuracy", "vqa_accuracy", "majority_class_share"]),
+    ("bleu", "caption BLEU-4", None),
+    ("psnr", "reconstruction PSNR (dB)", None),
+    ("bytes_up", "bytes per client per round", ["bytes_up", "bytes_down"]),
+    ("symbols_per_example", "channel symbols per example", None),
+]
+
+
+def new_run_dir(output_dir: str | Path, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(output_dir) / f"{name}-{stamp}"
+    i = 1
+    while run_dir.exists():
+        run_dir = Path(output_dir) / f"{name}-{stamp}-{i}"
+        i += 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # never leaves a half-written file behind
+
+
+class RunRecorder:
+    """Collects one row per round and keeps the JSON and the plot up to date."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any]):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data: dict[str, Any] = {"config": config, "rounds": [], "status": "running"}
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        return self.data["rounds"]
+
+    def add_round(self, row: dict[str, Any]) -> None:
+        self.rounds.append(row)
+        self._save()
+
+    def finish(self, status: str = "completed", **extra: Any) -> None:
+        self.data["status"] = status
+        self.data.update(extra)
+        self._save()
+
+    def _save(self) -> None:
+        _write_atomic(self.run_dir / "metrics.json", json.dumps(self.data, indent=2))
+        plot_rounds(self.rounds, self.run_dir / "metrics.png", self.data["config"].get("name", ""))
+
+
+def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    panels = [p for p in PANELS if any(p[0] in r for r in rounds)]
+    if not panels:
+        return
+    cols = 3
+    rows_n = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (key, label, keys) in zip(axes.flat, panels):
+        for k in keys or [key]:
+            pts = [(r["round"], r[k]) for r in rounds if r.get(k) is not None]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            style = "--" if k == "majority_class_share" else "-o"
+            ax.plot(xs, ys, style, label=k.replace("_", " "), markersize=4)
+        ax.set_title(label)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        if keys:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

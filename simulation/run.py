@@ -1,0 +1,55 @@
+"""Ray-backed simulation of many virtual clients on one machine (Flower's simulation
+runtime). The ClientApp is the one `flwr run` and the deployment engine use."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from fl_client.client_app import app as client_app
+from fl_server.rounds import run_federated
+from simulation.config import ConfigError, ExperimentConfig
+
+
+def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Size Ray's actor pool: clients share the cores (num_cpus above them empties it)."""
+    cores = os.cpu_count() or 1
+    per_client = cfg.simulation.num_cpus_per_client
+    if per_client > cores:
+        raise ConfigError(
+            f"config key 'simulation.num_cpus_per_client': got {per_client}, but this "
+            f"machine has {cores} cores; use a value <= {cores} so Ray can start actors"
+        )
+    resources: dict[str, float] = {"num_cpus": per_client}
+    if cfg.simulation.num_gpus_per_client > 0:
+        resources["num_gpus"] = cfg.simulation.num_gpus_per_client
+    return {
+        "client_resources": resources,
+        "init_args": {"num_cpus": cores, "include_dashboard": False, "log_to_driver": True},
+    }
+
+
+def simulate(cfg: ExperimentConfig, run_dir: Path | None = None) -> dict[str, Any]:
+    """Run the experiment with `cfg.num_clients` virtual SuperNodes; return results."""
+    results: dict[str, Any] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        results.update(run_federated(grid, cfg, run_dir))
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.num_clients,
+        backend_name=cfg.simulation.backend,
+        backend_config=backend_config(cfg),
+    )
+    if not results:
+        raise RuntimeError("the simulation ended without results; see the log above")
+    return results

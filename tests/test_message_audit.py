@@ -1,0 +1,100 @@
+"""Nothing private leaves a client: every message the ClientApp sends is inspected.
+
+The ClientApp is called exactly as Flower's runtime calls it (message in, reply out);
+what it returns is what the runtime sends to the server. The audit proves that a reply holds only
+the workload's shared_state (LoRA adapters) and scalar metrics: no task-decoder or other
+private tensor, no label, caption, answer, question or image.
+"""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fl_client.client_app import app, private_parameters
+from fl_server.rounds import initial_arrays
+from models import mtsc
+from simulation.data import load_partition
+
+ALLOWED_METRICS = {
+    "train_loss", "symbols_per_example", "num-examples", "loss_classification",
+    "loss_vqa", "loss_captioning", "loss_reconstruction", "loss", "accuracy",
+    "vqa_accuracy", "bleu", "psnr", "majority_class_share",
+}
+
+
+def _contains(haystack: np.ndarray, needle: np.ndarray) -> bool:
+    """Is `needle` (flattened, length >= 4) a contiguous run inside `haystack`?"""
+    h, n = haystack.ravel().astype(np.float64), needle.ravel().astype(np.float64)
+    if n.size < 4 or n.size > h.size:
+        return False
+    windows = np.lib.stride_tricks.sliding_window_view(h, n.size)
+    return bool(np.any(np.all(np.isclose(windows, n, rtol=0, atol=1e-6), axis=1)))
+
+
+def run_client(cfg, lora_train, message_type, context, arrays):
+    config = ConfigRecord({"experiment": cfg.to_json(), "lora-train": lora_train,
+                           "server-round": 1})
+    msg = Message(RecordDict({"arrays": arrays, "config": config}),
+                  dst_node_id=context.node_id, message_type=message_type)
+    reply = app(msg, context)
+    assert not reply.has_error(), reply.error
+    return reply
+
+
+@pytest.mark.parametrize("lora_train", ["ab", "b"])
+def test_no_private_tensor_or_label_leaves_the_client(tiny_cfg, flower_message_context,
+                                                      lora_train):
+    cfg = tiny_cfg
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3},
+                      state=RecordDict(), run_config={})
+    arrays = initial_arrays(cfg, lora_train)
+    train_reply = run_client(cfg, lora_train, "train", context, arrays)
+    eval_reply = run_client(cfg, lora_train, "evaluate", context, arrays)
+
+    # What the client holds privately after training: its modules and its data.
+    model = mtsc.build(cfg)
+    saved = context.state.array_records["private-modules"]
+    private = {name: arr.numpy() for name, arr in saved.items()}
+    assert any(n.startswith("task_decoders.") for n in private)
+    train_ds, test_ds = load_partition(cfg.data, 1, 3, cfg.model.caption_len)
+    data = {}
+    for split, ds in (("train", train_ds), ("test", test_ds)):
+        for key in ("label", "answer", "caption", "question", "image"):
+            data[f"{split}.{key}"] = torch.stack([ds[i][key] for i in range(len(ds))]).numpy()
+
+    expected_keys = set(mtsc.shared_state(model, lora_train))
+    for reply in (train_reply, eval_reply):
+        content = reply.content
+        assert not content.config_records, "a client sends no ConfigRecord"
+        for record in content.metric_records.values():
+            assert set(record) <= ALLOWED_METRICS, set(record) - ALLOWED_METRICS
+            for key, value in record.items():
+                assert isinstance(value, (int, float)), f"metric {key} must be a scalar"
+        for record in content.array_records.values():
+            assert set(record) == expected_keys
+            for key, arr in record.items():
+                values = arr.numpy()
+                assert "task_decoders" not in key and ".lora_" in key
+                for name, secret in private.items():
+                    assert not (secret.shape == values.shape and np.allclose(secret, values)), \
+                        f"{key} equals private tensor {name}"
+                for name, secret in data.items():
+                    assert not _contains(values, secret[:16]), f"{key} carries {name}"
+    assert not eval_reply.content.array_records, "evaluation replies carry metrics only"
+    assert len(train_reply.content.array_records) == 1
+
+
+def test_private_modules_persist_between_rounds_on_the_node(tiny_cfg, flower_message_context):
+    context = Context(run_id=1, node_id=3, node_config={"partition-id": 0, "num-partitions": 3},
+                      state=RecordDict(), run_config={})
+    arrays = initial_arrays(tiny_cfg, "ab")
+    run_client(tiny_cfg, "ab", "train", context, arrays)
+    first = {k: v.numpy().copy() for k, v in context.state.array_records["private-modules"].items()}
+    run_client(tiny_cfg, "ab", "train", context, arrays)
+    second = context.state.array_records["private-modules"]
+    head = "task_decoders.classification.weight"
+    fresh = private_parameters(mtsc.build(tiny_cfg))[head].detach().numpy()
+    # Round 2 starts from round 1's heads (they changed again), not from a fresh init.
+    assert not np.allclose(first[head], fresh)
+    assert not np.allclose(second[head].numpy(), first[head])
