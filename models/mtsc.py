@@ -27,12 +27,16 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics.functional.image import peak_signal_noise_ratio
+from torchmetrics.functional.text import bleu_score
 from transformers import BartConfig, BartModel
 
 from models.channel import WirelessChannel
 from models.jscc import JSCCDecoder, JSCCEncoder, JSCCOutput
 from simulation.config import ExperimentConfig
-from simulation.data import ANSWERS, BOS_ID, EOS_ID, PAD_ID, QUESTION_LEN, VOCAB, num_classes
+from simulation.data import (
+    ANSWERS, BOS_ID, EOS_ID, PAD_ID, QUESTION_LEN, VOCAB, decode_tokens, num_classes,
+)
 
 # Decoder query layout: one query per scalar task, one per reconstructed image patch.
 Q_CLS, Q_VQA, Q_CAP, Q_REC = 0, 1, 2, 3
@@ -352,7 +356,11 @@ def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
 
 def train_local(model: MTSCModel, data: Dataset, cfg: ExperimentConfig,
                 lora_train: str = "ab", seed: int = 0) -> dict[str, float]:
-    """Local epochs of AdamW on the weighted sum of task losses."""
+    """Local epochs of AdamW on the weighted sum of task losses.
+
+    `seed` fixes the batch order, the per-example SNR draws and the channel noise, so
+    a round is reproducible."""
+    torch.manual_seed(seed)
     set_trainable(model, lora_train)
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(
@@ -402,11 +410,11 @@ def evaluate(model: MTSCModel, data: Dataset, cfg: ExperimentConfig) -> dict[str
     psnr (dB, images in [0, 1]) and majority_class_share: the accuracy a constant
     guess of the most common local test label would get, to read accuracy against.
     """
-    from torchmetrics.functional.text import bleu_score
-    from torchmetrics.functional.image import peak_signal_noise_ratio
+    with seeded(cfg.seed):  # the same SNR draws and channel noise at every evaluation
+        return _evaluate(model, data, cfg)
 
-    from simulation.data import decode_tokens
 
+def _evaluate(model: MTSCModel, data: Dataset, cfg: ExperimentConfig) -> dict[str, float]:
     device = next(model.parameters()).device
     model.eval()
     tasks = cfg.model.tasks

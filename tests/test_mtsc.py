@@ -127,3 +127,15 @@ def test_seam_and_device():
         get_workload("nope")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
+
+
+def test_a_round_of_local_training_is_reproducible(tiny_cfg):
+    train, test = load_partition(tiny_cfg.data, 2, 3, tiny_cfg.model.caption_len)
+    runs = []
+    for _ in range(2):
+        model = mtsc.build(tiny_cfg)
+        mtsc.train_local(model, train, tiny_cfg, seed=7)
+        runs.append((mtsc.shared_state(model), mtsc.evaluate(model, test, tiny_cfg)))
+    for k, v in runs[0][0].items():
+        np.testing.assert_array_equal(runs[1][0][k], v)
+    assert runs[0][1] == runs[1][1]
