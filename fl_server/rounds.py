@@ -43,6 +43,7 @@ def make_strategy(cfg: ExperimentConfig):
         min_available_nodes=cfg.min_train_clients,
         target_rank=cfg.strategy.svd_rank,
         lora_alpha=cfg.lora.alpha,
+        max_update_bytes=cfg.strategy.max_update_bytes,
     )
 
 

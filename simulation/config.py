@@ -87,6 +87,7 @@ class TrainConfig:
 class StrategyConfig:
     name: Literal["fedavg_lora", "ffa_lora", "svd_lora"] = "fedavg_lora"
     svd_rank: int = 16  # target rank of the re-factorised global update (svd_lora)
+    max_update_bytes: int | None = None  # replies with larger payloads are dropped
 
 
 @dataclass
