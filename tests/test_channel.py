@@ -78,15 +78,27 @@ def test_jscc_rate_falls_with_snr_and_power_is_unit():
     tokens = torch.randn(4, 16, 32)
     snr = torch.tensor([-5.0, 0.0, 10.0, 20.0])
     out = enc(tokens, snr)
-    sent_tokens = out.mask.detach().sum(dim=1)
-    assert sent_tokens.tolist() == [16.0, 16.0, 10.0, 4.0]  # ceil(rate * 16)
-    assert out.symbols_sent.tolist() == [128.0, 128.0, 80.0, 32.0]
+    # Importance starts even: every token sends round(rate * C) symbols, as a prefix.
+    assert out.symbols_sent.tolist() == [128.0, 128.0, 16 * 5.0, 16 * 2.0]
+    hard = out.mask.detach()
+    assert torch.equal(hard[3, 0], torch.tensor([1.0, 1, 0, 0, 0, 0, 0, 0]))
     power = (out.symbols.abs() ** 2).sum(dim=(1, 2)) / out.symbols_sent
     assert torch.allclose(power, torch.ones(4), atol=1e-5)
-    # Dropped tokens carry exactly zero energy.
-    dropped = out.mask.detach() == 0
-    assert out.symbols[dropped].abs().max().item() == 0.0
+    # Unsent symbols carry exactly zero energy.
+    assert out.symbols[hard == 0].abs().max().item() == 0.0
     assert rate_for_snr(torch.tensor([30.0]), 0.25, 0.0, 20.0).item() == 0.25
+
+
+def test_jscc_gives_important_tokens_more_symbols_within_budget():
+    from models.jscc import symbol_allocation
+
+    scores = torch.tensor([[0.5, 0.0, 0.0, -0.5]])
+    counts = symbol_allocation(scores, torch.tensor([0.5]), 8)  # budget 16 of 32
+    assert counts[0, 0] > counts[0, 1] == counts[0, 2] > counts[0, 3]
+    assert counts.min() >= 1.0 and counts.max() <= 8.0
+    assert counts.sum().item() == pytest.approx(16.0)  # no clipping needed here
+    clipped = symbol_allocation(torch.tensor([[3.0, 0.0, 0.0, -3.0]]), torch.tensor([0.5]), 8)
+    assert clipped.tolist() == [[8.0, 1.0, 1.0, 1.0]]  # within [1, C]: the budget bends
 
 
 def test_jscc_importance_gets_gradient_through_the_hard_mask():
