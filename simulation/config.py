@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     name: Literal["synthetic", "cifar10", "stl10", "digits"] = "synthetic"
-    root: str | None = None  # local folder holding CIFAR-10 / STL-10 (never downloaded)
+    root: str | None = None  # local folder holding CIFAR-10 / STL-10
+    download: bool = False  # fetch CIFAR-10 / STL-10 into `root` (needs internet); off by default
     num_samples: int = 3000  # synthetic scenes across all clients
     image_size: int = 32
     max_objects: int = 3

@@ -347,7 +347,7 @@ def num_classes(cfg: DataConfig) -> int:
     raise ValueError(f"unknown data.name {cfg.name!r}: use synthetic, cifar10, stl10 or digits")
 
 
-def _dataset_root(name: str, root: str | None) -> Path:
+def _dataset_root(name: str, root: str | None, download: bool = False) -> Path:
     """The folder torchvision expects, with an error that says where to put the data."""
     folder = _REAL_FOLDERS[name]
     if root is None:
@@ -357,15 +357,17 @@ def _dataset_root(name: str, root: str | None) -> Path:
     path = Path(root).expanduser()
     if path.name == folder:  # the user pointed at the extracted folder itself
         path = path.parent
-    if not (path / folder).is_dir():
+    if not download and not (path / folder).is_dir():
         raise FileNotFoundError(
             f"{name} not found: '{path / folder}' does not exist. Place the extracted "
-            f"'{folder}' folder in '{path}' (nothing is downloaded)")
+            f"'{folder}' folder in '{path}' (nothing is downloaded unless you set "
+            "data.download=true)")
     return path
 
 
 @functools.lru_cache(maxsize=2)
-def _real_arrays(name: str, root: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _real_arrays(name: str, root: str | None, download: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """All images (uint8 or float, channels first, NCHW) and labels of a real dataset.
 
     Cached because every client in a simulation process reads the same files.
@@ -377,12 +379,12 @@ def _real_arrays(name: str, root: str | None) -> tuple[np.ndarray, np.ndarray]:
         return digits.images[:, None].astype(np.float32) / 16.0, digits.target.astype(np.int64)
     import torchvision
 
-    path = _dataset_root(name, root)
+    path = _dataset_root(name, root, download)
     try:
         if name == "cifar10":
-            ds = torchvision.datasets.CIFAR10(str(path), train=True, download=False)
+            ds = torchvision.datasets.CIFAR10(str(path), train=True, download=download)
             return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, dtype=np.int64)
-        ds = torchvision.datasets.STL10(str(path), split="train", download=False)
+        ds = torchvision.datasets.STL10(str(path), split="train", download=download)
         return ds.data, np.asarray(ds.labels, dtype=np.int64)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
         raise FileNotFoundError(
@@ -393,13 +395,13 @@ def _real_arrays(name: str, root: str | None) -> tuple[np.ndarray, np.ndarray]:
 
 def real_labels(cfg: DataConfig) -> np.ndarray:
     """Labels of the first `cfg.num_samples` images of a real dataset."""
-    _, labels = _real_arrays(cfg.name, cfg.root)
+    _, labels = _real_arrays(cfg.name, cfg.root, cfg.download)
     return labels[: cfg.num_samples].copy()
 
 
 def real_images(cfg: DataConfig, indices: Sequence[int]) -> torch.Tensor:
     """Images `indices` as float32 [N,3,S,S] in [0,1], resized to cfg.image_size."""
-    images, _ = _real_arrays(cfg.name, cfg.root)
+    images, _ = _real_arrays(cfg.name, cfg.root, cfg.download)
     x = torch.from_numpy(np.ascontiguousarray(images[np.asarray(indices, dtype=np.int64)]))
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     if x.shape[1] == 1:

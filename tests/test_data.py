@@ -317,7 +317,7 @@ def test_real_images_are_scaled_and_resized(monkeypatch):
     images = np.zeros((40, 3, 96, 96), dtype=np.uint8)
     images[:, 0] = 255  # pure red
     labels = np.arange(40) % 10
-    monkeypatch.setattr(D, "_real_arrays", lambda name, root: (images, labels))
+    monkeypatch.setattr(D, "_real_arrays", lambda name, root, download=False: (images, labels))
     cfg = DataConfig(name="stl10", root="fake-stl10-for-resize-test", image_size=32,
                      num_samples=30, partitioner="iid")
     train, test = D.load_partition(cfg, 1, 3)
