@@ -63,7 +63,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
     strategy = make_strategy(cfg)
     arrays = initial_arrays(cfg, strategy.lora_train)
     console.print(f"[bold]fedsemcom[/] {cfg.name}: {cfg.rounds} rounds, {cfg.num_clients} "
-                  f"clients, strategy {cfg.strategy.name}, results in {run_dir}")
+                  f"clients, strategy {cfg.strategy.name}, results in {run_dir}", soft_wrap=True)
     progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total} rounds"),
                         TimeElapsedColumn(), console=console)
@@ -93,7 +93,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                 row = _round_row(rnd, train_metrics, eval_metrics, len(replies), time.time() - t0)
                 recorder.add_round(row)
                 progress.advance(task)
-                progress.console.print(_summary(row, cfg.rounds))
+                progress.console.print(_summary(row, cfg.rounds), soft_wrap=True)
         np.savez(run_dir / "global_adapters.npz", **{k: v.numpy() for k, v in arrays.items()})
         recorder.finish("completed")
     except BaseException as err:
