@@ -153,6 +153,11 @@ class Receiver(nn.Module):
     def forward(self, received: Tensor, mask: Tensor, snr_db: Tensor) -> Tensor:
         memory = self.jscc_decoder(received, mask, snr_db)
         queries = self.task_queries.unsqueeze(0).expand(received.shape[0], -1, -1)
+        n_rec = queries.shape[1] - Q_REC
+        # Reconstruction positions start from the received image tokens themselves (plus
+        # a learned per-patch query): the patch content rides the residual stream
+        # instead of having to be found again by cross-attention.
+        queries = torch.cat([queries[:, :Q_REC], queries[:, Q_REC:] + memory[:, :n_rec]], dim=1)
         out = self.lam_decoder(inputs_embeds=queries, encoder_hidden_states=memory)
         return out.last_hidden_state  # [B, Q, D]
 
