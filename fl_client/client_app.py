@@ -3,8 +3,10 @@
 The experiment config arrives from the server with every message (one source of
 truth, the same on the simulation and the deployment engine). Node-specific facts come
 from the SuperNode's node config: `partition-id`, `num-partitions` and optionally
-`device`. Modules that never leave the client (task decoders, modality encoders, the
-JSCC) persist between rounds in `context.state`, which stays on the node.
+`device`. The client's trainable tensors persist between rounds in `context.state`,
+which stays on the node; the server's shared state is loaded on top of them. So what
+is private (task decoders, modality encoders, the JSCC) is simply whatever the
+workload's `shared_state` does not send.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from models import get_workload, resolve_device
 from simulation.config import ExperimentConfig, config_from_dict
 from simulation.data import load_partition
 
-PRIVATE_STATE = "private-modules"
+PRIVATE_STATE = "local-parameters"
 
 app = ClientApp()
 
@@ -45,10 +47,9 @@ def _partition(context: Context) -> tuple[int, int]:
         ) from None
 
 
-def private_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable tensors other than the adapters: they stay on this node. (Adapters
-    need no saving: the server sends them, and FFA-LoRA's frozen A comes from a seed.)"""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+def local_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors this node keeps between rounds: every trainable parameter."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _setup(msg: Message, context: Context):
@@ -59,18 +60,18 @@ def _setup(msg: Message, context: Context):
     model = workload.build(cfg, device, lora_rank=client_lora_rank(cfg, pid))
     if PRIVATE_STATE in context.state.array_records:
         saved = context.state.array_records[PRIVATE_STATE]
-        params = private_parameters(model)
+        params = local_parameters(model)
         with torch.no_grad():
             for name, arr in saved.items():
                 params[name].copy_(torch.from_numpy(arr.numpy()))
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    workload.load_shared_state(model, arrays)
+    workload.load_shared_state(model, arrays)  # the global state wins over the local copy
     train_ds, test_ds = load_partition(cfg.data, pid, n, cfg.model.caption_len)
     return cfg, pid, workload, model, train_ds, test_ds
 
 
 def _save_private(model: torch.nn.Module, context: Context) -> None:
-    params = private_parameters(model)
+    params = local_parameters(model)
     context.state[PRIVATE_STATE] = ArrayRecord(
         {n: Array(p.detach().cpu().numpy()) for n, p in params.items()}
     )

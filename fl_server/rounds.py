@@ -33,7 +33,7 @@ EVAL_KEYS = ("accuracy", "vqa_accuracy", "bleu", "psnr", "majority_class_share")
 
 
 def make_strategy(cfg: ExperimentConfig):
-    min_eval = 0 if cfg.fraction_evaluate == 0 else min(cfg.min_train_clients, cfg.num_clients)
+    min_eval = 0 if cfg.fraction_evaluate == 0 else cfg.min_train_clients
     return build_strategy(
         cfg.strategy.name,
         fraction_train=cfg.fraction_train,

@@ -15,7 +15,6 @@ reconstruction task nearly unlearnable in our runs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

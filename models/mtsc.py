@@ -444,9 +444,8 @@ def _evaluate(model: MTSCModel, data: Dataset, cfg: ExperimentConfig) -> dict[st
             refs += [[decode_tokens(c.tolist())] for c in batch["caption"]]
         if "reconstruction" in tasks:
             rec = heads.reconstruct(h).clamp(0.0, 1.0)
-            per_img = [peak_signal_noise_ratio(r, x, data_range=1.0).item()
-                       for r, x in zip(rec, batch["image"])]
-            s.psnr += sum(per_img)
+            s.psnr += peak_signal_noise_ratio(rec, batch["image"], data_range=1.0,
+                                              reduction="sum", dim=(1, 2, 3)).item()
     counts = torch.bincount(torch.cat(labels))
     out = {"loss": s.loss / s.n, "num-examples": s.n,
            "majority_class_share": counts.max().item() / s.n}

@@ -1,6 +1,5 @@
 """The mtsc workload behind the seam: what is shared, rank adaptation, learning."""
 
-import math
 
 import numpy as np
 import pytest
