@@ -57,6 +57,10 @@ def initial_arrays(cfg: ExperimentConfig, lora_train: str) -> ArrayRecord:
 def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
                   console: Console | None = None) -> dict[str, Any]:
     """Run `cfg.rounds` rounds of federated LoRA fine-tuning; return the results dict."""
+    if cfg.split.mode != "off":
+        from fl_server.split import run_split  # split training: its own loop
+
+        return run_split(grid, cfg, run_dir, console)
     console = console or Console(stderr=True)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output_dir, cfg.name)
     recorder = RunRecorder(run_dir, cfg.to_dict())

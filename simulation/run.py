@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
@@ -34,8 +35,10 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: ExperimentConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Run the experiment with `cfg.num_clients` virtual SuperNodes; return results."""
+def simulate(cfg: ExperimentConfig, run_dir: Path | None = None,
+             client_app: ClientApp = client_app) -> dict[str, Any]:
+    """Run the experiment with `cfg.num_clients` virtual SuperNodes; return results.
+    `client_app` defaults to the project's ClientApp (tests pass one with extra mods)."""
     results: dict[str, Any] = {}
     server_app = ServerApp()
 
