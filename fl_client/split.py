@@ -20,12 +20,21 @@ AdamW states, the step counter, running sums) sits in `context.state`, on the no
 from __future__ import annotations
 
 import functools
+import json
 import math
 from types import ModuleType
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from torch.utils.data import Dataset, default_collate
 
 from fl_client.node import PRIVATE_STATE, partition
@@ -35,7 +44,7 @@ from models.split import batch_plan, decode, encode, pack_symbols, step_generato
 from simulation.config import ExperimentConfig, config_from_dict
 from simulation.data import load_partition
 
-OPTIMIZER_STATE = "split-optimizer"
+LIVE_STATE = "split-live"  # parameters and AdamW moments while a round is in progress
 PROGRESS = "split-progress"
 EVAL_LINK = 2  # generator key of evaluation draws (0: uplink steps, 1: downlink steps)
 
@@ -43,13 +52,16 @@ EVAL_LINK = 2  # generator key of evaluation draws (0: uplink steps, 1: downlink
 # --------------------------------------------------------------------------- state
 
 
+@functools.lru_cache(maxsize=4)
+def _experiment(experiment_json: str) -> ExperimentConfig:
+    return config_from_dict(json.loads(experiment_json))
+
+
 @functools.lru_cache(maxsize=2)
 def _skeleton(experiment_json: str, device: str):
     """The built model for a config, kept per process: building it costs more than a
     step. Every message overwrites all client parameters from the node's state."""
-    import json
-
-    cfg = config_from_dict(json.loads(experiment_json))
+    cfg = _experiment(experiment_json)
     workload = get_workload(cfg.workload)
     model = workload.build(cfg, device)
     initial = {n: p.detach().clone() for n, p in workload.client_parameters(model).items()}
@@ -57,27 +69,40 @@ def _skeleton(experiment_json: str, device: str):
 
 
 class ClientHalf:
-    """The node's split-training state for one message: model, optimisers, progress."""
+    """The node's split-training state for one message: model, optimisers, progress.
 
-    def __init__(self, msg: Message, context: Context):
-        import json
+    Between the messages of a round the parameters and both AdamW states travel in
+    `context.state` as a few flat vectors (LIVE_STATE): hundreds of small arrays cost
+    more to (de)serialise than the step. At the end of the round the parameters go to
+    the node's PRIVATE_STATE by name, as in federated training."""
 
+    def __init__(self, msg: Message, context: Context, resume: bool = True):
         raw = str(msg.content["config"]["experiment"])
-        self.cfg: ExperimentConfig = config_from_dict(json.loads(raw))
+        self.cfg: ExperimentConfig = _experiment(raw)
         self.workload: ModuleType = get_workload(self.cfg.workload)
         self.context = context
         self.pid, self.num_partitions = partition(context)
-        device = resolve_device(str(context.node_config.get("device", self.cfg.device)))
-        self.model, initial = _skeleton(raw, str(device))
+        self.device = resolve_device(str(context.node_config.get("device", self.cfg.device)))
+        self.model, initial = _skeleton(raw, str(self.device))
         self.params = self.workload.client_parameters(self.model)
+        live = context.state.array_records.get(LIVE_STATE) if resume else None
         saved = context.state.array_records.get(PRIVATE_STATE)
         with torch.no_grad():
-            for name, p in self.params.items():
-                value = torch.from_numpy(saved[name].numpy()) if saved and name in saved \
-                    else initial[name]
-                p.copy_(value)
+            if live is not None:
+                for p, value in zip(self.params.values(), self._split(live["params"])):
+                    p.copy_(value)
+            else:
+                for name, p in self.params.items():
+                    p.copy_(torch.from_numpy(saved[name].numpy()) if saved and name in saved
+                            else initial[name])
+        self.live = live
         self.progress = context.state.config_records.get(PROGRESS, ConfigRecord())
-        self.device = device
+        self._opts: list[torch.optim.Optimizer] = []
+
+    def _split(self, arr: Array) -> list[torch.Tensor]:
+        flat = torch.from_numpy(arr.numpy()).to(self.device)
+        sizes = [p.numel() for p in self.params.values()]
+        return [c.view_as(p) for c, p in zip(flat.split(sizes), self.params.values())]
 
     # -- training state of the round in progress
 
@@ -94,49 +119,51 @@ class ClientHalf:
             "loss": 0.0, "symbols": 0.0, "seen": 0,
             **{f"loss_{t}": 0.0 for t in self.cfg.model.tasks},
         })
-        self.context.state.array_records.pop(OPTIMIZER_STATE, None)  # fresh AdamW per round
+        self.live = None  # a fresh AdamW every round, as in federated training
 
     def optimisers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
         """AdamW for the client half and for the task decoders (AdamW is per parameter,
         so two optimisers step exactly as one would)."""
         self.workload.set_trainable(self.model, str(self.progress["lora-train"]))
         t = self.cfg.train
-        groups = []
+        self._opts = []
         for prefix in ("transmitter.", "task_decoders."):
             ps = [p for n, p in self.params.items() if n.startswith(prefix) and p.requires_grad]
-            groups.append(torch.optim.AdamW(ps, lr=t.lr, weight_decay=t.weight_decay))
-        saved = self.context.state.array_records.get(OPTIMIZER_STATE)
-        if saved is not None:
-            for opt in groups:
+            self._opts.append(torch.optim.AdamW(ps, lr=t.lr, weight_decay=t.weight_decay))
+        if self.live is not None:
+            steps = self.live["steps"].numpy()
+            moments = zip(self._split(self.live["exp_avg"]), self._split(self.live["exp_avg_sq"]))
+            by_id = {id(p): (int(n), m, v) for p, n, (m, v) in
+                     zip(self.params.values(), steps, moments)}
+            for opt in self._opts:
                 for p in opt.param_groups[0]["params"]:
-                    name = self._name_of[id(p)]
-                    if f"{name}.exp_avg" in saved:
-                        opt.state[p] = {
-                            "step": torch.tensor(float(saved[f"{name}.step"].numpy()[0])),
-                            "exp_avg": torch.from_numpy(saved[f"{name}.exp_avg"].numpy()).to(p.device),
-                            "exp_avg_sq": torch.from_numpy(
-                                saved[f"{name}.exp_avg_sq"].numpy()).to(p.device),
-                        }
-        self._opts = groups
-        return groups[0], groups[1]
+                    n, m, v = by_id[id(p)]
+                    if n > 0:
+                        opt.state[p] = {"step": torch.tensor(float(n)), "exp_avg": m.clone(),
+                                        "exp_avg_sq": v.clone()}
+        return self._opts[0], self._opts[1]
 
-    @functools.cached_property
-    def _name_of(self) -> dict[int, str]:
-        return {id(p): n for n, p in self.params.items()}
+    def save(self, end_of_round: bool = False) -> None:
+        state = self.context.state
+        state[PROGRESS] = self.progress
+        if end_of_round:
+            state[PRIVATE_STATE] = ArrayRecord(
+                {n: Array(p.detach().cpu().numpy().copy()) for n, p in self.params.items()})
+            state.array_records.pop(LIVE_STATE, None)
+            return
+        per_param = {id(p): st for opt in self._opts for p, st in opt.state.items()}
+        st = [per_param.get(id(p)) for p in self.params.values()]  # None: not stepped yet
 
-    def save(self) -> None:
-        self.context.state[PRIVATE_STATE] = ArrayRecord(
-            {n: Array(p.detach().cpu().numpy().copy()) for n, p in self.params.items()})
-        state = {}
-        for opt in getattr(self, "_opts", ()):
-            for p, st in opt.state.items():
-                name = self._name_of[id(p)]
-                state[f"{name}.exp_avg"] = Array(st["exp_avg"].cpu().numpy().copy())
-                state[f"{name}.exp_avg_sq"] = Array(st["exp_avg_sq"].cpu().numpy().copy())
-                state[f"{name}.step"] = Array(np.array([float(st["step"])], np.float32))
-        if state:
-            self.context.state[OPTIMIZER_STATE] = ArrayRecord(state)
-        self.context.state[PROGRESS] = self.progress
+        def flat(key: str) -> np.ndarray:
+            return torch.cat([s[key].reshape(-1).cpu() if s else torch.zeros(p.numel())
+                              for s, p in zip(st, self.params.values())]).numpy()
+
+        moments = {"exp_avg": flat("exp_avg"), "exp_avg_sq": flat("exp_avg_sq"),
+                   "steps": np.array([int(s["step"]) if s else 0 for s in st], np.int64)}
+        params = torch.cat([p.detach().reshape(-1).cpu() for p in self.params.values()])
+        state[LIVE_STATE] = ArrayRecord({"params": Array(params.numpy()),
+                                         **{k: Array(np.ascontiguousarray(v))
+                                            for k, v in moments.items()}})
 
     # -- data and the client half's forward
 
@@ -151,17 +178,13 @@ class ClientHalf:
         idx = batch_plan(len(train_ds), self.cfg.train.batch_size, step + 1, seed)[step]
         return _to(default_collate([train_ds[int(i)] for i in idx]), self.device)
 
-    def uplink(self, batch, generator):
-        """Client half + uplink channel: the JSCC output, what arrives, and the SNR."""
-        return self.model.uplink(batch, generator=generator)
-
     def generator(self, step: int, link: int = 0) -> torch.Generator:
         return step_generator(self.cfg.seed, self.pid, int(self.progress["round"]), step, link)
 
     def activations(self, step: int) -> Message | RecordDict:
         """Forward of step `step`: what goes on the air after the uplink channel."""
         with torch.no_grad():
-            tx, received, snr_db = self.uplink(self.batch(step), self.generator(step))
+            tx, received, snr_db = self.model.uplink(self.batch(step), generator=self.generator(step))
         self.progress["symbols"] = float(self.progress["symbols"]) + tx.symbols_sent.sum().item()
         return RecordDict({
             "activations": activation_record(tx.counts, received, snr_db,
@@ -189,7 +212,7 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 
 
 def begin(msg: Message, context: Context) -> Message:
-    half = ClientHalf(msg, context)
+    half = ClientHalf(msg, context, resume=False)  # from the node's private state
     half.start_round(msg)
     content = half.activations(0)
     half.save()
@@ -226,7 +249,7 @@ def backward(msg: Message, context: Context) -> Message:
     half = ClientHalf(msg, context)
     tx_opt, _ = half.optimisers()
     step = int(half.progress["step"])
-    tx, received, _ = half.uplink(half.batch(step), half.generator(step))
+    tx, received, _ = half.model.uplink(half.batch(step), generator=half.generator(step))
     sent = sent_positions(tx.counts, received.shape[-1])
     grads = msg.content["gradients"]
     tx_opt.zero_grad(set_to_none=True)
@@ -240,8 +263,7 @@ def backward(msg: Message, context: Context) -> Message:
         content = half.activations(step + 1)
         half.save()
         return Message(content=content, reply_to=msg)
-    half.save()
-    context.state.array_records.pop(OPTIMIZER_STATE, None)
+    half.save(end_of_round=True)
     return Message(content=_final_content(half), reply_to=msg)
 
 
@@ -262,7 +284,7 @@ def _final_content(half: ClientHalf) -> RecordDict:
 @torch.no_grad()
 def eval_forward(msg: Message, context: Context) -> Message:
     """Activations of the whole local test split (seeded: the same draws every time)."""
-    half = ClientHalf(msg, context)
+    half = ClientHalf(msg, context, resume=False)
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     half.workload.load_shared_state(half.model, arrays)
     half.model.eval()
@@ -270,7 +292,7 @@ def eval_forward(msg: Message, context: Context) -> Message:
     gen = step_generator(half.cfg.seed, half.pid, EVAL_LINK)
     parts = []
     for batch in half.workload.eval_batches(test_ds, half.cfg):
-        tx, received, snr_db = half.uplink(_to(batch, half.device), gen)
+        tx, received, snr_db = half.model.uplink(_to(batch, half.device), generator=gen)
         parts.append((tx.counts, received, snr_db))
     counts, received, snr_db = (torch.cat(x) for x in zip(*parts))
     record = activation_record(counts, received, snr_db, half.cfg.split.compression)
@@ -282,7 +304,7 @@ def eval_forward(msg: Message, context: Context) -> Message:
 @torch.no_grad()
 def eval_score(msg: Message, context: Context) -> Message:
     """Server output for the test split in: task metrics with the local heads out."""
-    half = ClientHalf(msg, context)
+    half = ClientHalf(msg, context, resume=False)
     half.model.eval()
     _, test_ds = half.data()
     h = decode(msg.content["output"], "output").to(half.device)

@@ -95,8 +95,11 @@ class Session:
     partition_id: int = -1
     step: int = 0
     reply: Message | None = None
-    bytes_up: int = 0
+    bytes_up: int = 0  # every tensor of the round, adapters included
     bytes_down: int = 0
+    step_bytes_up: int = 0  # activations and gradients only
+    step_bytes_down: int = 0
+    step_seconds: float = 0.0  # wall time of its steps, server compute included
     done: Message | None = None
     dropped: str | None = None
     messages: list[float] = field(default_factory=list)
@@ -111,7 +114,9 @@ def _exchange(grid: Grid, sessions: list[Session], build, message_type: str,
     out = []
     for s in sessions:
         content = build(s)
-        s.bytes_down += sum(record_bytes(r) for r in content.array_records.values())
+        for name, record in content.array_records.items():
+            s.bytes_down += record_bytes(record)
+            s.step_bytes_down += record_bytes(record) if name != "arrays" else 0
         out.append(Message(content, dst_node_id=s.node_id, message_type=message_type))
     t0 = time.perf_counter()
     replies = {m.metadata.src_node_id: m for m in
@@ -129,7 +134,9 @@ def _exchange(grid: Grid, sessions: list[Session], build, message_type: str,
             continue
         s.reply = reply
         s.messages.append(elapsed)
-        s.bytes_up += sum(record_bytes(r) for r in reply.content.array_records.values())
+        for name, record in reply.content.array_records.items():
+            s.bytes_up += record_bytes(record)
+            s.step_bytes_up += record_bytes(record) if name != "arrays" else 0
         if "split" in reply.content.config_records:
             s.partition_id = int(reply.content["split"]["partition-id"])
 
@@ -146,6 +153,8 @@ def train_sessions(grid: Grid, sessions: list[Session], begin: dict[int, RecordD
     _exchange(grid, sessions, lambda s: begin[s.node_id], "train.split_begin", cfg,
               cfg.round_timeout_s)
     while live := _live(sessions):
+        t0 = time.perf_counter()
+
         def output(s: Session) -> RecordDict:
             gen = step_generator(cfg.seed, s.partition_id, rnd, s.step, 1)
             acts = s.reply.content["activations"]
@@ -158,6 +167,7 @@ def train_sessions(grid: Grid, sessions: list[Session], begin: dict[int, RecordD
         }), "train.split_backward", cfg)
         for s in _live(sessions):
             s.step += 1
+            s.step_seconds += time.perf_counter() - t0
             if "arrays" in s.reply.content.array_records:
                 s.done = s.reply
         if on_step:
@@ -214,7 +224,10 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
                 step_config = ConfigRecord(dict(begin_msgs[0].content["config"]))
                 begin = {m.metadata.dst_node_id: m.content for m in begin_msgs}
                 steps_bar = progress.add_task(f"round {rnd} split steps", total=None)
-                on_step = lambda n: progress.advance(steps_bar, n)  # noqa: E731
+
+                def on_step(n: int, bar=steps_bar) -> None:
+                    progress.advance(bar, n)
+
                 if cfg.split.mode == "sequential":
                     sessions = [Session(node, server) for node in begin]
                     for s in sessions:
@@ -250,7 +263,8 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
 
 
 def _traffic(sessions: list[Session]) -> dict[str, float]:
-    """Bytes per client per round and per step (tensors only), steps, dropped clients."""
+    """Bytes per client per round (tensors only) and per step (activations and
+    gradients), wall seconds per step and per round trip, dropped clients."""
     done = [s for s in sessions if s.done is not None]
     row: dict[str, float] = {"clients_dropped": float(sum(s.dropped is not None for s in sessions))}
     if not done:
@@ -260,8 +274,9 @@ def _traffic(sessions: list[Session]) -> dict[str, float]:
         "bytes_up": float(np.mean([s.bytes_up for s in done])),
         "bytes_down": float(np.mean([s.bytes_down for s in done])),
         "split_steps": float(steps),
-        "bytes_up_per_step": sum(s.bytes_up for s in done) / steps,
-        "bytes_down_per_step": sum(s.bytes_down for s in done) / steps,
+        "bytes_up_per_step": sum(s.step_bytes_up for s in done) / steps,
+        "bytes_down_per_step": sum(s.step_bytes_down for s in done) / steps,
+        "seconds_per_step": sum(s.step_seconds for s in done) / steps,
         "seconds_per_message": float(np.mean([t for s in done for t in s.messages])),
     })
     return row

@@ -31,10 +31,23 @@ from torchmetrics.functional.text import bleu_score
 from transformers import BartConfig, BartModel
 
 from models.channel import WirelessChannel
-from models.jscc import JSCCDecoder, JSCCEncoder, JSCCOutput, prefix_mask, sent_positions
+from models.jscc import (
+    JSCCDecoder,
+    JSCCEncoder,
+    JSCCOutput,
+    prefix_mask,
+    sent_positions,
+)
 from simulation.config import ExperimentConfig
 from simulation.data import (
-    ANSWERS, BOS_ID, EOS_ID, PAD_ID, QUESTION_LEN, VOCAB, decode_tokens, num_classes,
+    ANSWERS,
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    QUESTION_LEN,
+    VOCAB,
+    decode_tokens,
+    num_classes,
 )
 
 # Decoder query layout: one query per scalar task, one per reconstructed image patch.

@@ -13,22 +13,24 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord
-from torch.utils.data import default_collate
+from test_server_rounds import LoopbackGrid
 
 from fl_client.client_app import make_app
 from fl_client.node import PRIVATE_STATE, partition
 from fl_server.rounds import run_federated
 from models import mtsc
-from models.channel import WirelessChannel, analog_transmission
 from models.jscc import sent_positions
 from models.split import (
-    CODECS, batch_plan, decode, encode, pack_symbols, record_bytes, step_generator,
+    CODECS,
+    decode,
+    encode,
+    end_to_end_steps,
+    pack_symbols,
+    record_bytes,
     unpack_symbols,
 )
 from simulation.config import load_config
-from simulation.data import load_partition
 from simulation.run import simulate
-from test_server_rounds import LoopbackGrid
 
 
 def split_cfg(tmp_path, *overrides):
@@ -40,31 +42,6 @@ def split_cfg(tmp_path, *overrides):
         "split.downlink={kind: awgn, snr_db: 10}", f"output_dir={tmp_path}",
         *overrides,
     ])
-
-
-def end_to_end_steps(cfg, partition_id, num_partitions, rnd, steps):
-    """The reference: the whole model in one process, one AdamW, one backward per step,
-    on the batches and channel draws that the split client and server use."""
-    model = mtsc.build(cfg)
-    mtsc.set_trainable(model, "ab")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                            lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    train_ds, _ = load_partition(cfg.data, partition_id, num_partitions, cfg.model.caption_len)
-    seed = cfg.seed * 100_003 + rnd * 1009 + partition_id
-    plan = batch_plan(len(train_ds), cfg.train.batch_size, steps, seed)
-    downlink = WirelessChannel(cfg.split.downlink)
-    for k in range(steps):
-        batch = default_collate([train_ds[int(i)] for i in plan[k]])
-        up = step_generator(cfg.seed, partition_id, rnd, k, 0)
-        down = step_generator(cfg.seed, partition_id, rnd, k, 1)
-        h, _ = model(batch, generator=up)
-        h = analog_transmission(h, downlink, downlink.sample_snr_db(h.shape[0], "cpu", down), down)
-        losses = model.task_decoders.losses(h, batch)
-        loss = sum(cfg.train.loss_weights.get(t, 1.0) * v for t, v in losses.items())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model
 
 
 def test_split_steps_over_flower_messages_equal_end_to_end_training(tmp_path):
@@ -81,7 +58,7 @@ def test_split_steps_over_flower_messages_equal_end_to_end_training(tmp_path):
     results = simulate(cfg, tmp_path / "run", client_app=make_app(mods=[keep_client_state]))
     assert results["status"] == "completed" and results["rounds"][0]["split_steps"] == 4
 
-    reference = end_to_end_steps(cfg, 0, 1, rnd=1, steps=4)
+    reference = end_to_end_steps(cfg, 0, 1, rnd=1, steps=4)[0]
     ref = {n: p.detach().numpy() for n, p in reference.named_parameters()}
     client = np.load(saved)
     server = np.load(tmp_path / "run" / "server_half.npz")
