@@ -474,6 +474,9 @@ def evaluate(model: TOSCModel, data: Dataset, cfg: ExperimentConfig) -> dict[str
     """Accuracy and cross-entropy on the client's local test split, with its own head,
     at the configured channel (the same SNR draws and noise at every evaluation), and
     majority_class_share: the accuracy of a constant guess of the most common label."""
+    # The channel is the environment, not a weight: evaluate under cfg's, which may
+    # differ from the one the model was built with (a fixed SNR of an SNR sweep).
+    model.channel = WirelessChannel(cfg.channel)
     with seeded(cfg.seed):
         model.eval()
         device = next(model.parameters()).device

@@ -67,12 +67,17 @@ def _union(parts: list[TensorDictDataset]) -> TensorDictDataset:
 
 
 def federated_run(config: str, overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    """One `python -m simulation` run in a fresh process (Ray starts clean each time)."""
+    """One `python -m simulation` run in a fresh process (Ray starts clean each time);
+    a completed run already in `run_dir` is reused (delete it to run again)."""
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file() and json.loads(metrics.read_text()).get("status") == "completed":
+        print(f"reusing the completed run in {run_dir}", flush=True)
+        return json.loads(metrics.read_text())
     cmd = [sys.executable, "-m", "simulation", "--config", config, "--run-dir", str(run_dir),
            *overrides]
     print("$ " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
-    return json.loads((run_dir / "metrics.json").read_text())
+    return json.loads(metrics.read_text())
 
 
 def prestored_costs(cfg: ExperimentConfig, trains: list[TensorDictDataset]) -> dict[str, Any]:

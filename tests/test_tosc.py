@@ -195,3 +195,16 @@ def test_federated_distillation_learns_well_above_chance(cfg, flower_message_con
     sweep = {row["snr_db"]: row["accuracy"] for row in results["snr_sweep"]}
     assert set(sweep) == {0.0, 20.0}
     assert sweep[20.0] > last["majority_class_share"] + 0.1
+
+
+def test_evaluation_follows_the_configured_snr(cfg):
+    """A model built for an SNR range is evaluated at the SNR of the evaluation config."""
+    _, test = load_partition(cfg.data, 0, cfg.num_clients)
+    teacher = tosc.load_teacher(cfg)  # built with channel.snr_range_db = [-5, 20]
+
+    def at(snr):
+        c = tosc_cfg(cfg.distill.teacher.checkpoint, "channel.snr_range_db=null",
+                     f"channel.snr_db={snr}")
+        return tosc.evaluate(teacher, test, c)["loss"]
+
+    assert at(-30) != at(30)
