@@ -71,7 +71,7 @@ class ChannelConfig:
     snr_db: float = 10.0
     snr_range_db: list[float] | None = None  # [low, high]: SNR sampled per example
     rician_k: float = 4.0  # Rician K-factor (linear): LOS power / scattered power
-    sweep_snr_db: list[float] = field(default_factory=list)  # after the last round, evaluate at each
+    sweep_snr_db: list[float] = field(default_factory=list)  # dB; evaluated at each after the last round
 
 
 @dataclass
