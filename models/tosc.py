@@ -171,10 +171,11 @@ def teacher_fingerprint(cfg: ExperimentConfig) -> dict:
     """What the stored teacher depends on; a checkpoint made for other values is refused."""
     t = dataclasses.asdict(cfg.distill.teacher)
     t.pop("checkpoint")
+    seed = t.pop("seed")
     d = cfg.data
     channel = dataclasses.asdict(cfg.channel)
     channel.pop("sweep_snr_db")
-    return {"teacher": t, "seed": cfg.seed, "channel": channel,
+    return {"teacher": t, "seed": seed, "channel": channel,
             "data": {"seed": d.seed, "image_size": d.image_size, "max_objects": d.max_objects,
                      "public_first_index": d.num_samples}}
 
@@ -191,7 +192,7 @@ def public_split(cfg: ExperimentConfig) -> SyntheticScenes:
 
 def build_teacher(cfg: ExperimentConfig) -> TOSCModel:
     t = cfg.distill.teacher
-    with seeded(cfg.seed + 3):
+    with seeded(t.seed + 3):
         return TOSCModel(cfg, resnet18_trunk(), t.latent_dim, t.hidden)
 
 
@@ -201,10 +202,10 @@ def train_teacher(cfg: ExperimentConfig, log=print) -> tuple[TOSCModel, dict]:
     t = cfg.distill.teacher
     teacher = build_teacher(cfg)
     data = public_split(cfg)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(t.seed)
     opt = torch.optim.AdamW(teacher.parameters(), lr=t.lr)
     loader = DataLoader(data, batch_size=t.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        generator=torch.Generator().manual_seed(t.seed))
     start = time.perf_counter()
     teacher.train()
     for epoch in range(t.epochs):

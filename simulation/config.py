@@ -99,6 +99,7 @@ class TeacherConfig:
     on a public split of synthetic scenes that no client owns, saved to `checkpoint`."""
 
     checkpoint: str = "runs/teachers/teacher.pt"  # local file; trained and written when missing
+    seed: int = 0  # the teacher's own seed: students of any `seed` can share one teacher
     latent_dim: int = 32  # real latent dims of the teacher's channel input
     hidden: int = 256  # width of the teacher's semantic decoder
     public_samples: int = 2000  # scenes num_samples .. num_samples + public_samples - 1
