@@ -87,6 +87,16 @@ def test_stored_teacher_outputs_equal_fresh_ones_within_fp16(cfg):
                                rtol=2 ** -10, atol=1e-3)  # float16 keeps 11 bits
 
 
+def test_stored_teacher_features_equal_fresh_ones_within_fp16(cfg):
+    with_features = tosc_cfg(cfg.distill.teacher.checkpoint, "distill.feature_weight=0.5")
+    _, test = load_partition(cfg.data, 2, cfg.num_clients)  # any dataset of the client
+    stored, _ = tosc.prestored_teacher_outputs(with_features, test)
+    _, features = tosc.teacher_logits_features(tosc.load_teacher(cfg), test.tensors["image"], cfg)
+    assert stored.features.dtype == np.float16 and stored.features.shape == features.shape
+    np.testing.assert_allclose(stored.features.astype(np.float32), features.numpy(),
+                               rtol=2 ** -10, atol=1e-3)
+
+
 def test_a_teacher_checkpoint_for_other_settings_is_refused(cfg):
     other = tosc_cfg(cfg.distill.teacher.checkpoint, "distill.teacher.hidden=128")
     with pytest.raises(ValueError, match="teacher.*Delete it to retrain"):
