@@ -8,6 +8,7 @@ ends, progress is shown while it runs, and a crash keeps what was measured.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -28,7 +29,9 @@ log = logging.getLogger("fedsemcom")
 
 # Metrics copied from the aggregated records into each round's row.
 TRAIN_KEYS = ("train_loss", "symbols_per_example", "bytes_up", "bytes_down",
-              "clients_accepted", "clients_rejected")
+              "clients_accepted", "clients_rejected",
+              "loss_task", "loss_ib", "loss_kd", "loss_feature",  # tosc (distillation)
+              "teacher_seconds", "teacher_store_bytes")
 EVAL_KEYS = ("accuracy", "vqa_accuracy", "bleu", "psnr", "majority_class_share")
 
 
@@ -43,6 +46,7 @@ def make_strategy(cfg: ExperimentConfig):
         min_available_nodes=cfg.min_train_clients,
         target_rank=cfg.strategy.svd_rank,
         lora_alpha=cfg.lora.alpha,
+        proximal_mu=cfg.strategy.proximal_mu,
         max_update_bytes=cfg.strategy.max_update_bytes,
     )
 
@@ -56,7 +60,10 @@ def initial_arrays(cfg: ExperimentConfig, lora_train: str) -> ArrayRecord:
 
 def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
                   console: Console | None = None) -> dict[str, Any]:
-    """Run `cfg.rounds` rounds of federated LoRA fine-tuning; return the results dict."""
+    """Run `cfg.rounds` federated rounds; return the results dict.
+
+    With `channel.sweep_snr_db`, the final global state is then evaluated by the
+    clients at each of those fixed SNRs (results["snr_sweep"])."""
     if cfg.split.mode != "off":
         from fl_server.split import run_split  # split training: its own loop
 
@@ -64,6 +71,9 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
     console = console or Console(stderr=True)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output_dir, cfg.name)
     recorder = RunRecorder(run_dir, cfg.to_dict())
+    prepare = getattr(get_workload(cfg.workload), "prepare", None)
+    if prepare is not None:
+        prepare(cfg)  # workload set-up before round 1 (tosc: its teacher)
     strategy = make_strategy(cfg)
     arrays = initial_arrays(cfg, strategy.lora_train)
     console.print(f"[bold]fedsemcom[/] {cfg.name}: {cfg.rounds} rounds, {cfg.num_clients} "
@@ -98,12 +108,38 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                 recorder.add_round(row)
                 progress.advance(task)
                 progress.console.print(_summary(row, cfg.rounds), soft_wrap=True)
+        if cfg.channel.sweep_snr_db and cfg.fraction_evaluate > 0:
+            recorder.data["snr_sweep"] = _snr_sweep(grid, strategy, cfg, arrays)
+            for row in recorder.data["snr_sweep"]:
+                shown = "  ".join(f"{k} {row[k]:.3f}" for k in EVAL_KEYS if k in row)
+                console.print(f"final state at SNR {row['snr_db']:g} dB: {shown}", soft_wrap=True)
         np.savez(run_dir / "global_adapters.npz", **{k: v.numpy() for k, v in arrays.items()})
         recorder.finish("completed")
     except BaseException as err:
         recorder.finish("failed", error=f"{type(err).__name__}: {err}")
         raise
     return recorder.data
+
+
+def _snr_sweep(grid: Grid, strategy, cfg: ExperimentConfig, arrays: ArrayRecord
+               ) -> list[dict[str, Any]]:
+    """Evaluate the final global state at each fixed SNR of channel.sweep_snr_db."""
+    rows = []
+    for snr in cfg.channel.sweep_snr_db:
+        channel = dataclasses.replace(cfg.channel, snr_db=snr, snr_range_db=None)
+        at_snr = dataclasses.replace(cfg, channel=channel)
+        replies = list(grid.send_and_receive(
+            strategy.configure_evaluate(cfg.rounds, arrays,
+                                        ConfigRecord({"experiment": at_snr.to_json()}), grid),
+            timeout=cfg.round_timeout_s,
+        ))
+        metrics = strategy.aggregate_evaluate(cfg.rounds, replies)
+        row: dict[str, Any] = {"snr_db": snr}
+        for k in EVAL_KEYS:
+            if metrics is not None and k in metrics:
+                row[k] = float(metrics[k])
+        rows.append(row)
+    return rows
 
 
 def _round_row(rnd: int, train_m, eval_m, n_replies: int, seconds: float) -> dict[str, Any]:

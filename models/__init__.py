@@ -1,5 +1,6 @@
 """Models and workloads. A workload is a module offering the seam of DESIGN.md:
-build, shared_state, load_shared_state, train_local, evaluate."""
+build, shared_state, load_shared_state, train_local, evaluate; optionally
+prepare(cfg), which the server runs once before round 1 (tosc trains its teacher)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from types import ModuleType
 
 import torch
 
-WORKLOADS = {"mtsc": "models.mtsc"}
+WORKLOADS = {"mtsc": "models.mtsc", "tosc": "models.tosc"}
 
 
 def get_workload(name: str) -> ModuleType:

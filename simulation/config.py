@@ -71,6 +71,7 @@ class ChannelConfig:
     snr_db: float = 10.0
     snr_range_db: list[float] | None = None  # [low, high]: SNR sampled per example
     rician_k: float = 4.0  # Rician K-factor (linear): LOS power / scattered power
+    sweep_snr_db: list[float] = field(default_factory=list)  # dB; evaluated at each after the last round
 
 
 @dataclass
@@ -86,8 +87,9 @@ class TrainConfig:
 
 @dataclass
 class StrategyConfig:
-    name: Literal["fedavg_lora", "ffa_lora", "svd_lora"] = "fedavg_lora"
+    name: Literal["fedavg_lora", "ffa_lora", "svd_lora", "fedavg", "fedprox"] = "fedavg_lora"
     svd_rank: int = 16  # target rank of the re-factorised global update (svd_lora)
+    proximal_mu: float = 0.0  # FedProx: weight of (mu/2)||w - w_global||^2 in local training
     max_update_bytes: int | None = None  # replies with larger payloads are dropped
 
 
@@ -108,6 +110,38 @@ class SplitConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The tosc teacher: the TOSC system around a ResNet-18 encoder, trained centrally
+    on a public split of synthetic scenes that no client owns, saved to `checkpoint`."""
+
+    checkpoint: str = "runs/teachers/teacher.pt"  # local file; trained and written when missing
+    seed: int = 0  # the teacher's own seed: students of any `seed` can share one teacher
+    latent_dim: int = 32  # real latent dims of the teacher's channel input
+    hidden: int = 256  # width of the teacher's semantic decoder
+    public_samples: int = 2000  # scenes num_samples .. num_samples + public_samples - 1
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 1e-3
+
+
+@dataclass
+class DistillConfig:
+    """Teacher -> student distillation of the tosc workload."""
+
+    beta: float = 1e-3  # information bottleneck: weight of KL(q(z|x) || N(0, I))
+    temperature: float = 4.0  # softening of teacher and student logits in the KD term
+    task_weight: float = 1.0  # cross-entropy to the labels
+    kd_weight: float = 1.0  # KL to the teacher's softened predictions (0: no distillation)
+    feature_weight: float = 0.0  # MSE to the teacher's features (0: no feature matching)
+    top_k: int = 4  # teacher logits kept per example in the pre-stored outputs
+    latent_dim: int = 16  # real latent dims; latent_dim / 2 complex channel symbols
+    width: int = 16  # channels of the student's first conv layer
+    hidden: int = 64  # width of the student's semantic decoder
+    store_dir: str | None = None  # pre-stored teacher outputs (default: beside the checkpoint)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+@dataclass
 class SimulationConfig:
     backend: Literal["ray"] = "ray"
     num_cpus_per_client: float = 1.0
@@ -117,7 +151,7 @@ class SimulationConfig:
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"
-    workload: Literal["mtsc"] = "mtsc"
+    workload: Literal["mtsc", "tosc"] = "mtsc"
     seed: int = 0
     rounds: int = 3
     num_clients: int = 10
@@ -134,6 +168,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -312,11 +347,51 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
              f"'off' for workload {cfg.workload!r} (only mtsc has a U-shaped split)")
         need(not lo.client_ranks, "split.mode", sp.mode,
              "'off' when lora.client_ranks is set (the server half has one rank)")
+    st = cfg.strategy
+    need(st.proximal_mu >= 0, "strategy.proximal_mu", st.proximal_mu, ">= 0")
+    need(st.proximal_mu == 0 or st.name == "fedprox", "strategy.proximal_mu", st.proximal_mu,
+         "0 unless strategy.name is 'fedprox'")
+    lora_strategies = ("fedavg_lora", "ffa_lora", "svd_lora")
+    if cfg.workload == "mtsc":
+        need(st.name in lora_strategies, "strategy.name", st.name,
+             f"one of {list(lora_strategies)} for workload 'mtsc' (it shares LoRA adapters)")
+    if cfg.workload == "tosc":
+        need(st.name in ("fedavg", "fedprox"), "strategy.name", st.name,
+             "'fedavg' or 'fedprox' for workload 'tosc' (it shares student weights)")
+        _check_distill(cfg, need)
     s = cfg.simulation
     need(s.num_cpus_per_client > 0, "simulation.num_cpus_per_client",
          s.num_cpus_per_client, "> 0 (and at most the machine's cores)")
     need(s.num_gpus_per_client >= 0, "simulation.num_gpus_per_client",
          s.num_gpus_per_client, ">= 0")
+
+
+def _check_distill(cfg: ExperimentConfig, need) -> None:
+    dc, t = cfg.distill, cfg.distill.teacher
+    need(cfg.data.name == "synthetic", "data.name", cfg.data.name,
+         "'synthetic' for workload 'tosc' (the teacher's public split is drawn from "
+         "synthetic scenes that no client owns)")
+    need(cfg.model.tasks == ["classification"], "model.tasks", cfg.model.tasks,
+         "[classification] for workload 'tosc' (the student is a classifier)")
+    need(dc.beta >= 0, "distill.beta", dc.beta, ">= 0")
+    need(dc.temperature > 0, "distill.temperature", dc.temperature, "> 0")
+    for key in ("task_weight", "kd_weight", "feature_weight"):
+        need(getattr(dc, key) >= 0, f"distill.{key}", getattr(dc, key), ">= 0")
+    need(1 <= dc.top_k <= 4, "distill.top_k", dc.top_k,
+         "1 .. 4 (the synthetic scenes have 4 classes)")
+    need(dc.latent_dim >= 2 and dc.latent_dim % 2 == 0, "distill.latent_dim", dc.latent_dim,
+         "an even integer >= 2 (two real dims make one complex channel symbol)")
+    need(dc.width >= 1, "distill.width", dc.width, ">= 1")
+    need(dc.hidden >= 1, "distill.hidden", dc.hidden, ">= 1")
+    need(t.latent_dim >= 2 and t.latent_dim % 2 == 0, "distill.teacher.latent_dim",
+         t.latent_dim, "an even integer >= 2")
+    need(t.hidden >= 1, "distill.teacher.hidden", t.hidden, ">= 1")
+    need(t.public_samples >= 10, "distill.teacher.public_samples", t.public_samples, ">= 10")
+    need(t.epochs >= 1, "distill.teacher.epochs", t.epochs, ">= 1")
+    need(t.batch_size >= 1, "distill.teacher.batch_size", t.batch_size, ">= 1")
+    need(t.lr > 0, "distill.teacher.lr", t.lr, "> 0")
+    need(bool(t.checkpoint), "distill.teacher.checkpoint", t.checkpoint,
+         "a local file path (it is trained and written there when missing)")
 
 
 def parse_overrides(items: list[str] | str) -> dict[str, Any]:

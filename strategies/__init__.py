@@ -1,4 +1,5 @@
-"""Server strategies for federated LoRA fine-tuning (Flower message API)."""
+"""Server strategies (Flower message API): federated LoRA fine-tuning, and FedAvg /
+FedProx of distilled student weights."""
 
 from __future__ import annotations
 
@@ -6,35 +7,39 @@ from typing import Any
 
 from .fedavg_lora import FedAvgLoRA
 from .ffa_lora import FFALoRA
+from .student_fedavg import StudentFedAvg, StudentFedProx
 from .svd_lora import SVDLoRA
 
 STRATEGIES: dict[str, type[FedAvgLoRA]] = {
     "fedavg_lora": FedAvgLoRA,
     "ffa_lora": FFALoRA,
     "svd_lora": SVDLoRA,
+    "fedavg": StudentFedAvg,
+    "fedprox": StudentFedProx,
 }
 
-# Only svd_lora re-factorises the update; the other strategies accept these keys
-# (and ignore them) so that one experiment config can build any of them.
-_SVD_ONLY = ("target_rank", "lora_alpha")
+# Keys only some strategies take; the others accept them (and ignore them) so that
+# one experiment config can build any of them.
+_ONLY_FOR = {"target_rank": SVDLoRA, "lora_alpha": SVDLoRA, "proximal_mu": StudentFedProx}
 
 
 def build_strategy(name: str, **kwargs: Any) -> FedAvgLoRA:
     """Build the strategy called ``name`` with ``kwargs``.
 
-    ``svd_lora`` needs ``target_rank`` and ``lora_alpha``; ``fedavg_lora`` and
-    ``ffa_lora`` ignore them. Everything else goes to the strategy's constructor
-    (``max_update_bytes`` and Flower ``FedAvg``'s arguments).
+    ``svd_lora`` needs ``target_rank`` and ``lora_alpha`` and ``fedprox`` takes
+    ``proximal_mu``; the other strategies ignore them. Everything else goes to the
+    strategy's constructor (``max_update_bytes`` and Flower ``FedAvg``'s arguments).
     """
     if name not in STRATEGIES:
         raise ValueError(
             f"Unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}."
         )
     cls = STRATEGIES[name]
-    if cls is not SVDLoRA:
-        for key in _SVD_ONLY:
+    for key, owner in _ONLY_FOR.items():
+        if cls is not owner:
             kwargs.pop(key, None)
     return cls(**kwargs)
 
 
-__all__ = ["FedAvgLoRA", "FFALoRA", "SVDLoRA", "STRATEGIES", "build_strategy"]
+__all__ = ["FedAvgLoRA", "FFALoRA", "SVDLoRA", "StudentFedAvg", "StudentFedProx",
+           "STRATEGIES", "build_strategy"]

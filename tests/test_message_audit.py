@@ -2,8 +2,9 @@
 
 The ClientApp is called exactly as Flower's runtime calls it (message in, reply out);
 what it returns is what the runtime sends to the server. The audit proves that a reply holds only
-the workload's shared_state (LoRA adapters) and scalar metrics: no task-decoder or other
-private tensor, no label, caption, answer, question or image.
+the workload's shared_state (LoRA adapters for mtsc, student weights for tosc) and scalar
+metrics: no task-decoder, task-head or other private tensor, no label, caption, answer,
+question, image or stored teacher output.
 """
 
 import numpy as np
@@ -14,7 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fl_client.client_app import app, local_parameters
 from fl_client.node import PRIVATE_STATE
 from fl_server.rounds import initial_arrays
-from models import mtsc
+from models import mtsc, tosc
 from simulation.config import load_config
 from simulation.data import load_partition
 
@@ -22,6 +23,8 @@ ALLOWED_METRICS = {
     "train_loss", "symbols_per_example", "num-examples", "loss_classification",
     "loss_vqa", "loss_captioning", "loss_reconstruction", "loss", "accuracy",
     "vqa_accuracy", "bleu", "psnr", "majority_class_share",
+    # tosc: distillation loss terms and the pre-stored teacher outputs' cost (scalars)
+    "loss_task", "loss_ib", "loss_kd", "loss_feature", "teacher_seconds", "teacher_store_bytes",
 }
 
 
@@ -163,3 +166,51 @@ def test_split_training_sends_only_activations_gradients_adapters_and_metrics(
                         f"{kind}: {key} equals private tensor {pname}"
                 for dname, secret in data.items():
                     assert not _contains(values, secret[:16]), f"{kind}: {key} carries {dname}"
+
+
+@pytest.mark.parametrize("feature_weight", [0.0, 0.5])
+def test_tosc_sends_student_weights_but_no_head_label_image_or_teacher_output(
+        tmp_path, flower_message_context, feature_weight):
+    cfg = load_config("configs/distill_quickstart.yaml", [
+        "num_clients=3", "data.num_samples=240", "distill.teacher.public_samples=60",
+        "distill.teacher.epochs=1", f"distill.teacher.checkpoint={tmp_path / 'teacher.pt'}",
+        f"distill.feature_weight={feature_weight}"])
+    tosc.ensure_teacher(cfg, log=lambda _: None)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3},
+                      state=RecordDict(), run_config={})
+    arrays = initial_arrays(cfg, "ab")
+    train_reply = run_client(cfg, "ab", "train", context, arrays)
+    eval_reply = run_client(cfg, "ab", "evaluate", context, arrays)
+
+    saved = context.state.array_records[PRIVATE_STATE]
+    head = {name: arr.numpy() for name, arr in saved.items() if name.startswith(tosc.HEAD)}
+    assert set(head) == {"head.weight", "head.bias"}
+    train_ds, test_ds = load_partition(cfg.data, 1, 3, cfg.model.caption_len)
+    stored, _ = tosc.prestored_teacher_outputs(cfg, train_ds)
+    secrets = {"teacher.topk_values": stored.topk_values.astype(np.float32)}
+    if feature_weight > 0:
+        secrets["teacher.features"] = stored.features.astype(np.float32)
+    for split, ds in (("train", train_ds), ("test", test_ds)):
+        for key in ("label", "image"):
+            secrets[f"{split}.{key}"] = torch.stack([ds[i][key] for i in range(len(ds))]).numpy()
+
+    expected_keys = set(tosc.shared_state(tosc.build(cfg)))
+    assert expected_keys and not any(k.startswith(tosc.HEAD) for k in expected_keys)
+    for reply in (train_reply, eval_reply):
+        content = reply.content
+        assert not content.config_records, "a client sends no ConfigRecord"
+        for record in content.metric_records.values():
+            assert set(record) <= ALLOWED_METRICS, set(record) - ALLOWED_METRICS
+            assert all(isinstance(v, (int, float)) for v in record.values())
+        for record in content.array_records.values():
+            assert set(record) == expected_keys
+            for key, arr in record.items():
+                values = arr.numpy()
+                for name, secret in head.items():
+                    assert not (secret.shape == values.shape and np.allclose(secret, values)), \
+                        f"{key} equals the private {name}"
+                    assert not _contains(values, secret.ravel()[:16]), f"{key} carries {name}"
+                for name, secret in secrets.items():
+                    assert not _contains(values, secret[:16]), f"{key} carries {name}"
+    assert not eval_reply.content.array_records, "evaluation replies carry metrics only"
+    assert len(train_reply.content.array_records) == 1

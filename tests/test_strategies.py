@@ -506,8 +506,8 @@ def test_build_strategy():
     svd = build_strategy("svd_lora", target_rank=8, lora_alpha=ALPHA, max_update_bytes=10)
     assert type(svd) is SVDLoRA
     assert (svd.target_rank, svd.lora_alpha, svd.max_update_bytes) == (8, ALPHA, 10)
-    with pytest.raises(ValueError, match=r"'fedprox'.*fedavg_lora, ffa_lora, svd_lora"):
-        build_strategy("fedprox")
+    with pytest.raises(ValueError, match=r"'fedadam'.*fedavg_lora, ffa_lora, svd_lora"):
+        build_strategy("fedadam")
     with pytest.raises(TypeError, match="target_rank"):
         build_strategy("svd_lora", lora_alpha=ALPHA)
 
