@@ -82,13 +82,19 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {t: 1.0 for t in TASKS}
     )
+    # Mixed precision on CUDA (torch.autocast; fp16 adds a GradScaler). A node
+    # without CUDA trains in fp32 and logs that it did.
+    amp: Literal["none", "bf16", "fp16"] = "none"
 
 
 @dataclass
 class StrategyConfig:
-    name: Literal["fedavg_lora", "ffa_lora", "svd_lora"] = "fedavg_lora"
+    name: Literal["fedavg_lora", "ffa_lora", "svd_lora", "fedmedian_lora",
+                  "trimmed_avg_lora", "krum_lora"] = "fedavg_lora"
     svd_rank: int = 16  # target rank of the re-factorised global update (svd_lora)
     max_update_bytes: int | None = None  # replies with larger payloads are dropped
+    trim_beta: float = 0.2  # share cut at each end per coordinate (trimmed_avg_lora)
+    krum_malicious: int = 0  # malicious clients Krum tolerates (krum_lora)
 
 
 @dataclass
@@ -111,6 +117,11 @@ class ExperimentConfig:
     round_timeout_s: float = 600.0
     device: str = "auto"
     output_dir: str = "runs"
+    # Where each client keeps its private tensors after every round, so that a
+    # resumed run continues them exactly; relative to the client's working
+    # directory. The SuperNode's node config `state-dir` overrides it. None: kept
+    # in memory only (a resumed run restarts the private modules from scratch).
+    client_state_dir: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -284,6 +295,10 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     unknown = [k for k in t.loss_weights if k not in TASKS]
     need(not unknown, "train.loss_weights", t.loss_weights, f"keys drawn from {list(TASKS)}")
     need(cfg.strategy.svd_rank >= 1, "strategy.svd_rank", cfg.strategy.svd_rank, ">= 1")
+    need(0 <= cfg.strategy.trim_beta < 0.5, "strategy.trim_beta", cfg.strategy.trim_beta,
+         "0 <= x < 0.5")
+    need(cfg.strategy.krum_malicious >= 0, "strategy.krum_malicious",
+         cfg.strategy.krum_malicious, ">= 0")
     s = cfg.simulation
     need(s.num_cpus_per_client > 0, "simulation.num_cpus_per_client",
          s.num_cpus_per_client, "> 0 (and at most the machine's cores)")
