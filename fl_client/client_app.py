@@ -3,14 +3,16 @@
 The experiment config arrives from the server with every message (one source of
 truth, the same on the simulation and the deployment engine). Node-specific facts come
 from the SuperNode's node config: `partition-id`, `num-partitions` and optionally
-`device`. The client's trainable tensors persist between rounds in `context.state`,
-which stays on the node; the server's shared state is loaded on top of them. So what
+`device`, `data-root` (the node's local dataset folder) and `state-dir` (where it
+keeps its private tensors between rounds). The client's trainable tensors persist
+between rounds in `context.state`, which stays on the node; the server's shared state is loaded on top of them. So what
 is private (task decoders, modality encoders, the JSCC) is simply whatever the
 workload's `shared_state` does not send.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -94,6 +96,9 @@ def _round_of(path: Path) -> int:
 
 def _setup(msg: Message, context: Context):
     cfg = experiment_from_message(msg)
+    if "data-root" in context.node_config:  # this node's own copy of the dataset
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, root=str(context.node_config["data-root"])))
     pid, n = _partition(context)
     device = resolve_device(str(context.node_config.get("device", cfg.device)))
     workload = get_workload(cfg.workload)

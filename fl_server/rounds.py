@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fl_server.checkpoint import load_checkpoint, save_checkpoint
+from fl_server.exchange import send_and_receive
 from models import get_workload
 from simulation.config import ConfigError, ExperimentConfig
 from simulation.report import RunRecorder, new_run_dir
@@ -130,7 +131,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                 t0 = time.time()
                 config = ConfigRecord({"experiment": cfg.to_json(), "run-key": run_key})
                 messages = list(strategy.configure_train(rnd, arrays, config, grid))
-                replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
+                replies = send_and_receive(grid, messages, cfg.round_timeout_s)
                 missing = _log_missing(rnd, "train", messages, replies, cfg.round_timeout_s)
                 answered = sum(not r.has_error() for r in replies)
                 new_arrays, train_metrics = None, None
@@ -148,8 +149,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                 if cfg.fraction_evaluate > 0:
                     config = ConfigRecord({"experiment": cfg.to_json(), "run-key": run_key})
                     messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
-                    eval_replies = list(grid.send_and_receive(messages,
-                                                              timeout=cfg.round_timeout_s))
+                    eval_replies = send_and_receive(grid, messages, cfg.round_timeout_s)
                     _log_missing(rnd, "evaluate", messages, eval_replies, cfg.round_timeout_s)
                     eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
                 row = _round_row(rnd, train_metrics, eval_metrics, len(replies), time.time() - t0)
