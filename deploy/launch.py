@@ -78,6 +78,9 @@ class Deployment:
     host: str = "127.0.0.1"
     startup_timeout_s: float = 60.0
     task_poll_interval_s: float = TASK_POLL_INTERVAL_S
+    # "subprocess": each SuperNode runs its own SuperExec; "process": the launcher
+    # starts a `flower-superexec` beside each SuperNode (as one would in a container).
+    isolation: str = "subprocess"
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -87,6 +90,7 @@ class Deployment:
         self.logs = self.workdir / "logs"
         self.port = free_port(self.host)
         self.node_ports: dict[int, int] = {}
+        self.last_run_log = ""
         if self.devices and len(self.devices) != self.num_supernodes:
             raise ValueError(f"--devices lists {len(self.devices)} GPUs for "
                              f"{self.num_supernodes} SuperNodes; give one per SuperNode")
@@ -188,10 +192,16 @@ class Deployment:
         cmd += ["--root-certificates", str(self.certs / "ca.crt")] if self.tls else ["--insecure"]
         if self.auth:
             cmd += ["--auth-supernode-private-key", str(self.certs / f"supernode-{k}")]
+        cmd += ["--isolation", self.isolation]
         env = self.env()
         if self.devices:
             env["CUDA_VISIBLE_DEVICES"] = str(self.devices[k])
         self._spawn(f"supernode-{k}", cmd, env)
+        if self.isolation == "process":
+            # The SuperNode's Runtime API listens on loopback only, hence --insecure.
+            wait_for_port(self.host, port, self.startup_timeout_s)
+            self._spawn(f"superexec-{k}", [_bin("flower-superexec"), "--runtime-api-address",
+                                           f"{self.host}:{port}", "--insecure"], env)
 
     def wait_for_supernodes(self, nodes, timeout: float | None = None) -> None:
         """Wait until each SuperNode has logged in ("SuperNode ID" in its log)."""
@@ -216,6 +226,7 @@ class Deployment:
             run_config += f' resume="{Path(resume).resolve()}"'
         out = self.flwr("run", str(app), self.connection, "--run-config", run_config,
                         "--stream", timeout=timeout)
+        self.last_run_log = out.stdout + out.stderr  # the ServerApp's log, streamed
         if resume:
             found = [Path(resume).resolve() / "metrics.json"]
         else:
@@ -245,6 +256,7 @@ class Deployment:
 
     def kill_supernode(self, k: int) -> None:
         """Kill SuperNode k at once, as a crashed edge device would go."""
+        self.stop_process(f"superexec-{k}", signal.SIGKILL)
         self.stop_process(f"supernode-{k}", signal.SIGKILL)
 
     def stop(self) -> None:
@@ -272,10 +284,13 @@ def main(argv: list[str] | None = None) -> int:
                              "(needed for an exact --resume); node k uses DIR/node-k")
     parser.add_argument("--insecure", action="store_true", help="no TLS (and no auth)")
     parser.add_argument("--no-auth", action="store_true", help="no SuperNode authentication")
+    parser.add_argument("--isolation", choices=["subprocess", "process"], default="subprocess",
+                        help="process: start a flower-superexec beside each SuperNode")
     args = parser.parse_args(argv)
     dep = Deployment(args.workdir, args.supernodes, tls=not args.insecure,
                      auth=not (args.insecure or args.no_auth), devices=args.devices,
-                     data_root=args.data_root, state_dir=args.state_dir)
+                     data_root=args.data_root, state_dir=args.state_dir,
+                     isolation=args.isolation)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with dep:
         print(f"SuperLink {dep.host}:{dep.port} with {dep.num_supernodes} SuperNodes "

@@ -133,7 +133,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                 messages = list(strategy.configure_train(rnd, arrays, config, grid))
                 replies = send_and_receive(grid, messages, cfg.round_timeout_s)
                 missing = _log_missing(rnd, "train", messages, replies, cfg.round_timeout_s)
-                answered = sum(not r.has_error() for r in replies)
+                answered = sum(not r.has_error() for r in replies)  # errors never count
                 new_arrays, train_metrics = None, None
                 if answered >= cfg.min_train_clients:
                     new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
@@ -169,8 +169,20 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
 
 def _log_missing(rnd: int, stage: str, messages: list, replies: list, timeout: float
                  ) -> list[int]:
-    """Log the nodes that were sent a message but did not answer before the timeout."""
-    answered = {r.metadata.src_node_id for r in replies}
+    """Log and return the nodes that were sent a message but did not answer: no reply
+    before the timeout, or an error reply that the SuperLink wrote in their place
+    (e.g. "Node Unavailable" after missed heartbeats)."""
+    # Message ids exist once the Grid has pushed the messages.
+    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+           if m.metadata.message_id}
+    answered = set()
+    for r in replies:
+        node = dst.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+        if r.has_error() and r.metadata.src_node_id != node:  # written by the SuperLink
+            log.warning("round %d (%s): node %s is unavailable: %s", rnd, stage, node,
+                        r.error.reason)
+        else:
+            answered.add(node)
     missing = sorted({m.metadata.dst_node_id for m in messages} - answered)
     if missing:
         log.warning("round %d (%s): no reply from node(s) %s within %.0f s; going on with "

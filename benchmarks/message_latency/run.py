@@ -15,9 +15,10 @@ from pathlib import Path
 from deploy.launch import Deployment
 
 APP = Path(__file__).resolve().parent
-SETTINGS = {  # name: (SuperExec task poll interval s, server-side poll)
-    "flower defaults": (1.0, "flower"),
-    "tuned (launcher)": (0.1, "fast"),
+SETTINGS = {  # name: (SuperExec task poll interval s, server-side poll, isolation)
+    "flower defaults": (1.0, "flower", "subprocess"),
+    "tuned (launcher)": (0.1, "fast", "subprocess"),
+    "process isolation": (0.1, "fast", "process"),
 }
 
 
@@ -28,9 +29,9 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (task_poll, poll) in SETTINGS.items():
+        for name, (task_poll, poll, isolation) in SETTINGS.items():
             with Deployment(Path(tmp) / name.split()[0], args.supernodes,
-                            task_poll_interval_s=task_poll) as dep:
+                            task_poll_interval_s=task_poll, isolation=isolation) as dep:
                 for workload in (False, True):
                     out = Path(tmp) / f"{name.split()[0]}-{workload}.json"
                     run_config = (f'messages={args.messages} poll="{poll}" '
@@ -50,7 +51,7 @@ def main() -> int:
     base = {w: s for n, w, s, _ in rows if n == "flower defaults"}
     for n, w, s, _ in rows:
         if n != "flower defaults":
-            print(f"speed-up with {'fedsemcom imports' if w else 'empty ClientApp'}: "
+            print(f"{n} vs flower defaults, {'fedsemcom imports' if w else 'empty ClientApp'}: "
                   f"{base[w] / s:.1f}x")
     return 0
 
