@@ -18,11 +18,17 @@ POLL_S = 0.1
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
-                     poll_s: float = POLL_S) -> list[Message]:
-    """Push `messages`, return the replies that arrive within `timeout` seconds."""
+                     poll_s: float = POLL_S) -> tuple[list[Message], dict[str, int]]:
+    """Push `messages`; return the replies that arrive within `timeout` seconds and
+    the node each pushed message went to, by message id (a reply's
+    `reply_to_message_id`: replies the SuperLink writes, such as "Node Unavailable",
+    come from the SuperLink's own node id)."""
+    messages = list(messages)
     if not hasattr(grid, "push_messages"):  # a test double that only delivers
-        return list(grid.send_and_receive(messages, timeout=timeout))
-    pending = set(grid.push_messages(messages))
+        return list(grid.send_and_receive(messages, timeout=timeout)), {}
+    ids = list(grid.push_messages(messages))
+    sent_to = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)}
+    pending = set(ids)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending:
@@ -32,4 +38,4 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(poll_s)
-    return replies
+    return replies, sent_to

@@ -131,8 +131,9 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                 t0 = time.time()
                 config = ConfigRecord({"experiment": cfg.to_json(), "run-key": run_key})
                 messages = list(strategy.configure_train(rnd, arrays, config, grid))
-                replies = send_and_receive(grid, messages, cfg.round_timeout_s)
-                missing = _log_missing(rnd, "train", messages, replies, cfg.round_timeout_s)
+                replies, sent_to = send_and_receive(grid, messages, cfg.round_timeout_s)
+                missing = _log_missing(rnd, "train", messages, sent_to, replies,
+                                       cfg.round_timeout_s)
                 answered = sum(not r.has_error() for r in replies)  # errors never count
                 new_arrays, train_metrics = None, None
                 if answered >= cfg.min_train_clients:
@@ -149,8 +150,9 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                 if cfg.fraction_evaluate > 0:
                     config = ConfigRecord({"experiment": cfg.to_json(), "run-key": run_key})
                     messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
-                    eval_replies = send_and_receive(grid, messages, cfg.round_timeout_s)
-                    _log_missing(rnd, "evaluate", messages, eval_replies, cfg.round_timeout_s)
+                    eval_replies, sent_to = send_and_receive(grid, messages, cfg.round_timeout_s)
+                    _log_missing(rnd, "evaluate", messages, sent_to, eval_replies,
+                                 cfg.round_timeout_s)
                     eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
                 row = _round_row(rnd, train_metrics, eval_metrics, len(replies), time.time() - t0)
                 row["clients_missing"] = len(missing)
@@ -167,17 +169,14 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
     return recorder.data
 
 
-def _log_missing(rnd: int, stage: str, messages: list, replies: list, timeout: float
-                 ) -> list[int]:
+def _log_missing(rnd: int, stage: str, messages: list, sent_to: dict[str, int],
+                 replies: list, timeout: float) -> list[int]:
     """Log and return the nodes that were sent a message but did not answer: no reply
     before the timeout, or an error reply that the SuperLink wrote in their place
     (e.g. "Node Unavailable" after missed heartbeats)."""
-    # Message ids exist once the Grid has pushed the messages.
-    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
-           if m.metadata.message_id}
     answered = set()
     for r in replies:
-        node = dst.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+        node = sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
         if r.has_error() and r.metadata.src_node_id != node:  # written by the SuperLink
             log.warning("round %d (%s): node %s is unavailable: %s", rnd, stage, node,
                         r.error.reason)
@@ -185,9 +184,9 @@ def _log_missing(rnd: int, stage: str, messages: list, replies: list, timeout: f
             answered.add(node)
     missing = sorted({m.metadata.dst_node_id for m in messages} - answered)
     if missing:
-        log.warning("round %d (%s): no reply from node(s) %s within %.0f s; going on with "
-                    "the %d that replied", rnd, stage, ", ".join(map(str, missing)), timeout,
-                    len(answered))
+        log.warning("round %d (%s): no reply from node(s) %s (unavailable, or silent for "
+                    "%.0f s); going on with the %d that replied", rnd, stage,
+                    ", ".join(map(str, missing)), timeout, len(answered))
     return missing
 
 

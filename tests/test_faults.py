@@ -98,3 +98,23 @@ def test_bad_updates_never_reach_the_aggregate(tiny_cfg, flower_message_context,
     with np.load(tmp_path / "run" / "global_adapters.npz") as saved:
         for k, v in honest.items():  # the aggregate is the one valid update
             np.testing.assert_array_equal(saved[k], v)
+
+
+def test_a_node_the_superlink_reports_unavailable_is_named(flower_message_context, caplog):
+    """The SuperLink answers for a node that missed its heartbeats, from its own id."""
+    from flwr.app import Error, Message, RecordDict
+
+    from fl_server.rounds import _log_missing
+
+    sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (7, 8, 9)]
+    ok = Message(RecordDict(), reply_to=sent[0])
+    unavailable = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=sent[1])
+    unavailable.metadata.__dict__["_src_node_id"] = 1  # written by the SuperLink
+    sent_to = {ok.metadata.reply_to_message_id: 7, "id-of-8": 8, "id-of-9": 9}
+    unavailable.metadata.__dict__["_reply_to_message_id"] = "id-of-8"
+    with caplog.at_level(logging.WARNING):
+        missing = _log_missing(2, "train", sent, sent_to, [ok, unavailable], 30.0)
+    assert missing == [8, 9]
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("node 8 is unavailable: Error: Node Unavailable" in m for m in logged)
+    assert any("no reply from node(s) 8, 9" in m for m in logged)

@@ -36,7 +36,7 @@ def main(grid: Grid, context: Context) -> None:
                         dst_node_id=n, message_type="query") for n in nodes]
         t0 = time.time()
         if cfg["poll"] == "fast":
-            replies = send_and_receive(grid, msgs, timeout=300)
+            replies, _ = send_and_receive(grid, msgs, timeout=300)
         else:
             replies = list(grid.send_and_receive(msgs, timeout=300))
         seconds.append(time.time() - t0)
