@@ -5,9 +5,9 @@ truth, the same on the simulation and the deployment engine). Node-specific fact
 from the SuperNode's node config: `partition-id`, `num-partitions` and optionally
 `device`, `data-root` (the node's local dataset folder) and `state-dir` (where it
 keeps its private tensors between rounds). The client's trainable tensors persist
-between rounds in `context.state`, which stays on the node; the server's shared state is loaded on top of them. So what
-is private (task decoders, modality encoders, the JSCC) is simply whatever the
-workload's `shared_state` does not send.
+between rounds in `context.state`, which stays on the node; the server's shared state
+is loaded on top of them. So what is private (task decoders, modality encoders, the
+JSCC) is simply whatever the workload's `shared_state` does not send.
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_client import split
+from fl_client.node import PRIVATE_STATE, partition
 from models import get_workload, resolve_device
 from simulation.config import ExperimentConfig, config_from_dict
 from simulation.data import load_partition
 
-PRIVATE_STATE = "local-parameters"
-
 log = logging.getLogger("fedsemcom")
-app = ClientApp()
 
 
 def experiment_from_message(msg: Message) -> ExperimentConfig:
@@ -41,16 +40,6 @@ def client_lora_rank(cfg: ExperimentConfig, partition_id: int) -> int:
     """Heterogeneous ranks (svd_lora) are assigned round-robin over partitions."""
     ranks = cfg.lora.client_ranks
     return ranks[partition_id % len(ranks)] if ranks else cfg.lora.rank
-
-
-def _partition(context: Context) -> tuple[int, int]:
-    try:
-        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    except KeyError as err:
-        raise KeyError(
-            f"node config lacks {err}; start the SuperNode with "
-            "--node-config 'partition-id=K num-partitions=N'"
-        ) from None
 
 
 def local_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -99,11 +88,10 @@ def _setup(msg: Message, context: Context):
     if "data-root" in context.node_config:  # this node's own copy of the dataset
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, root=str(context.node_config["data-root"])))
-    pid, n = _partition(context)
+    pid, n = partition(context)
     device = resolve_device(str(context.node_config.get("device", cfg.device)))
     workload = get_workload(cfg.workload)
     model = workload.build(cfg, device, lora_rank=client_lora_rank(cfg, pid))
-    saved = None
     if PRIVATE_STATE in context.state.array_records:
         saved = {k: v.numpy() for k, v in context.state.array_records[PRIVATE_STATE].items()}
     else:
@@ -140,7 +128,6 @@ def _metric_record(metrics: dict[str, float]) -> MetricRecord:
     return MetricRecord({k: (int(v) if k == "num-examples" else float(v)) for k, v in metrics.items()})
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, workload, model, train_ds, _ = _setup(msg, context)
     lora_train = str(msg.content["config"].get("lora-train", "ab"))
@@ -157,8 +144,24 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, _, workload, model, _, test_ds = _setup(msg, context)
     metrics = workload.evaluate(model, test_ds, cfg)
     return Message(content=RecordDict({"metrics": _metric_record(metrics)}), reply_to=msg)
+
+
+def make_app(mods: list | None = None) -> ClientApp:
+    """The ClientApp with every handler; `mods` wrap each call (Flower client mods)."""
+    client = ClientApp(mods=mods or [])
+    client.train()(train)
+    client.evaluate()(evaluate)
+    # U-shaped split training (fl_client/split.py): "train.split_begin" and so on.
+    client.train("split_begin")(split.begin)
+    client.train("split_output")(split.output)
+    client.train("split_backward")(split.backward)
+    client.evaluate("split_forward")(split.eval_forward)
+    client.evaluate("split_score")(split.eval_score)
+    return client
+
+
+app = make_app()

@@ -34,7 +34,7 @@ TRAIN_KEYS = ("train_loss", "symbols_per_example", "bytes_up", "bytes_down",
               "clients_accepted", "clients_rejected")
 EVAL_KEYS = ("accuracy", "vqa_accuracy", "bleu", "psnr", "majority_class_share")
 # Keys that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("rounds", "round_timeout_s", "output_dir")
+RESUMABLE_CHANGES = ("rounds", "round_timeout_s", "output_dir", "client_state_dir")
 
 
 def make_strategy(cfg: ExperimentConfig):
@@ -94,6 +94,13 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
     After every round the global adapters, the strategy state and the metrics are
     checkpointed in `run_dir`; `resume=True` continues from that checkpoint.
     """
+    if cfg.split.mode != "off":
+        if resume:
+            raise ConfigError("resume is not built for split training yet (split.mode="
+                              f"{cfg.split.mode!r}); start a new run or use split.mode=off")
+        from fl_server.split import run_split  # split training: its own loop
+
+        return run_split(grid, cfg, run_dir, console)
     console = console or Console(stderr=True)
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir of the run to continue")

@@ -95,3 +95,21 @@ class WirelessChannel(nn.Module):
         if kind == "awgn":
             return awgn_channel(symbols, snr_db, generator)
         return fading_channel(symbols, snr_db, kind, self.cfg.rician_k, generator)
+
+
+def analog_transmission(x: Tensor, channel: WirelessChannel, snr_db: Tensor,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """Send a real feature tensor [B, ...] uncoded through `channel`: pairs of reals
+    become complex symbols at unit average power per example, and the receiver
+    rescales with the transmitted power (a few bytes of side information). The split
+    uses it for the server's output on the downlink."""
+    if channel.cfg.kind == "none":
+        return x
+    b, n = x.shape[0], x[0].numel()
+    flat = x.reshape(b, n)
+    if n % 2:
+        flat = torch.cat([flat, flat.new_zeros(b, 1)], dim=1)
+    z = torch.view_as_complex(flat.reshape(b, -1, 2).contiguous())
+    scale = torch.sqrt((z.abs() ** 2).mean(dim=1, keepdim=True) + 1e-12)
+    y = channel(z / scale, snr_db, generator) * scale
+    return torch.view_as_real(y).reshape(b, -1)[:, :n].reshape(x.shape)

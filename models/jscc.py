@@ -26,6 +26,7 @@ class JSCCOutput:
     symbols: Tensor  # complex [B, T, C], unit average power over the sent symbols
     mask: Tensor  # float [B, T, C]: 1 where a symbol is sent (straight-through gradient)
     symbols_sent: Tensor  # float [B]: complex channel uses per example
+    counts: Tensor  # float [B, T]: soft symbol counts; prefix_mask(counts) == mask
 
 
 def rate_for_snr(snr_db: Tensor, min_rate: float, snr_lo: float, snr_hi: float) -> Tensor:
@@ -42,6 +43,21 @@ def symbol_allocation(scores: Tensor, rate: Tensor, n_symbols: int) -> Tensor:
     return (budget * torch.softmax(scores, dim=1)).clamp(1.0, float(n_symbols))
 
 
+def sent_positions(counts: Tensor, n_symbols: int) -> Tensor:
+    """bool [B, T, C]: token t sends its first round(counts[t]) symbols."""
+    position = torch.arange(n_symbols, device=counts.device, dtype=counts.dtype)
+    return position < torch.round(counts.detach()).unsqueeze(-1)
+
+
+def prefix_mask(counts: Tensor, n_symbols: int) -> Tensor:
+    """The sent positions as a float mask. Forward: the hard 0/1 mask; backward: the
+    gradient of a soft (sigmoid) prefix, so importance is learned."""
+    position = torch.arange(n_symbols, device=counts.device, dtype=counts.dtype)
+    hard = sent_positions(counts, n_symbols).to(counts.dtype)
+    soft = torch.sigmoid(counts.unsqueeze(-1) - position - 0.5)
+    return hard + soft - soft.detach()
+
+
 class JSCCEncoder(nn.Module):
     def __init__(self, d_model: int, n_symbols: int, min_rate: float,
                  rate_snr_db: tuple[float, float]):
@@ -53,9 +69,9 @@ class JSCCEncoder(nn.Module):
         self.to_symbols = nn.Sequential(
             nn.Linear(d_model + 1, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, 2 * n_symbols)
         )
-        self.importance = nn.Linear(d_model, 1)
+        # No bias: the softmax over tokens ignores a shift, so a bias gets no gradient.
+        self.importance = nn.Linear(d_model, 1, bias=False)
         nn.init.zeros_(self.importance.weight)  # start from an even split of the budget
-        nn.init.zeros_(self.importance.bias)
 
     def forward(self, tokens: Tensor, snr_db: Tensor) -> JSCCOutput:
         b, t, _ = tokens.shape
@@ -66,17 +82,14 @@ class JSCCEncoder(nn.Module):
 
         rate = rate_for_snr(snr_db, self.min_rate, *self.rate_snr_db)
         counts = symbol_allocation(self.importance(tokens).squeeze(-1), rate, c)  # [B, T]
-        position = torch.arange(c, device=tokens.device, dtype=tokens.dtype)
-        hard = (position < torch.round(counts).unsqueeze(-1)).to(tokens.dtype)  # prefix
-        soft = torch.sigmoid(counts.unsqueeze(-1) - position - 0.5)
-        mask = hard + soft - soft.detach()  # forward: hard mask; backward: d/dscores
+        mask = prefix_mask(counts, c)
 
         z = z * mask
-        sent = hard.sum(dim=(1, 2))
+        sent = torch.round(counts.detach()).sum(dim=1)  # counts lie in [1, C]
         # Unit average power over the symbols actually sent (per example).
         power = (z.abs() ** 2).sum(dim=(1, 2)) / sent
         z = z / torch.sqrt(power + 1e-12).reshape(b, 1, 1)
-        return JSCCOutput(symbols=z, mask=mask, symbols_sent=sent)
+        return JSCCOutput(symbols=z, mask=mask, symbols_sent=sent, counts=counts)
 
 
 class JSCCDecoder(nn.Module):

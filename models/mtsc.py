@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +32,23 @@ from torchmetrics.functional.text import bleu_score
 from transformers import BartConfig, BartModel
 
 from models.channel import WirelessChannel
-from models.jscc import JSCCDecoder, JSCCEncoder, JSCCOutput
+from models.jscc import (
+    JSCCDecoder,
+    JSCCEncoder,
+    JSCCOutput,
+    prefix_mask,
+    sent_positions,
+)
 from simulation.config import ExperimentConfig
 from simulation.data import (
-    ANSWERS, BOS_ID, EOS_ID, PAD_ID, QUESTION_LEN, VOCAB, decode_tokens, num_classes,
+    ANSWERS,
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    QUESTION_LEN,
+    VOCAB,
+    decode_tokens,
+    num_classes,
 )
 
 log = logging.getLogger("fedsemcom")
@@ -245,14 +257,24 @@ class MTSCModel(nn.Module):
         self.receiver = Receiver(cfg, lam.decoder, d)
         self.task_decoders = TaskDecoders(cfg, d)
 
-    def forward(self, batch: dict[str, Tensor], snr_db: Tensor | None = None
-                ) -> tuple[Tensor, JSCCOutput]:
+    def uplink(self, batch: dict[str, Tensor], snr_db: Tensor | None = None,
+               generator: torch.Generator | None = None
+               ) -> tuple[JSCCOutput, Tensor, Tensor]:
+        """Client half and channel: (what the JSCC sent, what arrives, the SNR)."""
         image = batch["image"]
         if snr_db is None:
-            snr_db = self.channel.sample_snr_db(image.shape[0], image.device)
+            snr_db = self.channel.sample_snr_db(image.shape[0], image.device, generator)
         question = batch.get("question") if "vqa" in self.cfg.model.tasks else None
         tx = self.transmitter(image, question, snr_db)
-        received = self.channel(tx.symbols, snr_db)
+        received = self.channel(tx.symbols, snr_db, generator)
+        # Only what was sent arrives: the receiver sees no noise where the JSCC sent
+        # nothing (so the mask's gradient there is 0, as in the split over the wire).
+        received = torch.where(sent_positions(tx.counts, received.shape[-1]), received, 0)
+        return tx, received, snr_db
+
+    def forward(self, batch: dict[str, Tensor], snr_db: Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[Tensor, JSCCOutput]:
+        tx, received, snr_db = self.uplink(batch, snr_db, generator)
         return self.receiver(received, tx.mask, snr_db), tx
 
 
@@ -284,10 +306,14 @@ def _lora_modules(model: MTSCModel) -> dict[str, nn.Module]:
     return {"encoder": model.transmitter.lam_encoder, "decoder": model.receiver.lam_decoder}
 
 
-def shared_state(model: MTSCModel, lora_train: str = "ab") -> dict[str, np.ndarray]:
-    """The only tensors that may leave a client: LoRA adapters (only B for FFA-LoRA)."""
+def shared_state(model: MTSCModel, lora_train: str = "ab",
+                 client_half_only: bool = False) -> dict[str, np.ndarray]:
+    """The only tensors that may leave a client: LoRA adapters (only B for FFA-LoRA).
+    In split training the client holds only the encoder's (`client_half_only`)."""
     out = {}
     for prefix, module in _lora_modules(model).items():
+        if client_half_only and prefix != "encoder":
+            continue
         for key, value in get_peft_model_state_dict(module).items():
             if lora_train == "b" and "lora_A" in key:
                 continue
@@ -347,6 +373,29 @@ def load_shared_state(model: MTSCModel, arrays: dict[str, np.ndarray]) -> None:
                         f"{tuple(names[key].shape)}"
                     )
                 names[key].copy_(value)
+
+
+# The U-shaped split (LAM-MTSC, federated split fine-tuning): the client keeps the
+# transmitter (modality encoders, LAM encoder + LoRA, JSCC encoder) and the task decoders
+# with its labels; the server keeps the receiver (JSCC decoder, LAM decoder + LoRA).
+CLIENT_HALF = ("transmitter.", "task_decoders.")
+
+
+def client_parameters(model: MTSCModel) -> dict[str, nn.Parameter]:
+    """Everything the client trains in split mode (the LAM's base weights are frozen)."""
+    return {n: p for n, p in model.named_parameters()
+            if n.startswith(CLIENT_HALF) and ("lam_" not in n or "lora_" in n)}
+
+
+def server_half(model: MTSCModel) -> Receiver:
+    return model.receiver
+
+
+def server_forward(receiver: Receiver, received: Tensor, counts: Tensor,
+                   snr_db: Tensor) -> Tensor:
+    """The server half on what arrived; the prefix mask is rebuilt from the counts, so
+    the importance scores' gradient flows back through them."""
+    return receiver(received, prefix_mask(counts, received.shape[-1]), snr_db)
 
 
 def set_trainable(model: MTSCModel, lora_train: str) -> None:
@@ -428,63 +477,69 @@ def train_local(model: MTSCModel, data: Dataset, cfg: ExperimentConfig,
     return metrics
 
 
-@dataclass
-class _Scores:
-    n: int = 0
-    loss: float = 0.0
-    correct: float = 0.0
-    vqa_correct: float = 0.0
-    psnr: float = 0.0
-
-
-@torch.no_grad()
-def evaluate(model: MTSCModel, data: Dataset, cfg: ExperimentConfig) -> dict[str, float]:
-    """Task metrics on the client's local test split.
+class TaskScorer:
+    """Task metrics accumulated over batches of receiver outputs `h` and their labels.
 
     accuracy (classification), vqa_accuracy, bleu (BLEU-4, smoothed, greedy captions),
     psnr (dB, images in [0, 1]) and majority_class_share: the accuracy a constant
     guess of the most common local test label would get, to read accuracy against.
     """
-    with seeded(cfg.seed):  # the same SNR draws and channel noise at every evaluation
-        return _evaluate(model, data, cfg)
 
+    def __init__(self, cfg: ExperimentConfig):
+        self.tasks, self.weights = cfg.model.tasks, cfg.train.loss_weights
+        self.n, self.loss, self.correct, self.vqa_correct, self.psnr = 0, 0.0, 0, 0, 0.0
+        self.hyps: list[str] = []
+        self.refs: list[list[str]] = []
+        self.labels: list[Tensor] = []
 
-def _evaluate(model: MTSCModel, data: Dataset, cfg: ExperimentConfig) -> dict[str, float]:
-    device = next(model.parameters()).device
-    model.eval()
-    tasks = cfg.model.tasks
-    s = _Scores()
-    hyps, refs, labels = [], [], []
-    for batch in DataLoader(data, batch_size=max(64, cfg.train.batch_size)):
-        batch = _to(batch, device)
-        h, _ = model(batch)
+    def add(self, heads: TaskDecoders, h: Tensor, batch: dict[str, Tensor]) -> None:
         n = batch["image"].shape[0]
-        losses = model.task_decoders.losses(h, batch)
-        s.loss += sum(cfg.train.loss_weights.get(t, 1.0) * v for t, v in losses.items()).item() * n
-        s.n += n
-        labels.append(batch["label"].cpu())
-        heads = model.task_decoders
-        if "classification" in tasks:
-            s.correct += (heads.classification(h[:, Q_CLS]).argmax(-1) == batch["label"]).sum().item()
-        if "vqa" in tasks:
-            s.vqa_correct += (heads.vqa(h[:, Q_VQA]).argmax(-1) == batch["answer"]).sum().item()
-        if "captioning" in tasks:
+        losses = heads.losses(h, batch)
+        self.loss += sum(self.weights.get(t, 1.0) * v for t, v in losses.items()).item() * n
+        self.n += n
+        self.labels.append(batch["label"].cpu())
+        if "classification" in self.tasks:
+            pred = heads.classification(h[:, Q_CLS]).argmax(-1)
+            self.correct += (pred == batch["label"]).sum().item()
+        if "vqa" in self.tasks:
+            self.vqa_correct += (heads.vqa(h[:, Q_VQA]).argmax(-1) == batch["answer"]).sum().item()
+        if "captioning" in self.tasks:
             gen = heads.captioning.generate(h[:, Q_CAP], batch["caption"].shape[1])
-            hyps += [decode_tokens(g.tolist()) for g in gen]
-            refs += [[decode_tokens(c.tolist())] for c in batch["caption"]]
-        if "reconstruction" in tasks:
+            self.hyps += [decode_tokens(g.tolist()) for g in gen]
+            self.refs += [[decode_tokens(c.tolist())] for c in batch["caption"]]
+        if "reconstruction" in self.tasks:
             rec = heads.reconstruct(h).clamp(0.0, 1.0)
-            s.psnr += peak_signal_noise_ratio(rec, batch["image"], data_range=1.0,
-                                              reduction="sum", dim=(1, 2, 3)).item()
-    counts = torch.bincount(torch.cat(labels))
-    out = {"loss": s.loss / s.n, "num-examples": s.n,
-           "majority_class_share": counts.max().item() / s.n}
-    if "classification" in tasks:
-        out["accuracy"] = s.correct / s.n
-    if "vqa" in tasks:
-        out["vqa_accuracy"] = s.vqa_correct / s.n
-    if "captioning" in tasks:
-        out["bleu"] = float(bleu_score(hyps, refs, n_gram=4, smooth=True))
-    if "reconstruction" in tasks:
-        out["psnr"] = s.psnr / s.n
-    return out
+            self.psnr += peak_signal_noise_ratio(rec, batch["image"], data_range=1.0,
+                                                 reduction="sum", dim=(1, 2, 3)).item()
+
+    def result(self) -> dict[str, float]:
+        counts = torch.bincount(torch.cat(self.labels))
+        out = {"loss": self.loss / self.n, "num-examples": self.n,
+               "majority_class_share": counts.max().item() / self.n}
+        if "classification" in self.tasks:
+            out["accuracy"] = self.correct / self.n
+        if "vqa" in self.tasks:
+            out["vqa_accuracy"] = self.vqa_correct / self.n
+        if "captioning" in self.tasks:
+            out["bleu"] = float(bleu_score(self.hyps, self.refs, n_gram=4, smooth=True))
+        if "reconstruction" in self.tasks:
+            out["psnr"] = self.psnr / self.n
+        return out
+
+
+def eval_batches(data: Dataset, cfg: ExperimentConfig) -> DataLoader:
+    return DataLoader(data, batch_size=max(64, cfg.train.batch_size))
+
+
+@torch.no_grad()
+def evaluate(model: MTSCModel, data: Dataset, cfg: ExperimentConfig) -> dict[str, float]:
+    """Task metrics (see TaskScorer) on the client's local test split."""
+    with seeded(cfg.seed):  # the same SNR draws and channel noise at every evaluation
+        device = next(model.parameters()).device
+        model.eval()
+        scorer = TaskScorer(cfg)
+        for batch in eval_batches(data, cfg):
+            batch = _to(batch, device)
+            h, _ = model(batch)
+            scorer.add(model.task_decoders, h, batch)
+        return scorer.result()

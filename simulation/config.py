@@ -98,6 +98,22 @@ class StrategyConfig:
 
 
 @dataclass
+class SplitConfig:
+    """U-shaped split training over Flower messages (LAM-MTSC federated split
+    fine-tuning). "off" trains the whole model on the client (federated LoRA)."""
+
+    mode: Literal["off", "sequential", "parallel"] = "off"
+    compression: Literal["none", "float16", "bfloat16", "int8"] = "none"
+    # A second channel for the server's output on its way back to the client.
+    downlink: ChannelConfig = field(default_factory=lambda: ChannelConfig(kind="none"))
+    steps_per_round: int | None = None  # None: train.local_epochs over the client's data
+    # A client silent this long in a step is dropped for the round (the first message,
+    # which loads data and builds the model, and evaluation wait round_timeout_s).
+    client_timeout_s: float = 60.0
+    poll_interval_s: float = 0.01  # how often the server looks for replies
+
+
+@dataclass
 class SimulationConfig:
     backend: Literal["ray"] = "ray"
     num_cpus_per_client: float = 1.0
@@ -128,6 +144,7 @@ class ExperimentConfig:
     channel: ChannelConfig = field(default_factory=ChannelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,6 +316,17 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
          "0 <= x < 0.5")
     need(cfg.strategy.krum_malicious >= 0, "strategy.krum_malicious",
          cfg.strategy.krum_malicious, ">= 0")
+    sp = cfg.split
+    need(sp.steps_per_round is None or sp.steps_per_round >= 1, "split.steps_per_round",
+         sp.steps_per_round, "null (local_epochs over the data) or an integer >= 1")
+    need(sp.client_timeout_s > 0, "split.client_timeout_s", sp.client_timeout_s, "> 0 seconds")
+    need(0 < sp.poll_interval_s <= 1, "split.poll_interval_s", sp.poll_interval_s,
+         "0 < x <= 1 seconds")
+    if sp.mode != "off":
+        need(cfg.workload == "mtsc", "split.mode", sp.mode,
+             f"'off' for workload {cfg.workload!r} (only mtsc has a U-shaped split)")
+        need(not lo.client_ranks, "split.mode", sp.mode,
+             "'off' when lora.client_ranks is set (the server half has one rank)")
     s = cfg.simulation
     need(s.num_cpus_per_client > 0, "simulation.num_cpus_per_client",
          s.num_cpus_per_client, "> 0 (and at most the machine's cores)")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
@@ -36,11 +37,12 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False
-             ) -> dict[str, Any]:
+def simulate(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
+             client_app: ClientApp = client_app) -> dict[str, Any]:
     """Run the experiment with `cfg.num_clients` virtual SuperNodes; return results.
 
     `resume=True` continues the run in `run_dir` from its last checkpoint.
+    `client_app` defaults to the project's ClientApp (tests pass one with extra mods).
     """
     if resume and run_dir is None:
         raise ConfigError("--resume needs the run folder to continue, e.g. --resume runs/NAME")

@@ -67,5 +67,7 @@ def test_flwr_run_on_the_local_simulation_superlink(tmp_path):
                 os.killpg(pid, signal.SIGTERM)  # it runs in its own session
             except ProcessLookupError:
                 pass
-    time.sleep(1)
+    gone_by = time.time() + 30  # SIGTERM: it shuts down its simulation first
+    while superlink_pids(flwr_home) and time.time() < gone_by:
+        time.sleep(0.5)
     assert superlink_pids(flwr_home) == []

@@ -11,9 +11,11 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fl_client.client_app import PRIVATE_STATE, app, local_parameters
+from fl_client.client_app import app, local_parameters
+from fl_client.node import PRIVATE_STATE
 from fl_server.rounds import initial_arrays
 from models import mtsc
+from simulation.config import load_config
 from simulation.data import load_partition
 
 ALLOWED_METRICS = {
@@ -99,3 +101,65 @@ def test_private_modules_persist_between_rounds_on_the_node(tiny_cfg, flower_mes
     # Round 2 starts from round 1's heads (they changed again), not from a fresh init.
     assert not np.allclose(first[head], fresh)
     assert not np.allclose(second[head].numpy(), first[head])
+
+
+SPLIT_TENSORS = {
+    "activations": {"symbols", "counts", "snr_db"},  # after the uplink channel
+    "gradients": {"output"},  # gradient w.r.t. the server half's output
+}
+
+
+def test_split_training_sends_only_activations_gradients_adapters_and_metrics(
+        tiny_cfg, flower_message_context, tmp_path):
+    from test_server_rounds import LoopbackGrid
+
+    from fl_server.rounds import run_federated
+
+    cfg = load_config("configs/quickstart.yaml", [
+        "num_clients=3", "rounds=1", "data.num_samples=240", "train.batch_size=16",
+        "split.mode=parallel", "split.steps_per_round=2", f"output_dir={tmp_path}"])
+    grid = LoopbackGrid(3)
+    sent: list[tuple[str, Message]] = []
+    deliver = grid.send_and_receive
+
+    def recording(messages, *, timeout=None):
+        messages = list(messages)
+        replies = deliver(messages, timeout=timeout)
+        for msg, reply in zip(messages, replies):
+            if msg.metadata.dst_node_id == 102:  # audit partition 1
+                sent.append((msg.metadata.message_type, reply))
+        return replies
+
+    grid.send_and_receive = recording
+    run_federated(grid, cfg, tmp_path / "run")
+    kinds = {kind for kind, _ in sent}
+    assert kinds == {"train.split_begin", "train.split_output", "train.split_backward",
+                     "evaluate.split_forward", "evaluate.split_score"}
+
+    model = mtsc.build(cfg)
+    saved = grid.contexts[102].state.array_records[PRIVATE_STATE]
+    private = {n: a.numpy() for n, a in saved.items() if ".lora_" not in n}
+    assert any(n.startswith("task_decoders.") for n in private)
+    assert not any(n.startswith("receiver.") for n in saved), "the server half is not the client's"
+    train_ds, test_ds = load_partition(cfg.data, 1, 3, cfg.model.caption_len)
+    data = {f"{s}.{k}": torch.stack([ds[i][k] for i in range(len(ds))]).numpy()
+            for s, ds in (("train", train_ds), ("test", test_ds))
+            for k in ("label", "answer", "caption", "question", "image")}
+    adapters = set(mtsc.shared_state(model, "ab", client_half_only=True))
+    assert adapters and all(k.startswith("encoder.") for k in adapters)
+
+    for kind, reply in sent:
+        content = reply.content
+        for name, record in content.config_records.items():
+            assert name == "split" and set(record) <= {"partition-id", "step", "steps"}, kind
+        for record in content.metric_records.values():
+            assert set(record) <= ALLOWED_METRICS, set(record) - ALLOWED_METRICS
+        for name, record in content.array_records.items():
+            assert set(record) == (adapters if name == "arrays" else SPLIT_TENSORS[name]), kind
+            for key, arr in record.items():
+                values = arr.numpy()
+                for pname, secret in private.items():
+                    assert not (secret.shape == values.shape and np.allclose(secret, values)), \
+                        f"{kind}: {key} equals private tensor {pname}"
+                for dname, secret in data.items():
+                    assert not _contains(values, secret[:16]), f"{kind}: {key} carries {dname}"

@@ -1,0 +1,141 @@
+"""Split training over Flower messages against the same steps in one process.
+
+    python benchmarks/split_step.py [--batches 16 64 256] [--steps 6] [--out DIR]
+
+For each batch size: seconds per step of end-to-end training in one process, and of
+the U-shaped split over Flower's simulation runtime (Ray backend, one client) with
+Flower's default 0.1 s reply polling and with `split.poll_interval_s` = 0.01; their
+throughput ratio (split samples/s over in-process samples/s); and the bytes a step puts
+on the wire for each compression. Writes split_step.json and split_step.png to --out.
+Measured numbers, not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flwr.app import ArrayRecord
+
+from fl_client.split import activation_record
+from fl_server.split import ServerHalf
+from models import mtsc
+from models.split import (
+    CODECS,
+    encode,
+    end_to_end_steps,
+    record_bytes,
+    step_generator,
+)
+from simulation.config import load_config
+from simulation.report import plt
+from simulation.run import simulate
+
+
+def bench_config(batch: int, steps: int, out: Path, *extra: str):
+    return load_config(ROOT / "configs/split_quickstart.yaml", [
+        "num_clients=1", "min_train_clients=1", "rounds=1", "fraction_evaluate=0",
+        f"data.num_samples={max(160, int(batch * 1.3) + 8)}", f"train.batch_size={batch}",
+        "split.mode=sequential", f"split.steps_per_round={steps}", f"output_dir={out}",
+        "device=cpu", *extra,
+    ])
+
+
+def bytes_per_step(cfg, codec: str) -> tuple[int, int]:
+    """Uplink and downlink bytes of one step, through the same encoders the split uses."""
+    from torch.utils.data import default_collate
+
+    from simulation.data import load_partition
+
+    cfg = load_config(ROOT / "configs/split_quickstart.yaml", [
+        f"train.batch_size={cfg.train.batch_size}", f"data.num_samples={cfg.data.num_samples}",
+        "num_clients=1", "min_train_clients=1", f"split.compression={codec}"])
+    model = mtsc.build(cfg)
+    train_ds, _ = load_partition(cfg.data, 0, 1, cfg.model.caption_len)
+    batch = default_collate([train_ds[i] for i in range(cfg.train.batch_size)])
+    tx, received, snr_db = model.uplink(batch, generator=step_generator(0))
+    acts = activation_record(tx.counts, received, snr_db, codec)
+    server = ServerHalf(model.receiver, cfg, mtsc)
+    out = server.forward(acts, step_generator(1))
+    grad_out = ArrayRecord(encode("output", torch.randn(server._graph[2].shape), codec))
+    grads = server.backward(grad_out)
+    return record_bytes(acts) + record_bytes(grad_out), record_bytes(out) + record_bytes(grads)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    torch.manual_seed(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch in args.batches:
+            cfg = bench_config(batch, args.steps, Path(tmp))
+            _, local = end_to_end_steps(cfg, 0, 1, rnd=1, steps=args.steps)
+            row = {"batch": batch, "in_process_s_per_step": local}
+            for name, poll in (("flower_default_poll", 0.1), ("tuned_poll", 0.01)):
+                run_cfg = bench_config(batch, args.steps, Path(tmp), f"split.poll_interval_s={poll}")
+                res = simulate(run_cfg, Path(tmp) / f"b{batch}-{name}")
+                sim = res["rounds"][0]["seconds_per_step"]
+                row[f"simulation_{name}_s_per_step"] = sim
+                row[f"throughput_ratio_{name}"] = local / sim
+            for codec in CODECS:
+                up, down = bytes_per_step(cfg, codec)
+                row[f"bytes_up_{codec}"], row[f"bytes_down_{codec}"] = up, down
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    (args.out / "split_step.json").write_text(json.dumps(rows, indent=2))
+    _plot(rows, args.out / "split_step.png")
+    _table(rows)
+
+
+def _table(rows) -> None:
+    print("\n| batch | in-process ms/step | split ms/step (0.1 s poll) | split ms/step (0.01 s poll)"
+          " | throughput split/in-process | bytes/step fp32 | float16 | bfloat16 | int8 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        b = {c: r[f"bytes_up_{c}"] + r[f"bytes_down_{c}"] for c in CODECS}
+        print(f"| {r['batch']} | {1e3 * r['in_process_s_per_step']:.0f} | "
+              f"{1e3 * r['simulation_flower_default_poll_s_per_step']:.0f} | "
+              f"{1e3 * r['simulation_tuned_poll_s_per_step']:.0f} | "
+              f"{r['throughput_ratio_flower_default_poll']:.2f} -> "
+              f"{r['throughput_ratio_tuned_poll']:.2f} | "
+              + " | ".join(f"{b[c] / 1024:.0f} KiB" for c in CODECS) + " |")
+
+
+def _plot(rows, path: Path) -> None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    batches = [r["batch"] for r in rows]
+    a.plot(batches, [r["batch"] / r["in_process_s_per_step"] for r in rows], "o-",
+           label="in process")
+    for name, label in (("flower_default_poll", "split, 0.1 s poll"),
+                        ("tuned_poll", "split, 0.01 s poll")):
+        a.plot(batches, [r["batch"] / r[f"simulation_{name}_s_per_step"] for r in rows], "o-",
+               label=label)
+    a.set(xscale="log", xlabel="batch", ylabel="samples / s", title="training throughput")
+    a.legend()
+    for c in CODECS:
+        b.plot(batches, [(r[f"bytes_up_{c}"] + r[f"bytes_down_{c}"]) / 1024 for r in rows],
+               "o-", label=c)
+    b.set(xscale="log", yscale="log", xlabel="batch", ylabel="KiB per step (up + down)",
+          title="wire bytes per split step")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""The client side of U-shaped split training (LAM-MTSC federated split fine-tuning).
+
+One step, as Flower messages (the server drives; see fl_server/split.py):
+
+  train.split_begin     adapters in           -> activations of step 0 out
+  train.split_output    server output in      -> gradient w.r.t. it out; task decoders step
+  train.split_backward  gradient w.r.t. the   -> client half steps; then the next step's
+                        activations in           activations out, or after the last step
+                                                 the client half's adapters and metrics
+  evaluate.split_forward  adapters in         -> activations of the local test split out
+  evaluate.split_score    server output in    -> task metrics out
+
+Labels, inputs and task decoders never leave: the loss is computed here. Autograd graphs
+do not survive between messages, so for `split_backward` the client recomputes its
+forward from the same batch and the same seeded channel noise, which reproduces exactly
+what it sent. The live state of a round (client-half and task-decoder parameters, both
+AdamW states, the step counter, running sums) sits in `context.state`, on the node.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from types import ModuleType
+
+import numpy as np
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from torch.utils.data import Dataset, default_collate
+
+from fl_client.node import PRIVATE_STATE, partition
+from models import get_workload, resolve_device
+from models.jscc import sent_positions
+from models.split import batch_plan, decode, encode, pack_symbols, step_generator
+from simulation.config import ExperimentConfig, config_from_dict
+from simulation.data import load_partition
+
+LIVE_STATE = "split-live"  # parameters and AdamW moments while a round is in progress
+PROGRESS = "split-progress"
+EVAL_LINK = 2  # generator key of evaluation draws (0: uplink steps, 1: downlink steps)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@functools.lru_cache(maxsize=4)
+def _experiment(experiment_json: str) -> ExperimentConfig:
+    return config_from_dict(json.loads(experiment_json))
+
+
+@functools.lru_cache(maxsize=2)
+def _skeleton(experiment_json: str, device: str):
+    """The built model for a config, kept per process: building it costs more than a
+    step. Every message overwrites all client parameters from the node's state."""
+    cfg = _experiment(experiment_json)
+    workload = get_workload(cfg.workload)
+    model = workload.build(cfg, device)
+    initial = {n: p.detach().clone() for n, p in workload.client_parameters(model).items()}
+    return model, initial
+
+
+class ClientHalf:
+    """The node's split-training state for one message: model, optimisers, progress.
+
+    Between the messages of a round the parameters and both AdamW states travel in
+    `context.state` as a few flat vectors (LIVE_STATE): hundreds of small arrays cost
+    more to (de)serialise than the step. At the end of the round the parameters go to
+    the node's PRIVATE_STATE by name, as in federated training."""
+
+    def __init__(self, msg: Message, context: Context, resume: bool = True):
+        raw = str(msg.content["config"]["experiment"])
+        self.cfg: ExperimentConfig = _experiment(raw)
+        self.workload: ModuleType = get_workload(self.cfg.workload)
+        self.context = context
+        self.pid, self.num_partitions = partition(context)
+        self.device = resolve_device(str(context.node_config.get("device", self.cfg.device)))
+        self.model, initial = _skeleton(raw, str(self.device))
+        self.params = self.workload.client_parameters(self.model)
+        live = context.state.array_records.get(LIVE_STATE) if resume else None
+        saved = context.state.array_records.get(PRIVATE_STATE)
+        with torch.no_grad():
+            if live is not None:
+                for p, value in zip(self.params.values(), self._split(live["params"])):
+                    p.copy_(value)
+            else:
+                for name, p in self.params.items():
+                    p.copy_(torch.from_numpy(saved[name].numpy()) if saved and name in saved
+                            else initial[name])
+        self.live = live
+        self.progress = context.state.config_records.get(PROGRESS, ConfigRecord())
+        self._opts: list[torch.optim.Optimizer] = []
+
+    def _split(self, arr: Array) -> list[torch.Tensor]:
+        flat = torch.from_numpy(arr.numpy()).to(self.device)
+        sizes = [p.numel() for p in self.params.values()]
+        return [c.view_as(p) for c, p in zip(flat.split(sizes), self.params.values())]
+
+    # -- training state of the round in progress
+
+    def start_round(self, msg: Message) -> None:
+        arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        self.workload.load_shared_state(self.model, arrays)
+        config = msg.content["config"]
+        train_ds, _ = self.data()
+        steps = self.cfg.split.steps_per_round or self.cfg.train.local_epochs * math.ceil(
+            len(train_ds) / self.cfg.train.batch_size)
+        rnd = int(config.get("server-round", 0))
+        self.progress = ConfigRecord({
+            "round": rnd, "step": 0, "steps": steps, "lora-train": str(config.get("lora-train", "ab")),
+            "loss": 0.0, "symbols": 0.0, "seen": 0,
+            **{f"loss_{t}": 0.0 for t in self.cfg.model.tasks},
+        })
+        self.live = None  # a fresh AdamW every round, as in federated training
+
+    def optimisers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        """AdamW for the client half and for the task decoders (AdamW is per parameter,
+        so two optimisers step exactly as one would)."""
+        self.workload.set_trainable(self.model, str(self.progress["lora-train"]))
+        t = self.cfg.train
+        self._opts = []
+        for prefix in ("transmitter.", "task_decoders."):
+            ps = [p for n, p in self.params.items() if n.startswith(prefix) and p.requires_grad]
+            self._opts.append(torch.optim.AdamW(ps, lr=t.lr, weight_decay=t.weight_decay))
+        if self.live is not None:
+            steps = self.live["steps"].numpy()
+            moments = zip(self._split(self.live["exp_avg"]), self._split(self.live["exp_avg_sq"]))
+            by_id = {id(p): (int(n), m, v) for p, n, (m, v) in
+                     zip(self.params.values(), steps, moments)}
+            for opt in self._opts:
+                for p in opt.param_groups[0]["params"]:
+                    n, m, v = by_id[id(p)]
+                    if n > 0:
+                        opt.state[p] = {"step": torch.tensor(float(n)), "exp_avg": m.clone(),
+                                        "exp_avg_sq": v.clone()}
+        return self._opts[0], self._opts[1]
+
+    def save(self, end_of_round: bool = False) -> None:
+        state = self.context.state
+        state[PROGRESS] = self.progress
+        if end_of_round:
+            state[PRIVATE_STATE] = ArrayRecord(
+                {n: Array(p.detach().cpu().numpy().copy()) for n, p in self.params.items()})
+            state.array_records.pop(LIVE_STATE, None)
+            return
+        per_param = {id(p): st for opt in self._opts for p, st in opt.state.items()}
+        st = [per_param.get(id(p)) for p in self.params.values()]  # None: not stepped yet
+
+        def flat(key: str) -> np.ndarray:
+            return torch.cat([s[key].reshape(-1).cpu() if s else torch.zeros(p.numel())
+                              for s, p in zip(st, self.params.values())]).numpy()
+
+        moments = {"exp_avg": flat("exp_avg"), "exp_avg_sq": flat("exp_avg_sq"),
+                   "steps": np.array([int(s["step"]) if s else 0 for s in st], np.int64)}
+        params = torch.cat([p.detach().reshape(-1).cpu() for p in self.params.values()])
+        state[LIVE_STATE] = ArrayRecord({"params": Array(params.numpy()),
+                                         **{k: Array(np.ascontiguousarray(v))
+                                            for k, v in moments.items()}})
+
+    # -- data and the client half's forward
+
+    def data(self) -> tuple[Dataset, Dataset]:
+        return load_partition(self.cfg.data, self.pid, self.num_partitions,
+                              self.cfg.model.caption_len)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        train_ds, _ = self.data()
+        rnd = int(self.progress["round"])
+        seed = self.cfg.seed * 100_003 + rnd * 1009 + self.pid
+        idx = batch_plan(len(train_ds), self.cfg.train.batch_size, step + 1, seed)[step]
+        return _to(default_collate([train_ds[int(i)] for i in idx]), self.device)
+
+    def generator(self, step: int, link: int = 0) -> torch.Generator:
+        return step_generator(self.cfg.seed, self.pid, int(self.progress["round"]), step, link)
+
+    def activations(self, step: int) -> Message | RecordDict:
+        """Forward of step `step`: what goes on the air after the uplink channel."""
+        with torch.no_grad():
+            tx, received, snr_db = self.model.uplink(self.batch(step), generator=self.generator(step))
+        self.progress["symbols"] = float(self.progress["symbols"]) + tx.symbols_sent.sum().item()
+        return RecordDict({
+            "activations": activation_record(tx.counts, received, snr_db,
+                                             self.cfg.split.compression),
+            "split": ConfigRecord({"partition-id": self.pid, "step": step,
+                                   "steps": int(self.progress["steps"])}),
+        })
+
+
+def activation_record(counts, received, snr_db, codec: str) -> ArrayRecord:
+    """Uplink payload: sent symbols (packed, compressed), soft counts and SNR (fp32)."""
+    sent = sent_positions(counts, received.shape[-1])
+    return ArrayRecord({
+        **encode("symbols", pack_symbols(received, sent), codec),
+        **encode("counts", counts),
+        **encode("snr_db", snr_db),
+    })
+
+
+def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def begin(msg: Message, context: Context) -> Message:
+    half = ClientHalf(msg, context, resume=False)  # from the node's private state
+    half.start_round(msg)
+    content = half.activations(0)
+    half.save()
+    return Message(content=content, reply_to=msg)
+
+
+def output(msg: Message, context: Context) -> Message:
+    """Server output in: loss with the local labels, task decoders step, gradient out."""
+    half = ClientHalf(msg, context)
+    _, heads_opt = half.optimisers()
+    step = int(half.progress["step"])
+    batch = half.batch(step)
+    h = decode(msg.content["output"], "output").to(half.device).requires_grad_(True)
+    losses = half.model.task_decoders.losses(h, batch)
+    weights = half.cfg.train.loss_weights
+    loss = sum(weights.get(t, 1.0) * v for t, v in losses.items())
+    heads_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    heads_opt.step()
+    n = batch["image"].shape[0]
+    p = half.progress
+    p["loss"] = float(p["loss"]) + loss.item() * n
+    p["seen"] = int(p["seen"]) + n
+    for t, v in losses.items():
+        p[f"loss_{t}"] = float(p[f"loss_{t}"]) + v.item() * n
+    half.save()
+    grads = ArrayRecord(encode("output", h.grad, half.cfg.split.compression))
+    return Message(content=RecordDict({"gradients": grads}), reply_to=msg)
+
+
+def backward(msg: Message, context: Context) -> Message:
+    """Gradient w.r.t. the activations in: recompute the forward, backward, step; then
+    the next step's activations, or after the last step the adapters and metrics."""
+    half = ClientHalf(msg, context)
+    tx_opt, _ = half.optimisers()
+    step = int(half.progress["step"])
+    tx, received, _ = half.model.uplink(half.batch(step), generator=half.generator(step))
+    sent = sent_positions(tx.counts, received.shape[-1])
+    grads = msg.content["gradients"]
+    tx_opt.zero_grad(set_to_none=True)
+    torch.autograd.backward(
+        [pack_symbols(received, sent), tx.counts],
+        [decode(grads, "symbols").to(half.device), decode(grads, "counts").to(half.device)],
+    )
+    tx_opt.step()
+    half.progress["step"] = step + 1
+    if step + 1 < int(half.progress["steps"]):
+        content = half.activations(step + 1)
+        half.save()
+        return Message(content=content, reply_to=msg)
+    half.save(end_of_round=True)
+    return Message(content=_final_content(half), reply_to=msg)
+
+
+def _final_content(half: ClientHalf) -> RecordDict:
+    p = half.progress
+    seen = max(int(p["seen"]), 1)
+    metrics = {"train_loss": float(p["loss"]) / seen,
+               "symbols_per_example": float(p["symbols"]) / seen,
+               "num-examples": len(half.data()[0])}
+    metrics.update({f"loss_{t}": float(p[f"loss_{t}"]) / seen for t in half.cfg.model.tasks})
+    shared = half.workload.shared_state(half.model, str(p["lora-train"]), client_half_only=True)
+    return RecordDict({
+        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in shared.items()}),
+        "metrics": MetricRecord(metrics),
+    })
+
+
+@torch.no_grad()
+def eval_forward(msg: Message, context: Context) -> Message:
+    """Activations of the whole local test split (seeded: the same draws every time)."""
+    half = ClientHalf(msg, context, resume=False)
+    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    half.workload.load_shared_state(half.model, arrays)
+    half.model.eval()
+    _, test_ds = half.data()
+    gen = step_generator(half.cfg.seed, half.pid, EVAL_LINK)
+    parts = []
+    for batch in half.workload.eval_batches(test_ds, half.cfg):
+        tx, received, snr_db = half.model.uplink(_to(batch, half.device), generator=gen)
+        parts.append((tx.counts, received, snr_db))
+    counts, received, snr_db = (torch.cat(x) for x in zip(*parts))
+    record = activation_record(counts, received, snr_db, half.cfg.split.compression)
+    content = RecordDict({"activations": record,
+                          "split": ConfigRecord({"partition-id": half.pid})})
+    return Message(content=content, reply_to=msg)
+
+
+@torch.no_grad()
+def eval_score(msg: Message, context: Context) -> Message:
+    """Server output for the test split in: task metrics with the local heads out."""
+    half = ClientHalf(msg, context, resume=False)
+    half.model.eval()
+    _, test_ds = half.data()
+    h = decode(msg.content["output"], "output").to(half.device)
+    scorer = half.workload.TaskScorer(half.cfg)
+    start = 0
+    for batch in half.workload.eval_batches(test_ds, half.cfg):
+        n = batch["image"].shape[0]
+        scorer.add(half.model.task_decoders, h[start:start + n], _to(batch, half.device))
+        start += n
+    metrics = scorer.result()
+    record = MetricRecord({k: (int(v) if k == "num-examples" else float(v))
+                           for k, v in metrics.items()})
+    return Message(content=RecordDict({"metrics": record}), reply_to=msg)

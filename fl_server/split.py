@@ -1,0 +1,303 @@
+"""The server side of U-shaped split training (LAM-MTSC federated split fine-tuning).
+
+The server holds the server half (the JSCC decoder and the LAM decoder with LoRA); the
+clients hold everything else and their labels (fl_client/split.py). One step for one
+client is two round trips:
+
+    server -> client  train.split_output    the server half's output (after the downlink)
+    client -> server                        gradient w.r.t. that output
+                      (server half backward and AdamW step)
+    server -> client  train.split_backward  gradient w.r.t. the activations
+    client -> server                        the next step's activations, or at the end
+                                            the client half's adapters and metrics
+
+`split.mode: sequential`: one server half, the round's clients take turns (split
+learning). `parallel`: a server-half copy per client, all clients step together and the
+copies are averaged by examples at the end of the round (SplitFed). In both modes the
+client-half adapters go to the configured Flower strategy at the end of the round. A
+client that does not answer within `split.client_timeout_s` is dropped for the round
+(the log names it) and the others go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from models import get_workload, resolve_device
+from models.channel import WirelessChannel, analog_transmission
+from models.jscc import sent_positions
+from models.split import decode, encode, record_bytes, step_generator, unpack_symbols
+from simulation.config import ExperimentConfig
+from simulation.report import RunRecorder, new_run_dir
+
+log = logging.getLogger("fedsemcom")
+
+EVAL_LINK = 3  # generator key of the downlink at evaluation (client side uses 2)
+
+
+class ServerHalf:
+    """One copy of the server half with its AdamW; keeps the graph of the step in flight."""
+
+    def __init__(self, module: torch.nn.Module, cfg: ExperimentConfig, workload):
+        self.module, self.cfg, self.workload = module, cfg, workload
+        self.device = next(module.parameters()).device
+        self.downlink = WirelessChannel(cfg.split.downlink)
+        self.opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
+                                     lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self._graph: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, acts: ArrayRecord, generator: torch.Generator,
+                train: bool = True) -> ArrayRecord:
+        """Activations in -> the output as it reaches the client (downlink applied)."""
+        values = decode(acts, "symbols").to(self.device).requires_grad_(train)
+        counts = decode(acts, "counts").to(self.device).requires_grad_(train)
+        snr_db = decode(acts, "snr_db").to(self.device)
+        received = unpack_symbols(values, sent_positions(counts, self.cfg.model.jscc_symbols))
+        self.module.train(train)
+        with torch.set_grad_enabled(train):
+            h = self.workload.server_forward(self.module, received, counts, snr_db)
+            snr_down = self.downlink.sample_snr_db(h.shape[0], self.device, generator)
+            h = analog_transmission(h, self.downlink, snr_down, generator)
+        self._graph = (values, counts, h) if train else None
+        return ArrayRecord(encode("output", h, self.cfg.split.compression))
+
+    def backward(self, grads: ArrayRecord) -> ArrayRecord:
+        """Gradient w.r.t. the output in: step; gradient w.r.t. the activations out."""
+        if self._graph is None:
+            raise RuntimeError("ServerHalf.backward without a forward in flight")
+        values, counts, h = self._graph
+        self._graph = None
+        self.opt.zero_grad(set_to_none=True)
+        h.backward(decode(grads, "output").to(self.device))
+        self.opt.step()
+        return ArrayRecord({**encode("symbols", values.grad, self.cfg.split.compression),
+                            **encode("counts", counts.grad)})
+
+
+@dataclass
+class Session:
+    """One client's part of a round: its server half and what crossed the wire."""
+
+    node_id: int
+    half: ServerHalf
+    partition_id: int = -1
+    step: int = 0
+    reply: Message | None = None
+    bytes_up: int = 0  # every tensor of the round, adapters included
+    bytes_down: int = 0
+    step_bytes_up: int = 0  # activations and gradients only
+    step_bytes_down: int = 0
+    step_seconds: float = 0.0  # wall time of its steps, server compute included
+    done: Message | None = None
+    dropped: str | None = None
+    messages: list[float] = field(default_factory=list)
+
+
+def _exchange(grid: Grid, sessions: list[Session], build, message_type: str,
+              cfg: ExperimentConfig, timeout: float | None = None) -> None:
+    """Send one message per live session and wait (at most the timeout: by default
+    `split.client_timeout_s`) for replies; a session whose client errs or stays silent
+    is dropped with a logged reason."""
+    timeout = timeout or cfg.split.client_timeout_s
+    out = []
+    for s in sessions:
+        content = build(s)
+        for name, record in content.array_records.items():
+            s.bytes_down += record_bytes(record)
+            s.step_bytes_down += record_bytes(record) if name != "arrays" else 0
+        out.append(Message(content, dst_node_id=s.node_id, message_type=message_type))
+    t0 = time.perf_counter()
+    replies = {m.metadata.src_node_id: m for m in
+               grid.send_and_receive(out, timeout=timeout)}
+    elapsed = time.perf_counter() - t0
+    for s in sessions:
+        reply = replies.get(s.node_id)
+        who = f"node {s.node_id}" + (f" (partition {s.partition_id})" if s.partition_id >= 0 else "")
+        if reply is None:
+            s.dropped = f"no answer to {message_type} within {timeout:g} s"
+        elif reply.has_error():
+            s.dropped = f"{message_type} failed: {reply.error.reason}"
+        if s.dropped:
+            log.warning("%s dropped from this round: %s", who, s.dropped)
+            continue
+        s.reply = reply
+        s.messages.append(elapsed)
+        for name, record in reply.content.array_records.items():
+            s.bytes_up += record_bytes(record)
+            s.step_bytes_up += record_bytes(record) if name != "arrays" else 0
+        if "split" in reply.content.config_records:
+            s.partition_id = int(reply.content["split"]["partition-id"])
+
+
+def _live(sessions: list[Session]) -> list[Session]:
+    return [s for s in sessions if s.dropped is None and s.done is None]
+
+
+def train_sessions(grid: Grid, sessions: list[Session], begin: dict[int, RecordDict],
+                   cfg: ExperimentConfig, rnd: int, config: ConfigRecord,
+                   on_step=None) -> None:
+    """Run the sessions' split steps to the end of their local plans, all in lockstep."""
+    # The first message also loads the data and builds the model: the round's timeout.
+    _exchange(grid, sessions, lambda s: begin[s.node_id], "train.split_begin", cfg,
+              cfg.round_timeout_s)
+    while live := _live(sessions):
+        t0 = time.perf_counter()
+
+        def output(s: Session) -> RecordDict:
+            gen = step_generator(cfg.seed, s.partition_id, rnd, s.step, 1)
+            acts = s.reply.content["activations"]
+            return RecordDict({"output": s.half.forward(acts, gen), "config": config})
+
+        _exchange(grid, live, output, "train.split_output", cfg)
+        live = _live(sessions)
+        _exchange(grid, live, lambda s: RecordDict({
+            "gradients": s.half.backward(s.reply.content["gradients"]), "config": config,
+        }), "train.split_backward", cfg)
+        for s in _live(sessions):
+            s.step += 1
+            s.step_seconds += time.perf_counter() - t0
+            if "arrays" in s.reply.content.array_records:
+                s.done = s.reply
+        if on_step:
+            on_step(len(live))
+
+
+def _average_into(target: torch.nn.Module, copies: list[tuple[torch.nn.Module, float]]) -> None:
+    """SplitFed: the server-half copies averaged with weights (examples per client)."""
+    total = sum(w for _, w in copies)
+    params = [dict(m.named_parameters()) for m, _ in copies]
+    with torch.no_grad():
+        for name, p in target.named_parameters():
+            if p.requires_grad:
+                p.copy_(sum(w * ps[name] for ps, (_, w) in zip(params, copies)) / total)
+
+
+def server_half_state(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {n: p.detach().cpu().numpy() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
+              console: Console | None = None) -> dict[str, Any]:
+    """`cfg.rounds` rounds of federated split fine-tuning; returns the results dict."""
+    from fl_server.rounds import _round_row, _summary, make_strategy
+
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output_dir, cfg.name)
+    recorder = RunRecorder(run_dir, cfg.to_dict())
+    workload = get_workload(cfg.workload)
+    strategy = make_strategy(cfg)
+    model = workload.build(cfg, resolve_device(cfg.device))
+    workload.set_trainable(model, strategy.lora_train)
+    server = ServerHalf(workload.server_half(model), cfg, workload)
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in workload.shared_state(
+        model, strategy.lora_train, client_half_only=True).items()})
+    if hasattr(grid, "pull_interval"):  # the simulation's in-memory grid polls at 0.1 s
+        grid.pull_interval = cfg.split.poll_interval_s
+    console.print(f"[bold]fedsemcom[/] {cfg.name}: split training ({cfg.split.mode}), "
+                  f"{cfg.rounds} rounds, {cfg.num_clients} clients, strategy "
+                  f"{cfg.strategy.name}, results in {run_dir}", soft_wrap=True)
+    progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                        console=console)
+    try:
+        with progress:
+            rounds_bar = progress.add_task("split rounds", total=cfg.rounds)
+            for rnd in range(1, cfg.rounds + 1):
+                t0 = time.time()
+                config = ConfigRecord({"experiment": cfg.to_json()})
+                begin_msgs = list(strategy.configure_train(rnd, arrays, config, grid))
+                if not begin_msgs:
+                    raise RuntimeError(f"round {rnd}: the strategy selected no clients "
+                                       f"(min_train_clients={cfg.min_train_clients})")
+                step_config = ConfigRecord(dict(begin_msgs[0].content["config"]))
+                begin = {m.metadata.dst_node_id: m.content for m in begin_msgs}
+                steps_bar = progress.add_task(f"round {rnd} split steps", total=None)
+
+                def on_step(n: int, bar=steps_bar) -> None:
+                    progress.advance(bar, n)
+
+                if cfg.split.mode == "sequential":
+                    sessions = [Session(node, server) for node in begin]
+                    for s in sessions:
+                        train_sessions(grid, [s], begin, cfg, rnd, step_config, on_step)
+                else:
+                    sessions = [Session(node, ServerHalf(copy.deepcopy(server.module), cfg,
+                                                         workload)) for node in begin]
+                    train_sessions(grid, sessions, begin, cfg, rnd, step_config, on_step)
+                    finished = [(s.half.module, float(s.done.content["metrics"]["num-examples"]))
+                                for s in sessions if s.done is not None]
+                    if finished:
+                        _average_into(server.module, finished)
+                progress.remove_task(steps_bar)
+                finals = [s.done for s in sessions if s.done is not None]
+                new_arrays, train_metrics = strategy.aggregate_train(rnd, finals)
+                if new_arrays is not None:
+                    arrays = new_arrays
+                else:
+                    log.warning("round %d: no client finished; keeping the global adapters", rnd)
+                eval_metrics = _evaluate(grid, strategy, server, cfg, rnd, arrays)
+                row = _round_row(rnd, train_metrics, eval_metrics, len(finals), time.time() - t0)
+                row.update(_traffic(sessions))
+                recorder.add_round(row)
+                progress.advance(rounds_bar)
+                progress.console.print(_summary(row, cfg.rounds), soft_wrap=True)
+        np.savez(run_dir / "global_adapters.npz", **{k: v.numpy() for k, v in arrays.items()})
+        np.savez(run_dir / "server_half.npz", **server_half_state(server.module))
+        recorder.finish("completed")
+    except BaseException as err:
+        recorder.finish("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    return recorder.data
+
+
+def _traffic(sessions: list[Session]) -> dict[str, float]:
+    """Bytes per client per round (tensors only) and per step (activations and
+    gradients), wall seconds per step and per round trip, dropped clients."""
+    done = [s for s in sessions if s.done is not None]
+    row: dict[str, float] = {"clients_dropped": float(sum(s.dropped is not None for s in sessions))}
+    if not done:
+        return row
+    steps = sum(s.step for s in done)
+    row.update({
+        "bytes_up": float(np.mean([s.bytes_up for s in done])),
+        "bytes_down": float(np.mean([s.bytes_down for s in done])),
+        "split_steps": float(steps),
+        "bytes_up_per_step": sum(s.step_bytes_up for s in done) / steps,
+        "bytes_down_per_step": sum(s.step_bytes_down for s in done) / steps,
+        "seconds_per_step": sum(s.step_seconds for s in done) / steps,
+        "seconds_per_message": float(np.mean([t for s in done for t in s.messages])),
+    })
+    return row
+
+
+def _evaluate(grid: Grid, strategy, server: ServerHalf, cfg: ExperimentConfig, rnd: int,
+              arrays: ArrayRecord):
+    """Split evaluation: test activations up, the server half's output down, metrics up."""
+    if cfg.fraction_evaluate == 0:
+        return None
+    config = ConfigRecord({"experiment": cfg.to_json()})
+    msgs = list(strategy.configure_evaluate(rnd, arrays, config, grid))
+    sessions = [Session(m.metadata.dst_node_id, server) for m in msgs]
+    content = {m.metadata.dst_node_id: m.content for m in msgs}
+    _exchange(grid, sessions, lambda s: content[s.node_id], "evaluate.split_forward", cfg,
+              cfg.round_timeout_s)
+
+    def score(s: Session) -> RecordDict:
+        gen = step_generator(cfg.seed, s.partition_id, EVAL_LINK)
+        return RecordDict({"output": server.forward(s.reply.content["activations"], gen,
+                                                    train=False), "config": config})
+
+    _exchange(grid, _live(sessions), score, "evaluate.split_score", cfg, cfg.round_timeout_s)
+    return strategy.aggregate_evaluate(rnd, [s.reply for s in _live(sessions)])
