@@ -1,7 +1,10 @@
-"""The ServerApp. `flwr run .` passes `config` (a YAML experiment file) and
-`overrides` ("key=value key=value") from [tool.flwr.app.config] / --run-config."""
+"""The ServerApp. `flwr run .` passes `config` (a YAML experiment file), `overrides`
+("key=value key=value") and `resume` (a run folder to continue from its checkpoint,
+"" for a new run) from [tool.flwr.app.config] / --run-config."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -16,4 +19,5 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = load_config(str(context.run_config["config"]),
                       str(context.run_config.get("overrides", "")))
-    run_federated(grid, cfg)
+    resume = str(context.run_config.get("resume", ""))
+    run_federated(grid, cfg, Path(resume) if resume else None, resume=bool(resume))

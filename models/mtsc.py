@@ -17,6 +17,7 @@ only tensors that leave a client (`shared_state`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from pathlib import Path
 
@@ -49,6 +50,8 @@ from simulation.data import (
     decode_tokens,
     num_classes,
 )
+
+log = logging.getLogger("fedsemcom")
 
 # Decoder query layout: one query per scalar task, one per reconstructed image patch.
 Q_CLS, Q_VQA, Q_CAP, Q_REC = 0, 1, 2, 3
@@ -408,6 +411,24 @@ def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `train.amp` on `device`; None trains in fp32.
+
+    Mixed precision is for CUDA only. One experiment config reaches every node, and
+    a federation may mix GPU and CPU nodes, so a CPU node trains in fp32 and says so
+    rather than failing the round.
+    """
+    if amp == "none":
+        return None
+    if device.type != "cuda":
+        log.warning("train.amp=%s needs CUDA; this node trains on %s in fp32", amp, device)
+        return None
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"train.amp=bf16 but {torch.cuda.get_device_name(device)} has no "
+                           "bf16 support; use train.amp=fp16 or none")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
 def train_local(model: MTSCModel, data: Dataset, cfg: ExperimentConfig,
                 lora_train: str = "ab", seed: int = 0) -> dict[str, float]:
     """Local epochs of AdamW on the weighted sum of task losses.
@@ -424,17 +445,26 @@ def train_local(model: MTSCModel, data: Dataset, cfg: ExperimentConfig,
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True, generator=gen)
     weights = cfg.train.loss_weights
+    amp_dtype = autocast_dtype(cfg.train.amp, device)
+    # fp16 needs loss scaling against underflowing gradients; bf16 has fp32's range.
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     model.train()
     total, per_task, symbols, n_seen = 0.0, {}, 0.0, 0
     for _ in range(cfg.train.local_epochs):
         for batch in loader:
             batch = _to(batch, device)
-            h, tx = model(batch)
-            losses = model.task_decoders.losses(h, batch)
-            loss = sum(weights.get(t, 1.0) * v for t, v in losses.items())
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                h, tx = model(batch)
+                losses = model.task_decoders.losses(h, batch)
+                loss = sum(weights.get(t, 1.0) * v for t, v in losses.items())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             n = batch["image"].shape[0]
             n_seen += n
             total += loss.item() * n

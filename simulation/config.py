@@ -83,14 +83,20 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(
         default_factory=lambda: {t: 1.0 for t in TASKS}
     )
+    # Mixed precision on CUDA (torch.autocast; fp16 adds a GradScaler). A node
+    # without CUDA trains in fp32 and logs that it did.
+    amp: Literal["none", "bf16", "fp16"] = "none"
 
 
 @dataclass
 class StrategyConfig:
-    name: Literal["fedavg_lora", "ffa_lora", "svd_lora", "fedavg", "fedprox"] = "fedavg_lora"
+    name: Literal["fedavg_lora", "ffa_lora", "svd_lora", "fedmedian_lora",
+                  "trimmed_avg_lora", "krum_lora", "fedavg", "fedprox"] = "fedavg_lora"
     svd_rank: int = 16  # target rank of the re-factorised global update (svd_lora)
     proximal_mu: float = 0.0  # FedProx: weight of (mu/2)||w - w_global||^2 in local training
     max_update_bytes: int | None = None  # replies with larger payloads are dropped
+    trim_beta: float = 0.2  # share cut at each end per coordinate (trimmed_avg_lora)
+    krum_malicious: int = 0  # malicious clients Krum tolerates (krum_lora)
 
 
 @dataclass
@@ -161,6 +167,11 @@ class ExperimentConfig:
     round_timeout_s: float = 600.0
     device: str = "auto"
     output_dir: str = "runs"
+    # Where each client keeps its private tensors after every round, so that a
+    # resumed run continues them exactly; relative to the client's working
+    # directory. The SuperNode's node config `state-dir` overrides it. None: kept
+    # in memory only (a resumed run restarts the private modules from scratch).
+    client_state_dir: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -336,6 +347,10 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     unknown = [k for k in t.loss_weights if k not in TASKS]
     need(not unknown, "train.loss_weights", t.loss_weights, f"keys drawn from {list(TASKS)}")
     need(cfg.strategy.svd_rank >= 1, "strategy.svd_rank", cfg.strategy.svd_rank, ">= 1")
+    need(0 <= cfg.strategy.trim_beta < 0.5, "strategy.trim_beta", cfg.strategy.trim_beta,
+         "0 <= x < 0.5")
+    need(cfg.strategy.krum_malicious >= 0, "strategy.krum_malicious",
+         cfg.strategy.krum_malicious, ">= 0")
     sp = cfg.split
     need(sp.steps_per_round is None or sp.steps_per_round >= 1, "split.steps_per_round",
          sp.steps_per_round, "null (local_epochs over the data) or an integer >= 1")
@@ -351,7 +366,8 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(st.proximal_mu >= 0, "strategy.proximal_mu", st.proximal_mu, ">= 0")
     need(st.proximal_mu == 0 or st.name == "fedprox", "strategy.proximal_mu", st.proximal_mu,
          "0 unless strategy.name is 'fedprox'")
-    lora_strategies = ("fedavg_lora", "ffa_lora", "svd_lora")
+    lora_strategies = ("fedavg_lora", "ffa_lora", "svd_lora", "fedmedian_lora",
+                       "trimmed_avg_lora", "krum_lora")
     if cfg.workload == "mtsc":
         need(st.name in lora_strategies, "strategy.name", st.name,
              f"one of {list(lora_strategies)} for workload 'mtsc' (it shares LoRA adapters)")

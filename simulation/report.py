@@ -44,10 +44,13 @@ def _write_atomic(path: Path, text: str) -> None:
 class RunRecorder:
     """Collects one row per round and keeps the JSON and the plot up to date."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any]):
+    def __init__(self, run_dir: Path, config: dict[str, Any],
+                 rounds: list[dict[str, Any]] | None = None):
+        """`rounds`: the rows already measured (a resumed run continues them)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.data: dict[str, Any] = {"config": config, "rounds": [], "status": "running"}
+        self.data: dict[str, Any] = {"config": config, "rounds": list(rounds or []),
+                                     "status": "running"}
 
     @property
     def rounds(self) -> list[dict[str, Any]]:

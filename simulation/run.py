@@ -3,6 +3,7 @@ runtime). The ClientApp is the one `flwr run` and the deployment engine use."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from flwr.simulation import run_simulation
 from fl_client.client_app import app as client_app
 from fl_server.rounds import run_federated
 from simulation.config import ConfigError, ExperimentConfig
+from simulation.report import new_run_dir
 
 
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -35,16 +37,26 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: ExperimentConfig, run_dir: Path | None = None,
+def simulate(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
              client_app: ClientApp = client_app) -> dict[str, Any]:
     """Run the experiment with `cfg.num_clients` virtual SuperNodes; return results.
-    `client_app` defaults to the project's ClientApp (tests pass one with extra mods)."""
+
+    `resume=True` continues the run in `run_dir` from its last checkpoint.
+    `client_app` defaults to the project's ClientApp (tests pass one with extra mods).
+    """
+    if resume and run_dir is None:
+        raise ConfigError("--resume needs the run folder to continue, e.g. --resume runs/NAME")
+    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output_dir, cfg.name)
+    if cfg.client_state_dir is None:
+        # All virtual clients share this machine: keep their private tensors in the
+        # run folder so that --resume continues them exactly.
+        cfg = dataclasses.replace(cfg, client_state_dir=str(run_dir / "client-state"))
     results: dict[str, Any] = {}
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        results.update(run_federated(grid, cfg, run_dir))
+        results.update(run_federated(grid, cfg, run_dir, resume=resume))
 
     run_simulation(
         server_app=server_app,

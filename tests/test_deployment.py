@@ -1,0 +1,48 @@
+"""The app on Flower's deployment engine: a SuperLink and two SuperNodes on loopback
+with TLS and SuperNode authentication (certificates made by deploy.certs), a 2-round
+federated LoRA run submitted with `flwr run`, every process stopped by PID.
+
+A short split-training run is to be added here with one more `dep.submit(...)`
+once split training exists."""
+
+import os
+
+import numpy as np
+import pytest
+
+from deploy.launch import Deployment
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for good but still answers kill(0); its state is Z.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.timeout(420)
+def test_federated_lora_on_superlink_and_supernodes_with_tls(tmp_path):
+    dep = Deployment(tmp_path / "deploy", num_supernodes=2, tls=True, auth=True)
+    try:
+        dep.start()
+        pids = [p.pid for p in dep.procs.values()]
+        assert "--enable-supernode-auth" in open(f"/proc/{dep.procs['superlink'].pid}/cmdline").read()
+        listed = dep.flwr("supernode", "list", dep.connection)
+        assert listed.stdout.count("online") == 2, listed.stdout
+
+        metrics = dep.submit("rounds=2 fraction_evaluate=0.5 min_train_clients=1 "
+                             "data.num_samples=160 train.batch_size=16",
+                             tmp_path / "runs", timeout=300)
+    finally:
+        dep.stop()
+    assert metrics["status"] == "completed"
+    rounds = metrics["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["clients_accepted"] == 2 and r["clients_rejected"] == 0 for r in rounds)
+    assert rounds[1]["train_loss"] < rounds[0]["train_loss"]
+    assert all(np.isfinite(r["accuracy"]) for r in rounds)
+    assert all(r["bytes_up"] == 49152 for r in rounds)
+    assert not [pid for pid in pids if alive(pid)]
