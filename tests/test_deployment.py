@@ -1,9 +1,7 @@
 """The app on Flower's deployment engine: a SuperLink and two SuperNodes on loopback
 with TLS and SuperNode authentication (certificates made by deploy.certs), a 2-round
-federated LoRA run submitted with `flwr run`, every process stopped by PID.
-
-A short split-training run is to be added here with one more `dep.submit(...)`
-once split training exists."""
+federated LoRA run and a one-step split-training run submitted with `flwr run`,
+every process stopped by PID."""
 
 import os
 
@@ -23,7 +21,7 @@ def alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_federated_lora_on_superlink_and_supernodes_with_tls(tmp_path):
     dep = Deployment(tmp_path / "deploy", num_supernodes=2, tls=True, auth=True)
     try:
@@ -36,8 +34,18 @@ def test_federated_lora_on_superlink_and_supernodes_with_tls(tmp_path):
         metrics = dep.submit("rounds=2 fraction_evaluate=0.5 min_train_clients=1 "
                              "data.num_samples=160 train.batch_size=16",
                              tmp_path / "runs", timeout=300)
+        # One split step per client: three exchanges (begin, output, backward).
+        split = dep.submit("split.mode=parallel split.steps_per_round=1 rounds=1 "
+                           "fraction_evaluate=0 min_train_clients=1 data.num_samples=160 "
+                           "train.batch_size=16 split.client_timeout_s=200",
+                           tmp_path / "split-runs", timeout=300)
     finally:
         dep.stop()
+    assert split["status"] == "completed"
+    (row,) = split["rounds"]
+    assert row["split_steps"] == 2 and row["clients_accepted"] == 2
+    assert row["clients_dropped"] == 0 and row["bytes_up_per_step"] > 0
+    assert np.isfinite(row["train_loss"])
     assert metrics["status"] == "completed"
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
