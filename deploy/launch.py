@@ -7,7 +7,7 @@ What it does, with Flower's own commands (the README's "Deploy" section gives th
 hand for machines of their own):
 
 1. makes a CA, a SuperLink certificate for localhost/127.0.0.1 and one ECDSA key pair
-   per SuperNode (`deploy.certs`), unless `--certs` already holds them;
+   per SuperNode (`deploy.certs`), unless `<workdir>/certs` already holds them;
 2. starts `flower-superlink` with TLS and `--enable-supernode-auth`;
 3. writes the connection `[superlink.<name>]` (address, root-certificates) into
    `$FLWR_HOME/config.toml`, so that `flwr run . <name>` submits runs to it;
@@ -208,7 +208,11 @@ class Deployment:
         deadline = time.time() + (timeout or self.startup_timeout_s)
         for k in nodes:
             log = self.logs / f"supernode-{k}.log"
-            while "SuperNode ID" not in log.read_text(errors="replace").split("Starting Flower SuperNode")[-1]:
+
+            def this_start() -> str:  # a restarted node appends to the same log
+                return log.read_text(errors="replace").split("Starting Flower SuperNode")[-1]
+
+            while "SuperNode ID" not in this_start():
                 if self.procs[f"supernode-{k}"].poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"SuperNode {k} did not connect; its log {log} ends:\n"
                                        + log.read_text(errors="replace")[-2000:])

@@ -27,7 +27,8 @@ def test_federated_lora_on_superlink_and_supernodes_with_tls(tmp_path):
     try:
         dep.start()
         pids = [p.pid for p in dep.procs.values()]
-        assert "--enable-supernode-auth" in open(f"/proc/{dep.procs['superlink'].pid}/cmdline").read()
+        superlink_cmd = open(f"/proc/{dep.procs['superlink'].pid}/cmdline").read()
+        assert "--enable-supernode-auth" in superlink_cmd and "--ssl-certfile" in superlink_cmd
         listed = dep.flwr("supernode", "list", dep.connection)
         assert listed.stdout.count("online") == 2, listed.stdout
 
