@@ -1,6 +1,6 @@
 """Split training over Flower messages against the same steps in one process.
 
-    python benchmarks/split_step.py [--batches 16 64 256] [--steps 6] [--out DIR]
+    python benchmarks/split_step.py [--batches 16 64 256] [--steps 8] [--out DIR]
 
 For each batch size: seconds per step of end-to-end training in one process, and of
 the U-shaped split over Flower's simulation runtime (Ray backend, one client) with
@@ -74,16 +74,18 @@ def bytes_per_step(cfg, codec: str) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # like each Ray client actor (simulation.num_cpus_per_client=1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batches:
             cfg = bench_config(batch, args.steps, Path(tmp))
+            end_to_end_steps(cfg, 0, 1, rnd=1, steps=2)  # warm-up (allocations, lazy init)
             _, local = end_to_end_steps(cfg, 0, 1, rnd=1, steps=args.steps)
             row = {"batch": batch, "in_process_s_per_step": local}
             for name, poll in (("flower_default_poll", 0.1), ("tuned_poll", 0.01)):
