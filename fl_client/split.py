@@ -19,6 +19,7 @@ AdamW states, the step counter, running sums) sits in `context.state`, on the no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -168,8 +169,10 @@ class ClientHalf:
     # -- data and the client half's forward
 
     def data(self) -> tuple[Dataset, Dataset]:
-        return load_partition(self.cfg.data, self.pid, self.num_partitions,
-                              self.cfg.model.caption_len)
+        data_cfg = self.cfg.data
+        if "data-root" in self.context.node_config:  # this node's own copy of the dataset
+            data_cfg = dataclasses.replace(data_cfg, root=str(self.context.node_config["data-root"]))
+        return load_partition(data_cfg, self.pid, self.num_partitions, self.cfg.model.caption_len)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         train_ds, _ = self.data()
