@@ -63,6 +63,8 @@ def test_split_steps_over_flower_messages_equal_end_to_end_training(tmp_path):
     client = np.load(saved)
     server = np.load(tmp_path / "run" / "server_half.npz")
     assert set(client.files) == set(mtsc.client_parameters(reference))
+    assert {f"receiver.{n}" for n in server.files} == {
+        n for n, p in reference.named_parameters() if n.startswith("receiver.") and p.requires_grad}
     compared = 0
     for name in client.files:
         np.testing.assert_allclose(client[name], ref[name], rtol=0, atol=1e-5, err_msg=name)
