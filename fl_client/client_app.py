@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,12 +21,16 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fl_client import split
-from fl_client.node import PRIVATE_STATE, partition
+from fl_client.node import (
+    PRIVATE_STATE,
+    load_saved_state,
+    partition,
+    save_state_file,
+    saved_state_file,
+)
 from models import get_workload, resolve_device
 from simulation.config import ExperimentConfig, config_from_dict
 from simulation.data import load_partition
-
-log = logging.getLogger("fedsemcom")
 
 
 def experiment_from_message(msg: Message) -> ExperimentConfig:
@@ -47,42 +48,6 @@ def local_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def saved_state_file(cfg: ExperimentConfig, msg: Message, context: Context, pid: int,
-                     server_round: int) -> Path | None:
-    """Where this node keeps its private tensors after `server_round`, or None.
-
-    Flower gives every run a fresh `context.state`, so a resumed run (a new Flower
-    run) finds its private tensors here: on the node's own disk, never in a message.
-    """
-    state_dir = context.node_config.get("state-dir", cfg.client_state_dir)
-    run_key = str(msg.content["config"].get("run-key", ""))
-    if not state_dir or not run_key:
-        return None
-    return Path(str(state_dir)) / run_key / f"partition-{pid}" / f"round-{server_round}.npz"
-
-
-def _load_saved_state(msg: Message, context: Context, cfg: ExperimentConfig, pid: int):
-    """The private tensors this node saved after the last round it trained before
-    this one (with partial participation that need not be the previous round)."""
-    server_round = int(msg.content["config"].get("server-round", 0))
-    path = saved_state_file(cfg, msg, context, pid, server_round)
-    earlier = [] if path is None else [
-        (r, p) for p in path.parent.glob("round-*.npz")
-        if (r := _round_of(p)) < server_round]
-    if earlier:
-        with np.load(max(earlier)[1], allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    if server_round > 1:
-        log.warning("partition %d: no saved private state before round %d (%s); the "
-                    "private modules start from their initial weights", pid, server_round,
-                    path.parent if path else "no client_state_dir / node config state-dir")
-    return None
-
-
-def _round_of(path: Path) -> int:
-    return int(path.stem.split("-")[1])
-
-
 def _setup(msg: Message, context: Context):
     cfg = experiment_from_message(msg)
     if "data-root" in context.node_config:  # this node's own copy of the dataset
@@ -95,7 +60,7 @@ def _setup(msg: Message, context: Context):
     if PRIVATE_STATE in context.state.array_records:
         saved = {k: v.numpy() for k, v in context.state.array_records[PRIVATE_STATE].items()}
     else:
-        saved = _load_saved_state(msg, context, cfg, pid)
+        saved = load_saved_state(msg, context, cfg, pid)
     if saved is not None:
         params = local_parameters(model)
         with torch.no_grad():
@@ -107,20 +72,11 @@ def _setup(msg: Message, context: Context):
     return cfg, pid, workload, model, train_ds, test_ds
 
 
-def _save_private(model: torch.nn.Module, context: Context, path: Path | None) -> None:
+def _save_private(model: torch.nn.Module, msg: Message, context: Context,
+                  cfg: ExperimentConfig, pid: int, server_round: int) -> None:
     params = {n: p.detach().cpu().numpy() for n, p in local_parameters(model).items()}
     context.state[PRIVATE_STATE] = ArrayRecord({n: Array(a) for n, a in params.items()})
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **params)
-    os.replace(tmp, path)  # a crash mid-write leaves the older rounds intact
-    # Keep the two newest: a server that crashed after this round's training but
-    # before its checkpoint resumes from this node's state before this round.
-    for old in sorted(path.parent.glob("round-*.npz"), key=_round_of)[:-2]:
-        old.unlink()
+    save_state_file(params, saved_state_file(cfg, msg, context, pid, server_round))
 
 
 def _metric_record(metrics: dict[str, float]) -> MetricRecord:
@@ -135,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = workload.train_local(
         model, train_ds, cfg, lora_train=lora_train, seed=cfg.seed * 100_003 + server_round * 1009 + pid
     )
-    _save_private(model, context, saved_state_file(cfg, msg, context, pid, server_round))
+    _save_private(model, msg, context, cfg, pid, server_round)
     shared = workload.shared_state(model, lora_train)
     content = RecordDict({
         "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in shared.items()}),

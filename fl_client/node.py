@@ -1,8 +1,17 @@
-"""What a node knows about itself and keeps between messages."""
+"""What a node knows about itself and keeps between messages and between runs."""
 
 from __future__ import annotations
 
-from flwr.app import Context
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message
+
+from simulation.config import ExperimentConfig
+
+log = logging.getLogger("fedsemcom")
 
 # The node-local record of every tensor the client trains (task decoders, modality
 # encoders, JSCC, its copy of the adapters). It lives in context.state and never
@@ -19,3 +28,57 @@ def partition(context: Context) -> tuple[int, int]:
             f"node config lacks {err}; start the SuperNode with "
             "--node-config 'partition-id=K num-partitions=N'"
         ) from None
+
+
+def saved_state_file(cfg: ExperimentConfig, msg: Message, context: Context, pid: int,
+                     server_round: int) -> Path | None:
+    """Where this node keeps its private tensors after `server_round`, or None.
+
+    Flower gives every run a fresh `context.state`, so a resumed run (a new Flower
+    run) finds its private tensors here: on the node's own disk, never in a message.
+    The server names the run in the message config ("run-key"); the node config's
+    `state-dir` (or the experiment's `client_state_dir`) says where.
+    """
+    state_dir = context.node_config.get("state-dir", cfg.client_state_dir)
+    run_key = str(msg.content["config"].get("run-key", ""))
+    if not state_dir or not run_key:
+        return None
+    return Path(str(state_dir)) / run_key / f"partition-{pid}" / f"round-{server_round}.npz"
+
+
+def load_saved_state(msg: Message, context: Context, cfg: ExperimentConfig,
+                     pid: int) -> dict[str, np.ndarray] | None:
+    """The private tensors this node saved after the last round it trained before
+    this one (with partial participation that need not be the previous round)."""
+    server_round = int(msg.content["config"].get("server-round", 0))
+    path = saved_state_file(cfg, msg, context, pid, server_round)
+    earlier = [] if path is None else [
+        (r, p) for p in path.parent.glob("round-*.npz")
+        if (r := _round_of(p)) < server_round]
+    if earlier:
+        with np.load(max(earlier)[1], allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    if server_round > 1:
+        log.warning("partition %d: no saved private state before round %d (%s); the "
+                    "private modules start from their initial weights", pid, server_round,
+                    path.parent if path else "no client_state_dir / node config state-dir")
+    return None
+
+
+def save_state_file(params: dict[str, np.ndarray], path: Path | None) -> None:
+    """Write the private tensors of a finished round to `path` (nothing if None)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **params)
+    os.replace(tmp, path)  # a crash mid-write leaves the older rounds intact
+    # Keep the two newest: a server that crashed after this round's training but
+    # before its checkpoint resumes from this node's state before this round.
+    for old in sorted(path.parent.glob("round-*.npz"), key=_round_of)[:-2]:
+        old.unlink()
+
+
+def _round_of(path: Path) -> int:
+    return int(path.stem.split("-")[1])

@@ -38,7 +38,13 @@ from flwr.app import (
 )
 from torch.utils.data import Dataset, default_collate
 
-from fl_client.node import PRIVATE_STATE, partition
+from fl_client.node import (
+    PRIVATE_STATE,
+    load_saved_state,
+    partition,
+    save_state_file,
+    saved_state_file,
+)
 from models import get_workload, resolve_device
 from models.jscc import sent_positions
 from models.split import batch_plan, decode, encode, pack_symbols, step_generator
@@ -87,18 +93,24 @@ class ClientHalf:
         self.model, initial = _skeleton(raw, str(self.device))
         self.params = self.workload.client_parameters(self.model)
         live = context.state.array_records.get(LIVE_STATE) if resume else None
-        saved = context.state.array_records.get(PRIVATE_STATE)
         with torch.no_grad():
             if live is not None:
                 for p, value in zip(self.params.values(), self._split(live["params"])):
                     p.copy_(value)
             else:
+                saved = self._saved(msg)
                 for name, p in self.params.items():
-                    p.copy_(torch.from_numpy(saved[name].numpy()) if saved and name in saved
-                            else initial[name])
+                    p.copy_(torch.from_numpy(saved[name]) if name in saved else initial[name])
         self.live = live
         self.progress = context.state.config_records.get(PROGRESS, ConfigRecord())
         self._opts: list[torch.optim.Optimizer] = []
+
+    def _saved(self, msg: Message) -> dict[str, np.ndarray]:
+        """The parameters this node kept after its last round: in `context.state`, or
+        in the first message of a resumed run (fresh context) on the node's disk."""
+        if PRIVATE_STATE in self.context.state.array_records:
+            return {k: v.numpy() for k, v in self.context.state[PRIVATE_STATE].items()}
+        return load_saved_state(msg, self.context, self.cfg, self.pid) or {}
 
     def _split(self, arr: Array) -> list[torch.Tensor]:
         flat = torch.from_numpy(arr.numpy()).to(self.device)
@@ -144,13 +156,17 @@ class ClientHalf:
                                         "exp_avg_sq": v.clone()}
         return self._opts[0], self._opts[1]
 
-    def save(self, end_of_round: bool = False) -> None:
+    def save(self, msg: Message, end_of_round: bool = False) -> None:
         state = self.context.state
         state[PROGRESS] = self.progress
         if end_of_round:
-            state[PRIVATE_STATE] = ArrayRecord(
-                {n: Array(p.detach().cpu().numpy().copy()) for n, p in self.params.items()})
+            params = {n: p.detach().cpu().numpy().copy() for n, p in self.params.items()}
+            state[PRIVATE_STATE] = ArrayRecord({n: Array(a) for n, a in params.items()})
             state.array_records.pop(LIVE_STATE, None)
+            # On the node's disk too (node config `state-dir`), so that a resumed run
+            # (a new Flower run, empty contexts) continues from this round.
+            save_state_file(params, saved_state_file(self.cfg, msg, self.context, self.pid,
+                                                     int(self.progress["round"])))
             return
         per_param = {id(p): st for opt in self._opts for p, st in opt.state.items()}
         st = [per_param.get(id(p)) for p in self.params.values()]  # None: not stepped yet
@@ -218,7 +234,7 @@ def begin(msg: Message, context: Context) -> Message:
     half = ClientHalf(msg, context, resume=False)  # from the node's private state
     half.start_round(msg)
     content = half.activations(0)
-    half.save()
+    half.save(msg)
     return Message(content=content, reply_to=msg)
 
 
@@ -241,7 +257,7 @@ def output(msg: Message, context: Context) -> Message:
     p["seen"] = int(p["seen"]) + n
     for t, v in losses.items():
         p[f"loss_{t}"] = float(p[f"loss_{t}"]) + v.item() * n
-    half.save()
+    half.save(msg)
     grads = ArrayRecord(encode("output", h.grad, half.cfg.split.compression))
     return Message(content=RecordDict({"gradients": grads}), reply_to=msg)
 
@@ -264,9 +280,9 @@ def backward(msg: Message, context: Context) -> Message:
     half.progress["step"] = step + 1
     if step + 1 < int(half.progress["steps"]):
         content = half.activations(step + 1)
-        half.save()
+        half.save(msg)
         return Message(content=content, reply_to=msg)
-    half.save(end_of_round=True)
+    half.save(msg, end_of_round=True)
     return Message(content=_final_content(half), reply_to=msg)
 
 

@@ -8,6 +8,7 @@ public `push_messages` / `pull_messages` with a configurable poll interval.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable
 
@@ -39,3 +40,26 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
             break
         time.sleep(poll_s)
     return replies, sent_to
+
+
+def canonical_order(replies: Iterable[Message]) -> list[Message]:
+    """The replies sorted by their content, so that an aggregate (a float sum) depends
+    on the set of replies and not on the order they arrived in.
+
+    Replies arrive in a different order from run to run (the clients run concurrently,
+    and Flower draws node ids anew per run); floating-point sums in another order
+    differ in the last bits, which a resumed or repeated run would otherwise show."""
+
+    def key(msg: Message) -> bytes:
+        if msg.has_error() or not msg.has_content():
+            return b""
+        digest = hashlib.blake2b(digest_size=16)
+        for name, record in sorted(msg.content.array_records.items()):
+            for k, array in record.items():
+                digest.update(f"{name}/{k}".encode())
+                digest.update(array.data)
+        for name, record in sorted(msg.content.metric_records.items()):
+            digest.update(repr(sorted(record.items())).encode())
+        return digest.digest()
+
+    return sorted(replies, key=key)

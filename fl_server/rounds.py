@@ -21,8 +21,8 @@ from flwr.serverapp import Grid
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fl_server.checkpoint import load_checkpoint, save_checkpoint
-from fl_server.exchange import send_and_receive
+from fl_server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fl_server.exchange import canonical_order, send_and_receive
 from models import get_workload
 from simulation.config import ConfigError, ExperimentConfig
 from simulation.report import RunRecorder, new_run_dir
@@ -91,24 +91,36 @@ def check_resumable(saved: dict[str, Any], cfg: ExperimentConfig) -> None:
             f"{', '.join(RESUMABLE_CHANGES)} may change) or start a new run")
 
 
+def resume_from(run_dir: Path, cfg: ExperimentConfig) -> Checkpoint:
+    """The checkpoint to continue from, checked against `cfg`; restores the strategy
+    state (the `random` state Flower's node sampling draws from, seeded per run)."""
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {run_dir}: resume needs the run folder of an earlier "
+            "run (it holds checkpoint.npz); leave resume out to start a new run")
+    check_resumable(ckpt.config, cfg)
+    restore_strategy_state(ckpt.strategy_state)
+    return ckpt
+
+
 def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
                   console: Console | None = None, resume: bool = False) -> dict[str, Any]:
     """Run `cfg.rounds` federated rounds; return the results dict.
 
     With `channel.sweep_snr_db`, the final global state is then evaluated by the
-    clients at each of those fixed SNRs (results["snr_sweep"]). After every round the global adapters, the strategy state and the metrics are
-    checkpointed in `run_dir`; `resume=True` continues from that checkpoint.
+    clients at each of those fixed SNRs (results["snr_sweep"]). After every round the
+    global adapters, the strategy state and the metrics are checkpointed in `run_dir`;
+    `resume=True` continues from that checkpoint. With `split.mode` other than off the
+    rounds are split training (fl_server.split.run_split), checkpointed the same way.
     """
-    if cfg.split.mode != "off":
-        if resume:
-            raise ConfigError("resume is not built for split training yet (split.mode="
-                              f"{cfg.split.mode!r}); start a new run or use split.mode=off")
-        from fl_server.split import run_split  # split training: its own loop
-
-        return run_split(grid, cfg, run_dir, console)
-    console = console or Console(stderr=True)
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir of the run to continue")
+    if cfg.split.mode != "off":
+        from fl_server.split import run_split  # split training: its own loop
+
+        return run_split(grid, cfg, run_dir, console, resume=resume)
+    console = console or Console(stderr=True)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output_dir, cfg.name)
     prepare = getattr(get_workload(cfg.workload), "prepare", None)
     if prepare is not None:
@@ -116,21 +128,13 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
     strategy = make_strategy(cfg)
     arrays = initial_arrays(cfg, strategy.lora_train)
     done, rows = 0, []
-    # Flower's node sampling draws from Python's `random`: seed it so that a run
-    # is reproducible, and checkpoint its state so that a resumed run is too.
-    random.seed(cfg.seed)
+    random.seed(cfg.seed)  # Flower's node sampling draws from Python's `random`
     if resume:
-        ckpt = load_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(
-                f"no checkpoint in {run_dir}: resume needs the run folder of an earlier "
-                "run (it holds checkpoint.npz); leave resume out to start a new run")
-        check_resumable(ckpt.config, cfg)
+        ckpt = resume_from(run_dir, cfg)
         arrays, done, rows = ckpt.arrays["global"], ckpt.round, ckpt.metrics
-        restore_strategy_state(ckpt.strategy_state)
     recorder = RunRecorder(run_dir, cfg.to_dict(), rounds=rows)
     # A stable name for this run that survives resumption: clients key their own
-    # saved state by it (see fl_client.client_app).
+    # saved state by it (see fl_client.node).
     run_key = run_dir.name
     resumed = f", resumed after round {done}" if resume else ""
     console.print(f"[bold]fedsemcom[/] {cfg.name}: {cfg.rounds} rounds, {cfg.num_clients} "
@@ -147,12 +151,13 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                 config = ConfigRecord({"experiment": cfg.to_json(), "run-key": run_key})
                 messages = list(strategy.configure_train(rnd, arrays, config, grid))
                 replies, sent_to = send_and_receive(grid, messages, cfg.round_timeout_s)
-                missing = _log_missing(rnd, "train", messages, sent_to, replies,
-                                       cfg.round_timeout_s)
+                replies, missing = _log_missing(rnd, "train", messages, sent_to, replies,
+                                                cfg.round_timeout_s)
                 answered = sum(not r.has_error() for r in replies)  # errors never count
                 new_arrays, train_metrics = None, None
                 if answered >= cfg.min_train_clients:
-                    new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+                    new_arrays, train_metrics = strategy.aggregate_train(
+                        rnd, canonical_order(replies))
                 else:
                     log.warning("round %d: %d client(s) answered, fewer than min_train_clients="
                                 "%d; the round's updates are not aggregated", rnd, answered,
@@ -166,9 +171,9 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                     config = ConfigRecord({"experiment": cfg.to_json(), "run-key": run_key})
                     messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
                     eval_replies, sent_to = send_and_receive(grid, messages, cfg.round_timeout_s)
-                    _log_missing(rnd, "evaluate", messages, sent_to, eval_replies,
-                                 cfg.round_timeout_s)
-                    eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
+                    eval_replies, _ = _log_missing(rnd, "evaluate", messages, sent_to,
+                                                   eval_replies, cfg.round_timeout_s)
+                    eval_metrics = strategy.aggregate_evaluate(rnd, canonical_order(eval_replies))
                 row = _round_row(rnd, train_metrics, eval_metrics, len(replies), time.time() - t0)
                 row["clients_missing"] = len(missing)
                 recorder.add_round(row)
@@ -201,7 +206,7 @@ def _snr_sweep(grid: Grid, strategy, cfg: ExperimentConfig, arrays: ArrayRecord
                                         ConfigRecord({"experiment": at_snr.to_json()}), grid),
             timeout=cfg.round_timeout_s,
         ))
-        metrics = strategy.aggregate_evaluate(cfg.rounds, replies)
+        metrics = strategy.aggregate_evaluate(cfg.rounds, canonical_order(replies))
         row: dict[str, Any] = {"snr_db": snr}
         for k in EVAL_KEYS:
             if metrics is not None and k in metrics:
@@ -211,11 +216,13 @@ def _snr_sweep(grid: Grid, strategy, cfg: ExperimentConfig, arrays: ArrayRecord
 
 
 def _log_missing(rnd: int, stage: str, messages: list, sent_to: dict[str, int],
-                 replies: list, timeout: float) -> list[int]:
-    """Log and return the nodes that were sent a message but did not answer: no reply
-    before the timeout, or an error reply that the SuperLink wrote in their place
-    (e.g. "Node Unavailable" after missed heartbeats)."""
-    answered = set()
+                 replies: list, timeout: float) -> tuple[list, list[int]]:
+    """Log the nodes that were sent a message but did not answer: no reply before
+    the timeout, or an error reply that the SuperLink wrote in their place (e.g.
+    "Node Unavailable" after missed heartbeats). Return the clients' own replies
+    (the SuperLink's are logged here under the right node, not passed on) and the
+    nodes missing."""
+    answered, own = set(), []
     for r in replies:
         node = sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
         if r.has_error() and r.metadata.src_node_id != node:  # written by the SuperLink
@@ -223,12 +230,13 @@ def _log_missing(rnd: int, stage: str, messages: list, sent_to: dict[str, int],
                         r.error.reason)
         else:
             answered.add(node)
+            own.append(r)
     missing = sorted({m.metadata.dst_node_id for m in messages} - answered)
     if missing:
         log.warning("round %d (%s): no reply from node(s) %s (unavailable, or silent for "
                     "%.0f s); going on with the %d that replied", rnd, stage,
                     ", ".join(map(str, missing)), timeout, len(answered))
-    return missing
+    return own, missing
 
 
 def _round_row(rnd: int, train_m, eval_m, n_replies: int, seconds: float) -> dict[str, Any]:

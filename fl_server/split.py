@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from flwr.serverapp import Grid
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fl_server.checkpoint import save_checkpoint
 from models import get_workload, resolve_device
 from models.channel import WirelessChannel, analog_transmission
 from models.jscc import sent_positions
@@ -57,6 +59,28 @@ class ServerHalf:
         self.opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
                                      lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self._graph: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def state_records(self) -> dict[str, ArrayRecord]:
+        """For the checkpoint: the trainable parameters by name, and the AdamW state as
+        torch's optimizer state_dict keys it ("<parameter index>.<exp_avg|...>")."""
+        params = {n: Array(p.detach().cpu().numpy().copy())
+                  for n, p in self.module.named_parameters() if p.requires_grad}
+        moments = {f"{i}.{key}": Array(v.detach().cpu().numpy().copy())
+                   for i, st in self.opt.state_dict()["state"].items() for key, v in st.items()}
+        return {"server_half": ArrayRecord(params), "server_optimizer": ArrayRecord(moments)}
+
+    def load_state_records(self, records: dict[str, ArrayRecord]) -> None:
+        """Inverse of state_records (the checkpoint of a run being resumed)."""
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for name, value in records["server_half"].items():
+                params[name].copy_(torch.from_numpy(value.numpy()))
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in records["server_optimizer"].items():
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = torch.from_numpy(value.numpy())
+        self.opt.load_state_dict({"state": state,
+                                  "param_groups": self.opt.state_dict()["param_groups"]})
 
     def forward(self, acts: ArrayRecord, generator: torch.Generator,
                 train: bool = True) -> ArrayRecord:
@@ -145,13 +169,24 @@ def _live(sessions: list[Session]) -> list[Session]:
     return [s for s in sessions if s.dropped is None and s.done is None]
 
 
-def train_sessions(grid: Grid, sessions: list[Session], begin: dict[int, RecordDict],
-                   cfg: ExperimentConfig, rnd: int, config: ConfigRecord,
-                   on_step=None) -> None:
-    """Run the sessions' split steps to the end of their local plans, all in lockstep."""
+def begin_sessions(grid: Grid, sessions: list[Session], begin: dict[int, RecordDict],
+                   cfg: ExperimentConfig) -> list[Session]:
+    """Open the round on every client at once (adapters down, step-0 activations up)
+    and return the sessions ordered by partition id.
+
+    Step 0's activations depend only on the client's own half and the global adapters,
+    so all clients may begin together even in sequential mode. The order by partition
+    id makes sequential turns and every weighted sum independent of the node ids,
+    which Flower draws at random for each run: a resumed run repeats them exactly."""
     # The first message also loads the data and builds the model: the round's timeout.
     _exchange(grid, sessions, lambda s: begin[s.node_id], "train.split_begin", cfg,
               cfg.round_timeout_s)
+    return sorted(sessions, key=lambda s: (s.partition_id, s.node_id))
+
+
+def train_sessions(grid: Grid, sessions: list[Session], cfg: ExperimentConfig, rnd: int,
+                   config: ConfigRecord, on_step=None) -> None:
+    """Run the begun sessions' split steps to the end of their local plans, in lockstep."""
     while live := _live(sessions):
         t0 = time.perf_counter()
 
@@ -189,13 +224,16 @@ def server_half_state(module: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
-              console: Console | None = None) -> dict[str, Any]:
-    """`cfg.rounds` rounds of federated split fine-tuning; returns the results dict."""
-    from fl_server.rounds import _round_row, _summary, make_strategy
+              console: Console | None = None, resume: bool = False) -> dict[str, Any]:
+    """`cfg.rounds` rounds of federated split fine-tuning; returns the results dict.
+
+    After every round the encoder adapters, the server half with its AdamW state,
+    the strategy state and the metrics are checkpointed in `run_dir`; `resume=True`
+    continues from there (the clients continue from their `state-dir`)."""
+    from fl_server.rounds import _round_row, _summary, make_strategy, resume_from, strategy_state
 
     console = console or Console(stderr=True)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output_dir, cfg.name)
-    recorder = RunRecorder(run_dir, cfg.to_dict())
     workload = get_workload(cfg.workload)
     strategy = make_strategy(cfg)
     model = workload.build(cfg, resolve_device(cfg.device))
@@ -203,20 +241,29 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
     server = ServerHalf(workload.server_half(model), cfg, workload)
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in workload.shared_state(
         model, strategy.lora_train, client_half_only=True).items()})
+    done, rows = 0, []
+    random.seed(cfg.seed)  # Flower's node sampling draws from Python's `random`
+    if resume:
+        ckpt = resume_from(run_dir, cfg)
+        arrays, done, rows = ckpt.arrays["global"], ckpt.round, ckpt.metrics
+        server.load_state_records(ckpt.arrays)
+    recorder = RunRecorder(run_dir, cfg.to_dict(), rounds=rows)
+    run_key = run_dir.name  # the clients key their saved state by it (fl_client.node)
     if hasattr(grid, "pull_interval"):  # the simulation's in-memory grid polls at 0.1 s
         grid.pull_interval = cfg.split.poll_interval_s
+    resumed = f", resumed after round {done}" if resume else ""
     console.print(f"[bold]fedsemcom[/] {cfg.name}: split training ({cfg.split.mode}), "
                   f"{cfg.rounds} rounds, {cfg.num_clients} clients, strategy "
-                  f"{cfg.strategy.name}, results in {run_dir}", soft_wrap=True)
+                  f"{cfg.strategy.name}, results in {run_dir}{resumed}", soft_wrap=True)
     progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                         console=console)
     try:
         with progress:
-            rounds_bar = progress.add_task("split rounds", total=cfg.rounds)
-            for rnd in range(1, cfg.rounds + 1):
+            rounds_bar = progress.add_task("split rounds", total=cfg.rounds, completed=done)
+            for rnd in range(done + 1, cfg.rounds + 1):
                 t0 = time.time()
-                config = ConfigRecord({"experiment": cfg.to_json()})
+                config = ConfigRecord({"experiment": cfg.to_json(), "run-key": run_key})
                 begin_msgs = list(strategy.configure_train(rnd, arrays, config, grid))
                 if not begin_msgs:
                     raise RuntimeError(f"round {rnd}: the strategy selected no clients "
@@ -228,14 +275,16 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
                 def on_step(n: int, bar=steps_bar) -> None:
                     progress.advance(bar, n)
 
-                if cfg.split.mode == "sequential":
-                    sessions = [Session(node, server) for node in begin]
+                if cfg.split.mode == "sequential":  # one server half, clients take turns
+                    sessions = begin_sessions(
+                        grid, [Session(node, server) for node in begin], begin, cfg)
                     for s in sessions:
-                        train_sessions(grid, [s], begin, cfg, rnd, step_config, on_step)
+                        train_sessions(grid, [s], cfg, rnd, step_config, on_step)
                 else:
-                    sessions = [Session(node, ServerHalf(copy.deepcopy(server.module), cfg,
-                                                         workload)) for node in begin]
-                    train_sessions(grid, sessions, begin, cfg, rnd, step_config, on_step)
+                    sessions = begin_sessions(grid, [
+                        Session(node, ServerHalf(copy.deepcopy(server.module), cfg, workload))
+                        for node in begin], begin, cfg)
+                    train_sessions(grid, sessions, cfg, rnd, step_config, on_step)
                     finished = [(s.half.module, float(s.done.content["metrics"]["num-examples"]))
                                 for s in sessions if s.done is not None]
                     if finished:
@@ -247,10 +296,12 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
                     arrays = new_arrays
                 else:
                     log.warning("round %d: no client finished; keeping the global adapters", rnd)
-                eval_metrics = _evaluate(grid, strategy, server, cfg, rnd, arrays)
+                eval_metrics = _evaluate(grid, strategy, server, cfg, rnd, arrays, run_key)
                 row = _round_row(rnd, train_metrics, eval_metrics, len(finals), time.time() - t0)
                 row.update(_traffic(sessions))
                 recorder.add_round(row)
+                save_checkpoint(run_dir, rnd, {"global": arrays, **server.state_records()},
+                                strategy_state(cfg), recorder.rounds, cfg.to_dict())
                 progress.advance(rounds_bar)
                 progress.console.print(_summary(row, cfg.rounds), soft_wrap=True)
         np.savez(run_dir / "global_adapters.npz", **{k: v.numpy() for k, v in arrays.items()})
@@ -283,16 +334,17 @@ def _traffic(sessions: list[Session]) -> dict[str, float]:
 
 
 def _evaluate(grid: Grid, strategy, server: ServerHalf, cfg: ExperimentConfig, rnd: int,
-              arrays: ArrayRecord):
+              arrays: ArrayRecord, run_key: str):
     """Split evaluation: test activations up, the server half's output down, metrics up."""
     if cfg.fraction_evaluate == 0:
         return None
-    config = ConfigRecord({"experiment": cfg.to_json()})
+    config = ConfigRecord({"experiment": cfg.to_json(), "run-key": run_key})
     msgs = list(strategy.configure_evaluate(rnd, arrays, config, grid))
     sessions = [Session(m.metadata.dst_node_id, server) for m in msgs]
     content = {m.metadata.dst_node_id: m.content for m in msgs}
     _exchange(grid, sessions, lambda s: content[s.node_id], "evaluate.split_forward", cfg,
               cfg.round_timeout_s)
+    sessions.sort(key=lambda s: (s.partition_id, s.node_id))  # as in begin_sessions
 
     def score(s: Session) -> RecordDict:
         gen = step_generator(cfg.seed, s.partition_id, EVAL_LINK)

@@ -129,3 +129,63 @@ def test_resume_refuses_another_config(tiny_cfg, flower_message_context, tmp_pat
         run_federated(LoopbackGrid(3), tiny_cfg, tmp_path, resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run_federated(LoopbackGrid(3), tiny_cfg, tmp_path / "nothing", resume=True)
+
+
+def interrupt_at_split_round(grid, rnd):
+    """The server dies when it opens round `rnd` of split training."""
+    real = grid.send_and_receive
+
+    def failing(messages, *, timeout=None):
+        if any(m.metadata.message_type == "train.split_begin"
+               and int(m.content["config"]["server-round"]) == rnd for m in messages):
+            raise KeyboardInterrupt("server stopped")
+        return real(messages, timeout=timeout)
+
+    grid.send_and_receive = failing
+    return grid
+
+
+def saved_npz(path):
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_a_split_run_interrupted_and_resumed_ends_where_an_uninterrupted_one_does(
+        tiny_cfg, flower_message_context, tmp_path, mode):
+    cfg = tiny_cfg
+    cfg.rounds, cfg.split.mode, cfg.split.steps_per_round = 3, mode, 2
+    full = run_federated(with_state_dir(LoopbackGrid(3), tmp_path / "state-a"), cfg,
+                         tmp_path / "full")
+
+    run_dir = tmp_path / "parts"
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(interrupt_at_split_round(
+            with_state_dir(LoopbackGrid(3), tmp_path / "state-b"), 3), cfg, run_dir)
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt.round == 2 and set(ckpt.arrays) == {"global", "server_half", "server_optimizer"}
+    # In sequential mode one server half trains all round long: its AdamW moments
+    # carry over rounds and must be in the checkpoint (parallel: fresh copies each round).
+    assert (len(ckpt.arrays["server_optimizer"]) > 0) == (mode == "sequential")
+    resumed = run_federated(with_state_dir(LoopbackGrid(3), tmp_path / "state-b"), cfg,
+                            run_dir, resume=True)
+
+    assert resumed["status"] == "completed" and [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
+    for name in ("global_adapters.npz", "server_half.npz"):
+        a, b = saved_npz(tmp_path / "full" / name), saved_npz(run_dir / name)
+        assert a.keys() == b.keys() and len(a) > 0
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}: {k}")
+    volatile = ("seconds", "seconds_per_step", "seconds_per_message")
+    for ra, rb in zip(full["rounds"], resumed["rounds"]):
+        assert {k: v for k, v in ra.items() if k not in volatile} == \
+               {k: v for k, v in rb.items() if k not in volatile}
+
+    # Without the clients' saved halves the resumed run ends elsewhere: the test is
+    # sensitive to what the clients keep on their disks.
+    other = tmp_path / "parts-nostate"
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(interrupt_at_split_round(LoopbackGrid(3), 3), cfg, other)
+    run_federated(LoopbackGrid(3), cfg, other, resume=True)
+    a, c = saved_npz(tmp_path / "full" / "server_half.npz"), saved_npz(other / "server_half.npz")
+    assert any(not np.array_equal(a[k], c[k]) for k in a)

@@ -113,8 +113,9 @@ def test_a_node_the_superlink_reports_unavailable_is_named(flower_message_contex
     sent_to = {ok.metadata.reply_to_message_id: 7, "id-of-8": 8, "id-of-9": 9}
     unavailable.metadata.__dict__["_reply_to_message_id"] = "id-of-8"
     with caplog.at_level(logging.WARNING):
-        missing = _log_missing(2, "train", sent, sent_to, [ok, unavailable], 30.0)
+        own, missing = _log_missing(2, "train", sent, sent_to, [ok, unavailable], 30.0)
     assert missing == [8, 9]
+    assert own == [ok]  # the SuperLink's answer never reaches the strategy (nor "node 1")
     logged = [r.getMessage() for r in caplog.records]
     assert any("node 8 is unavailable: Error: Node Unavailable" in m for m in logged)
     assert any("no reply from node(s) 8, 9" in m for m in logged)

@@ -76,3 +76,39 @@ def test_a_crash_keeps_the_rounds_already_measured(tiny_cfg, flower_message_cont
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["status"] == "failed" and "link lost" in saved["error"]
     assert [r["round"] for r in saved["rounds"]] == [1]
+
+
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(flower_message_context):
+    """Replies arrive in another order from run to run; sorted by content first, the
+    float sums of FedAvg come out bit-identical for every arrival order."""
+    import itertools
+
+    from flwr.app import ConfigRecord, Message, MetricRecord
+
+    from fl_server.exchange import canonical_order
+    from strategies import build_strategy
+
+    rng = np.random.default_rng(0)
+    scales = (1e-3, 1.0, 1e3, 7.0)  # mixed magnitudes: float sums that depend on order
+    updates = [ArrayRecord({"m.lora_A.weight": Array(
+        (s * rng.standard_normal((4, 64))).astype(np.float32))}) for s in scales]
+    replies = []
+    for node, update in zip(range(11, 15), updates):
+        sent = Message(RecordDict(), dst_node_id=node, message_type="train")
+        replies.append(Message(RecordDict({"arrays": update, "metrics": MetricRecord(
+            {"num-examples": 3 + node, "train_loss": 0.1 * node})}), reply_to=sent))
+
+    def aggregate(order):
+        strategy = build_strategy("fedavg_lora")
+        strategy.configure_train(1, updates[0], ConfigRecord(), LoopbackGrid(4))
+        arrays, metrics = strategy.aggregate_train(1, order)
+        return arrays["m.lora_A.weight"].numpy(), metrics["train_loss"]
+
+    orders = list(itertools.permutations(replies))
+    first, first_loss = aggregate(canonical_order(orders[0]))
+    for order in orders[1:]:
+        got, loss = aggregate(canonical_order(order))
+        np.testing.assert_array_equal(got, first)
+        assert loss == first_loss
+    # Unsorted, some arrival orders do give other last bits: the sort is what helps.
+    assert any(not np.array_equal(aggregate(list(o))[0], first) for o in orders)
