@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fl_server.checkpoint import save_checkpoint
+from fl_server.exchange import send_and_receive
 from models import get_workload, resolve_device
 from models.channel import WirelessChannel, analog_transmission
 from models.jscc import sent_positions
@@ -143,8 +144,11 @@ def _exchange(grid: Grid, sessions: list[Session], build, message_type: str,
             s.step_bytes_down += record_bytes(record) if name != "arrays" else 0
         out.append(Message(content, dst_node_id=s.node_id, message_type=message_type))
     t0 = time.perf_counter()
-    replies = {m.metadata.src_node_id: m for m in
-               grid.send_and_receive(out, timeout=timeout)}
+    got, sent_to = send_and_receive(grid, out, timeout, poll_s=cfg.split.poll_interval_s)
+    # By the node the message went to (an error the SuperLink writes for a node it
+    # lost comes from the SuperLink's own id).
+    replies = {sent_to.get(m.metadata.reply_to_message_id, m.metadata.src_node_id): m
+               for m in got}
     elapsed = time.perf_counter() - t0
     for s in sessions:
         reply = replies.get(s.node_id)
@@ -249,8 +253,6 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
         server.load_state_records(ckpt.arrays)
     recorder = RunRecorder(run_dir, cfg.to_dict(), rounds=rows)
     run_key = run_dir.name  # the clients key their saved state by it (fl_client.node)
-    if hasattr(grid, "pull_interval"):  # the simulation's in-memory grid polls at 0.1 s
-        grid.pull_interval = cfg.split.poll_interval_s
     resumed = f", resumed after round {done}" if resume else ""
     console.print(f"[bold]fedsemcom[/] {cfg.name}: split training ({cfg.split.mode}), "
                   f"{cfg.rounds} rounds, {cfg.num_clients} clients, strategy "

@@ -1,7 +1,7 @@
 """The app on Flower's deployment engine: a SuperLink and two SuperNodes on loopback
 with TLS and SuperNode authentication (certificates made by deploy.certs), a 2-round
-federated LoRA run and a one-step split-training run submitted with `flwr run`,
-every process stopped by PID."""
+federated LoRA run (one round, then resumed from its checkpoint for the second) and a
+one-step split-training run submitted with `flwr run`, every process stopped by PID."""
 
 import os
 
@@ -23,7 +23,8 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.timeout(600)
 def test_federated_lora_on_superlink_and_supernodes_with_tls(tmp_path):
-    dep = Deployment(tmp_path / "deploy", num_supernodes=2, tls=True, auth=True)
+    dep = Deployment(tmp_path / "deploy", num_supernodes=2, tls=True, auth=True,
+                     state_dir=str(tmp_path / "state"))
     try:
         dep.start()
         pids = [p.pid for p in dep.procs.values()]
@@ -32,9 +33,13 @@ def test_federated_lora_on_superlink_and_supernodes_with_tls(tmp_path):
         listed = dep.flwr("supernode", "list", dep.connection)
         assert listed.stdout.count("online") == 2, listed.stdout
 
-        metrics = dep.submit("rounds=2 fraction_evaluate=0.5 min_train_clients=1 "
-                             "data.num_samples=160 train.batch_size=16",
-                             tmp_path / "runs", timeout=300)
+        # Round 1, then the same run resumed from its checkpoint for round 2 (a new
+        # Flower run: the clients continue from their node's state-dir).
+        lora = "fraction_evaluate=0.5 min_train_clients=1 data.num_samples=160 train.batch_size=16"
+        first = dep.submit(f"rounds=1 {lora}", tmp_path / "runs", timeout=300)
+        (run_dir,) = (tmp_path / "runs").iterdir()
+        metrics = dep.submit(f"rounds=2 {lora}", tmp_path / "runs", resume=str(run_dir),
+                             timeout=300)
         # One split step per client: three exchanges (begin, output, backward).
         split = dep.submit("split.mode=parallel split.steps_per_round=1 rounds=1 "
                            "fraction_evaluate=0 min_train_clients=1 data.num_samples=160 "
@@ -47,9 +52,13 @@ def test_federated_lora_on_superlink_and_supernodes_with_tls(tmp_path):
     assert row["split_steps"] == 2 and row["clients_accepted"] == 2
     assert row["clients_dropped"] == 0 and row["bytes_up_per_step"] > 0
     assert np.isfinite(row["train_loss"])
-    assert metrics["status"] == "completed"
+    assert first["status"] == "completed" and metrics["status"] == "completed"
     rounds = metrics["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[0] == first["rounds"][0]
+    for node in (0, 1):  # each node kept its private half on its own disk, per round
+        saved = tmp_path / "state" / f"node-{node}" / run_dir.name
+        assert sorted(p.name for p in saved.glob("partition-*/round-*.npz")) == \
+            ["round-1.npz", "round-2.npz"]
     assert all(r["clients_accepted"] == 2 and r["clients_rejected"] == 0 for r in rounds)
     assert rounds[1]["train_loss"] < rounds[0]["train_loss"]
     assert all(np.isfinite(r["accuracy"]) for r in rounds)
