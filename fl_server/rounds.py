@@ -91,9 +91,13 @@ def check_resumable(saved: dict[str, Any], cfg: ExperimentConfig) -> None:
             f"{', '.join(RESUMABLE_CHANGES)} may change) or start a new run")
 
 
-def resume_from(run_dir: Path, cfg: ExperimentConfig) -> Checkpoint:
-    """The checkpoint to continue from, checked against `cfg`; restores the strategy
-    state (the `random` state Flower's node sampling draws from, seeded per run)."""
+def start_or_resume(run_dir: Path, cfg: ExperimentConfig, resume: bool) -> Checkpoint | None:
+    """Seed the strategy state (Flower's node sampling draws from Python's `random`);
+    when resuming, return the checkpoint, checked against `cfg`, and restore the
+    strategy state it saved."""
+    random.seed(cfg.seed)
+    if not resume:
+        return None
     ckpt = load_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(
@@ -128,9 +132,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
     strategy = make_strategy(cfg)
     arrays = initial_arrays(cfg, strategy.lora_train)
     done, rows = 0, []
-    random.seed(cfg.seed)  # Flower's node sampling draws from Python's `random`
-    if resume:
-        ckpt = resume_from(run_dir, cfg)
+    if ckpt := start_or_resume(run_dir, cfg, resume):
         arrays, done, rows = ckpt.arrays["global"], ckpt.round, ckpt.metrics
     recorder = RunRecorder(run_dir, cfg.to_dict(), rounds=rows)
     # A stable name for this run that survives resumption: clients key their own

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,7 +233,13 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
     After every round the encoder adapters, the server half with its AdamW state,
     the strategy state and the metrics are checkpointed in `run_dir`; `resume=True`
     continues from there (the clients continue from their `state-dir`)."""
-    from fl_server.rounds import _round_row, _summary, make_strategy, resume_from, strategy_state
+    from fl_server.rounds import (
+        _round_row,
+        _summary,
+        make_strategy,
+        start_or_resume,
+        strategy_state,
+    )
 
     console = console or Console(stderr=True)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output_dir, cfg.name)
@@ -246,9 +251,7 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in workload.shared_state(
         model, strategy.lora_train, client_half_only=True).items()})
     done, rows = 0, []
-    random.seed(cfg.seed)  # Flower's node sampling draws from Python's `random`
-    if resume:
-        ckpt = resume_from(run_dir, cfg)
+    if ckpt := start_or_resume(run_dir, cfg, resume):
         arrays, done, rows = ckpt.arrays["global"], ckpt.round, ckpt.metrics
         server.load_state_records(ckpt.arrays)
     recorder = RunRecorder(run_dir, cfg.to_dict(), rounds=rows)
