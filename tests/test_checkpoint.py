@@ -65,13 +65,13 @@ def with_state_dir(grid, state_dir):
 
 
 def interrupt_before_round(grid, rnd):
-    """The server dies when it sends round `rnd`'s training (each round: train, evaluate)."""
-    calls = {"n": 0}
+    """The server dies when it opens round `rnd`: federated training ("train") or
+    split training ("train.split_begin")."""
     real = grid.send_and_receive
 
     def failing(messages, *, timeout=None):
-        calls["n"] += 1
-        if calls["n"] == 2 * rnd - 1:
+        if any(m.metadata.message_type in ("train", "train.split_begin")
+               and int(m.content["config"]["server-round"]) == rnd for m in messages):
             raise KeyboardInterrupt("server stopped")
         return real(messages, timeout=timeout)
 
@@ -79,9 +79,13 @@ def interrupt_before_round(grid, rnd):
     return grid
 
 
-def final_adapters(run_dir):
-    with np.load(run_dir / "global_adapters.npz") as data:
+def saved_npz(path):
+    with np.load(path) as data:
         return {k: data[k] for k in data.files}
+
+
+def final_adapters(run_dir):
+    return saved_npz(run_dir / "global_adapters.npz")
 
 
 def test_an_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(
@@ -131,25 +135,6 @@ def test_resume_refuses_another_config(tiny_cfg, flower_message_context, tmp_pat
         run_federated(LoopbackGrid(3), tiny_cfg, tmp_path / "nothing", resume=True)
 
 
-def interrupt_at_split_round(grid, rnd):
-    """The server dies when it opens round `rnd` of split training."""
-    real = grid.send_and_receive
-
-    def failing(messages, *, timeout=None):
-        if any(m.metadata.message_type == "train.split_begin"
-               and int(m.content["config"]["server-round"]) == rnd for m in messages):
-            raise KeyboardInterrupt("server stopped")
-        return real(messages, timeout=timeout)
-
-    grid.send_and_receive = failing
-    return grid
-
-
-def saved_npz(path):
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
-
-
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
 def test_a_split_run_interrupted_and_resumed_ends_where_an_uninterrupted_one_does(
         tiny_cfg, flower_message_context, tmp_path, mode):
@@ -160,7 +145,7 @@ def test_a_split_run_interrupted_and_resumed_ends_where_an_uninterrupted_one_doe
 
     run_dir = tmp_path / "parts"
     with pytest.raises(KeyboardInterrupt):
-        run_federated(interrupt_at_split_round(
+        run_federated(interrupt_before_round(
             with_state_dir(LoopbackGrid(3), tmp_path / "state-b"), 3), cfg, run_dir)
     ckpt = load_checkpoint(run_dir)
     assert ckpt.round == 2 and set(ckpt.arrays) == {"global", "server_half", "server_optimizer"}
@@ -185,7 +170,7 @@ def test_a_split_run_interrupted_and_resumed_ends_where_an_uninterrupted_one_doe
     # sensitive to what the clients keep on their disks.
     other = tmp_path / "parts-nostate"
     with pytest.raises(KeyboardInterrupt):
-        run_federated(interrupt_at_split_round(LoopbackGrid(3), 3), cfg, other)
+        run_federated(interrupt_before_round(LoopbackGrid(3), 3), cfg, other)
     run_federated(LoopbackGrid(3), cfg, other, resume=True)
     a, c = saved_npz(tmp_path / "full" / "server_half.npz"), saved_npz(other / "server_half.npz")
     assert any(not np.array_equal(a[k], c[k]) for k in a)
