@@ -26,18 +26,13 @@ sys.path.insert(0, str(ROOT))
 
 from flwr.app import ArrayRecord
 
+from common.config import load_config
+from common.records import plt
 from fl_client.split import activation_record
 from fl_server.split import ServerHalf
-from models import mtsc
-from models.split import (
-    CODECS,
-    encode,
-    end_to_end_steps,
-    record_bytes,
-    step_generator,
-)
-from simulation.config import load_config
-from simulation.report import plt
+from models.mtsc import workload as mtsc
+from models.mtsc.split import end_to_end_steps
+from models.split import CODECS, encode, record_bytes, step_generator
 from simulation.run import simulate
 
 
@@ -54,13 +49,11 @@ def bytes_per_step(cfg, codec: str) -> tuple[int, int]:
     """Uplink and downlink bytes of one step, through the same encoders the split uses."""
     from torch.utils.data import default_collate
 
-    from simulation.data import load_partition
-
     cfg = load_config(ROOT / "configs/split_quickstart.yaml", [
         f"train.batch_size={cfg.train.batch_size}", f"data.num_samples={cfg.data.num_samples}",
         "num_clients=1", "min_train_clients=1", f"split.compression={codec}"])
     model = mtsc.build(cfg)
-    train_ds, _ = load_partition(cfg.data, 0, 1, cfg.model.caption_len)
+    train_ds, _ = mtsc.load_data(cfg, 0, 1)
     batch = default_collate([train_ds[i] for i in range(cfg.train.batch_size)])
     tx, received, snr_db = model.uplink(batch, generator=step_generator(0))
     acts = activation_record(tx.counts, received, snr_db, codec)

@@ -20,6 +20,8 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from common.config import ExperimentConfig, config_from_dict
+from common.device import resolve_device
 from fl_client import split
 from fl_client.node import (
     PRIVATE_STATE,
@@ -28,9 +30,7 @@ from fl_client.node import (
     save_state_file,
     saved_state_file,
 )
-from models import get_workload, resolve_device
-from simulation.config import ExperimentConfig, config_from_dict
-from simulation.data import load_partition
+from models import get_workload
 
 
 def experiment_from_message(msg: Message) -> ExperimentConfig:
@@ -68,7 +68,7 @@ def _setup(msg: Message, context: Context):
                 params[name].copy_(torch.from_numpy(arr))
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     workload.load_shared_state(model, arrays)  # the global state wins over the local copy
-    train_ds, test_ds = load_partition(cfg.data, pid, n, cfg.model.caption_len)
+    train_ds, test_ds = workload.load_data(cfg, pid, n)
     return cfg, pid, workload, model, train_ds, test_ds
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context, Message
 
-from simulation.config import ExperimentConfig
+from common.config import ExperimentConfig
 
 log = logging.getLogger("fedsemcom")
 

@@ -38,6 +38,8 @@ from flwr.app import (
 )
 from torch.utils.data import Dataset, default_collate
 
+from common.config import ExperimentConfig, config_from_dict
+from common.device import resolve_device
 from fl_client.node import (
     PRIVATE_STATE,
     load_saved_state,
@@ -45,11 +47,9 @@ from fl_client.node import (
     save_state_file,
     saved_state_file,
 )
-from models import get_workload, resolve_device
+from models import get_workload
 from models.jscc import sent_positions
 from models.split import batch_plan, decode, encode, pack_symbols, step_generator
-from simulation.config import ExperimentConfig, config_from_dict
-from simulation.data import load_partition
 
 LIVE_STATE = "split-live"  # parameters and AdamW moments while a round is in progress
 PROGRESS = "split-progress"
@@ -185,10 +185,11 @@ class ClientHalf:
     # -- data and the client half's forward
 
     def data(self) -> tuple[Dataset, Dataset]:
-        data_cfg = self.cfg.data
+        cfg = self.cfg
         if "data-root" in self.context.node_config:  # this node's own copy of the dataset
-            data_cfg = dataclasses.replace(data_cfg, root=str(self.context.node_config["data-root"]))
-        return load_partition(data_cfg, self.pid, self.num_partitions, self.cfg.model.caption_len)
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, root=str(self.context.node_config["data-root"])))
+        return self.workload.load_data(cfg, self.pid, self.num_partitions)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         train_ds, _ = self.data()

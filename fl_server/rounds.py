@@ -10,102 +10,34 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fl_server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from common.config import ExperimentConfig
+from common.records import new_run_dir
+from fl_server.checkpoint import save_checkpoint
 from fl_server.exchange import canonical_order, send_and_receive
+from fl_server.loop import (
+    initial_arrays,
+    make_strategy,
+    recorder,
+    round_row,
+    round_summary,
+    start_or_resume,
+    strategy_state,
+)
+from fl_server.split import run_split
 from models import get_workload
-from simulation.config import ConfigError, ExperimentConfig
-from simulation.report import RunRecorder, new_run_dir
-from strategies import build_strategy
 
 log = logging.getLogger("fedsemcom")
-
-# Metrics copied from the aggregated records into each round's row.
-TRAIN_KEYS = ("train_loss", "symbols_per_example", "bytes_up", "bytes_down",
-              "clients_accepted", "clients_rejected",
-              "loss_task", "loss_ib", "loss_kd", "loss_feature",  # tosc (distillation)
-              "teacher_seconds", "teacher_store_bytes")
-EVAL_KEYS = ("accuracy", "vqa_accuracy", "bleu", "psnr", "majority_class_share")
-# Keys that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("rounds", "round_timeout_s", "output_dir", "client_state_dir")
-
-
-def make_strategy(cfg: ExperimentConfig):
-    min_eval = 0 if cfg.fraction_evaluate == 0 else cfg.min_train_clients
-    return build_strategy(
-        cfg.strategy.name,
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=cfg.min_train_clients,
-        min_evaluate_nodes=min_eval,
-        min_available_nodes=cfg.min_train_clients,
-        target_rank=cfg.strategy.svd_rank,
-        lora_alpha=cfg.lora.alpha,
-        proximal_mu=cfg.strategy.proximal_mu,
-        max_update_bytes=cfg.strategy.max_update_bytes,
-        trim_beta=cfg.strategy.trim_beta,
-        num_malicious_nodes=cfg.strategy.krum_malicious,
-    )
-
-
-def initial_arrays(cfg: ExperimentConfig, lora_train: str) -> ArrayRecord:
-    """The global adapters at round 0: every party builds the same seeded model."""
-    workload = get_workload(cfg.workload)
-    shared = workload.shared_state(workload.build(cfg, "cpu"), lora_train)
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in shared.items()})
-
-
-def strategy_state(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What the server needs, beside the arrays, to continue exactly: Flower's
-    FedAvg family keeps nothing between rounds except the `random` state its node
-    sampling draws from."""
-    version, internal, gauss = random.getstate()
-    return {"name": cfg.strategy.name, "python_random": [version, list(internal), gauss]}
-
-
-def restore_strategy_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python_random"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def check_resumable(saved: dict[str, Any], cfg: ExperimentConfig) -> None:
-    """Refuse to resume with a config other than the checkpoint's (except RESUMABLE_CHANGES)."""
-    now = cfg.to_dict()
-    diff = sorted(k for k in set(saved) | set(now)
-                  if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
-    if diff:
-        shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diff)
-        raise ConfigError(
-            f"cannot resume: the config differs from the checkpoint's in {shown}. Resume "
-            f"with the checkpoint's config (the 'config' of its metrics.json; only "
-            f"{', '.join(RESUMABLE_CHANGES)} may change) or start a new run")
-
-
-def start_or_resume(run_dir: Path, cfg: ExperimentConfig, resume: bool) -> Checkpoint | None:
-    """Seed the strategy state (Flower's node sampling draws from Python's `random`);
-    when resuming, return the checkpoint, checked against `cfg`, and restore the
-    strategy state it saved."""
-    random.seed(cfg.seed)
-    if not resume:
-        return None
-    ckpt = load_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {run_dir}: resume needs the run folder of an earlier "
-            "run (it holds checkpoint.npz); leave resume out to start a new run")
-    check_resumable(ckpt.config, cfg)
-    restore_strategy_state(ckpt.strategy_state)
-    return ckpt
 
 
 def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
@@ -120,13 +52,12 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
     """
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir of the run to continue")
-    if cfg.split.mode != "off":
-        from fl_server.split import run_split  # split training: its own loop
-
+    if cfg.split.mode != "off":  # split training: its own loop
         return run_split(grid, cfg, run_dir, console, resume=resume)
     console = console or Console(stderr=True)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output_dir, cfg.name)
-    prepare = getattr(get_workload(cfg.workload), "prepare", None)
+    workload = get_workload(cfg.workload)
+    prepare = getattr(workload, "prepare", None)
     if prepare is not None:
         prepare(cfg)  # workload set-up before round 1 (tosc: its teacher)
     strategy = make_strategy(cfg)
@@ -134,7 +65,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
     done, rows = 0, []
     if ckpt := start_or_resume(run_dir, cfg, resume):
         arrays, done, rows = ckpt.arrays["global"], ckpt.round, ckpt.metrics
-    recorder = RunRecorder(run_dir, cfg.to_dict(), rounds=rows)
+    records = recorder(run_dir, cfg, rows)
     # A stable name for this run that survives resumption: clients key their own
     # saved state by it (see fl_client.node).
     run_key = run_dir.name
@@ -176,28 +107,29 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                     eval_replies, _ = _log_missing(rnd, "evaluate", messages, sent_to,
                                                    eval_replies, cfg.round_timeout_s)
                     eval_metrics = strategy.aggregate_evaluate(rnd, canonical_order(eval_replies))
-                row = _round_row(rnd, train_metrics, eval_metrics, len(replies), time.time() - t0)
+                row = round_row(workload, rnd, train_metrics, eval_metrics, len(replies),
+                                time.time() - t0)
                 row["clients_missing"] = len(missing)
-                recorder.add_round(row)
+                records.add_round(row)
                 save_checkpoint(run_dir, rnd, {"global": arrays}, strategy_state(cfg),
-                                recorder.rounds, cfg.to_dict())
+                                records.rounds, cfg.to_dict())
                 progress.advance(task)
-                progress.console.print(_summary(row, cfg.rounds), soft_wrap=True)
+                progress.console.print(round_summary(workload, row, cfg.rounds), soft_wrap=True)
         if cfg.channel.sweep_snr_db and cfg.fraction_evaluate > 0:
-            recorder.data["snr_sweep"] = _snr_sweep(grid, strategy, cfg, arrays)
-            for row in recorder.data["snr_sweep"]:
-                shown = "  ".join(f"{k} {row[k]:.3f}" for k in EVAL_KEYS if k in row)
+            records.data["snr_sweep"] = _snr_sweep(grid, strategy, cfg, arrays, workload)
+            for row in records.data["snr_sweep"]:
+                shown = "  ".join(f"{k} {row[k]:.3f}" for k in workload.EVAL_METRICS if k in row)
                 console.print(f"final state at SNR {row['snr_db']:g} dB: {shown}", soft_wrap=True)
         np.savez(run_dir / "global_adapters.npz", **{k: v.numpy() for k, v in arrays.items()})
-        recorder.finish("completed")
+        records.finish("completed")
     except BaseException as err:
-        recorder.finish("failed", error=f"{type(err).__name__}: {err}")
+        records.finish("failed", error=f"{type(err).__name__}: {err}")
         raise
-    return recorder.data
+    return records.data
 
 
-def _snr_sweep(grid: Grid, strategy, cfg: ExperimentConfig, arrays: ArrayRecord
-               ) -> list[dict[str, Any]]:
+def _snr_sweep(grid: Grid, strategy, cfg: ExperimentConfig, arrays: ArrayRecord,
+               workload: ModuleType) -> list[dict[str, Any]]:
     """Evaluate the final global state at each fixed SNR of channel.sweep_snr_db."""
     rows = []
     for snr in cfg.channel.sweep_snr_db:
@@ -210,7 +142,7 @@ def _snr_sweep(grid: Grid, strategy, cfg: ExperimentConfig, arrays: ArrayRecord
         ))
         metrics = strategy.aggregate_evaluate(cfg.rounds, canonical_order(replies))
         row: dict[str, Any] = {"snr_db": snr}
-        for k in EVAL_KEYS:
+        for k in workload.EVAL_METRICS:
             if metrics is not None and k in metrics:
                 row[k] = float(metrics[k])
         rows.append(row)
@@ -239,25 +171,3 @@ def _log_missing(rnd: int, stage: str, messages: list, sent_to: dict[str, int],
                     "%.0f s); going on with the %d that replied", rnd, stage,
                     ", ".join(map(str, missing)), timeout, len(answered))
     return own, missing
-
-
-def _round_row(rnd: int, train_m, eval_m, n_replies: int, seconds: float) -> dict[str, Any]:
-    row: dict[str, Any] = {"round": rnd, "clients_replied": n_replies, "seconds": round(seconds, 2)}
-    for keys, record in ((TRAIN_KEYS, train_m), (EVAL_KEYS, eval_m)):
-        for k in keys:
-            if record is not None and k in record:
-                row[k] = float(record[k])
-    if eval_m is not None and "loss" in eval_m:
-        row["eval_loss"] = float(eval_m["loss"])
-    return row
-
-
-def _summary(row: dict[str, Any], rounds: int) -> str:
-    parts = [f"round {row['round']}/{rounds}"]
-    for key, fmt in (("train_loss", "loss {:.3f}"), ("accuracy", "acc {:.3f}"),
-                     ("vqa_accuracy", "vqa {:.3f}"), ("bleu", "bleu {:.3f}"),
-                     ("psnr", "psnr {:.1f} dB"), ("bytes_up", "up {:.0f} B")):
-        if key in row:
-            parts.append(fmt.format(row[key]))
-    parts.append(f"{row['seconds']:.1f} s")
-    return "  ".join(parts)

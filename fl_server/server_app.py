@@ -9,8 +9,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from common.config import load_config
 from fl_server.rounds import run_federated
-from simulation.config import load_config
 
 app = ServerApp()
 

@@ -35,14 +35,23 @@ from flwr.serverapp import Grid
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from common.config import ExperimentConfig
+from common.device import resolve_device
+from common.records import new_run_dir
 from fl_server.checkpoint import save_checkpoint
 from fl_server.exchange import send_and_receive
-from models import get_workload, resolve_device
+from fl_server.loop import (
+    make_strategy,
+    recorder,
+    round_row,
+    round_summary,
+    start_or_resume,
+    strategy_state,
+)
+from models import get_workload
 from models.channel import WirelessChannel, analog_transmission
 from models.jscc import sent_positions
 from models.split import decode, encode, record_bytes, step_generator, unpack_symbols
-from simulation.config import ExperimentConfig
-from simulation.report import RunRecorder, new_run_dir
 
 log = logging.getLogger("fedsemcom")
 
@@ -233,14 +242,6 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
     After every round the encoder adapters, the server half with its AdamW state,
     the strategy state and the metrics are checkpointed in `run_dir`; `resume=True`
     continues from there (the clients continue from their `state-dir`)."""
-    from fl_server.rounds import (
-        _round_row,
-        _summary,
-        make_strategy,
-        start_or_resume,
-        strategy_state,
-    )
-
     console = console or Console(stderr=True)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output_dir, cfg.name)
     workload = get_workload(cfg.workload)
@@ -254,7 +255,7 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
     if ckpt := start_or_resume(run_dir, cfg, resume):
         arrays, done, rows = ckpt.arrays["global"], ckpt.round, ckpt.metrics
         server.load_state_records(ckpt.arrays)
-    recorder = RunRecorder(run_dir, cfg.to_dict(), rounds=rows)
+    records = recorder(run_dir, cfg, rows)
     run_key = run_dir.name  # the clients key their saved state by it (fl_client.node)
     resumed = f", resumed after round {done}" if resume else ""
     console.print(f"[bold]fedsemcom[/] {cfg.name}: split training ({cfg.split.mode}), "
@@ -302,20 +303,21 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
                 else:
                     log.warning("round %d: no client finished; keeping the global adapters", rnd)
                 eval_metrics = _evaluate(grid, strategy, server, cfg, rnd, arrays, run_key)
-                row = _round_row(rnd, train_metrics, eval_metrics, len(finals), time.time() - t0)
+                row = round_row(workload, rnd, train_metrics, eval_metrics, len(finals),
+                                time.time() - t0)
                 row.update(_traffic(sessions))
-                recorder.add_round(row)
+                records.add_round(row)
                 save_checkpoint(run_dir, rnd, {"global": arrays, **server.state_records()},
-                                strategy_state(cfg), recorder.rounds, cfg.to_dict())
+                                strategy_state(cfg), records.rounds, cfg.to_dict())
                 progress.advance(rounds_bar)
-                progress.console.print(_summary(row, cfg.rounds), soft_wrap=True)
+                progress.console.print(round_summary(workload, row, cfg.rounds), soft_wrap=True)
         np.savez(run_dir / "global_adapters.npz", **{k: v.numpy() for k, v in arrays.items()})
         np.savez(run_dir / "server_half.npz", **server_half_state(server.module))
-        recorder.finish("completed")
+        records.finish("completed")
     except BaseException as err:
-        recorder.finish("failed", error=f"{type(err).__name__}: {err}")
+        records.finish("failed", error=f"{type(err).__name__}: {err}")
         raise
-    return recorder.data
+    return records.data
 
 
 def _traffic(sessions: list[Session]) -> dict[str, float]:

@@ -1,29 +1,24 @@
-"""Models and workloads. A workload is a module offering the seam of DESIGN.md:
-build, shared_state, load_shared_state, train_local, evaluate; optionally
-prepare(cfg), which the server runs once before round 1 (tosc trains its teacher)."""
+"""Models: the shared layers and one room per workload.
+
+    channel.py   wireless channels (AWGN, Rayleigh, Rician; MMSE equalisation)
+    jscc.py      importance-aware variable-rate JSCC (LAM-MTSC)
+    split.py     what crosses a U-shaped split: packing and wire codecs
+    mtsc/        LAM-based multi-task semantic communication (federated split LoRA)
+    tosc/        lightweight students distilled from a teacher (IB + KD)
+
+Each room holds `config.py` (its config section), `workload.py` (the seam of
+DESIGN.md: build, shared_state, load_shared_state, load_data, train_local, evaluate,
+and its metric names) and the modules behind them. Rooms are registered in
+common/workloads.py.
+"""
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-import torch
-
-WORKLOADS = {"mtsc": "models.mtsc", "tosc": "models.tosc"}
+from common.workloads import room
 
 
 def get_workload(name: str) -> ModuleType:
-    if name not in WORKLOADS:
-        raise ValueError(f"workload {name!r} unknown; available: {sorted(WORKLOADS)}")
-    return importlib.import_module(WORKLOADS[name])
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device={device!r} but no CUDA device is visible; use device=auto or cpu"
-        )
-    return torch.device(device)
+    """The seam of workload `name` (its room's `workload` module)."""
+    return room(name, "workload")

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from simulation.config import ChannelConfig
+from common.config import ChannelConfig
 
 
 def noise_variance(snr_db: Tensor) -> Tensor:

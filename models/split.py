@@ -91,39 +91,3 @@ def batch_plan(n: int, batch_size: int, steps: int, seed: int) -> list[Tensor]:
     while len(plan) < steps:
         plan += list(torch.randperm(n, generator=gen).split(batch_size))
     return plan[:steps]
-
-
-def end_to_end_steps(cfg, partition_id: int, num_partitions: int, rnd: int, steps: int):
-    """The split's reference: the same steps on the whole model in one process (one
-    graph, one AdamW, one backward per step), on the batches and channel draws that the
-    split client and server use. Returns (model, seconds per step)."""
-    import time
-
-    from torch.utils.data import default_collate
-
-    from models import get_workload
-    from models.channel import WirelessChannel, analog_transmission
-    from simulation.data import load_partition
-
-    workload = get_workload(cfg.workload)
-    model = workload.build(cfg)
-    workload.set_trainable(model, "ab")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                            lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    train_ds, _ = load_partition(cfg.data, partition_id, num_partitions, cfg.model.caption_len)
-    seed = cfg.seed * 100_003 + rnd * 1009 + partition_id
-    plan = batch_plan(len(train_ds), cfg.train.batch_size, steps, seed)
-    downlink = WirelessChannel(cfg.split.downlink)
-    batches = [default_collate([train_ds[int(i)] for i in idx]) for idx in plan]
-    t0 = time.perf_counter()
-    for k, batch in enumerate(batches):
-        up = step_generator(cfg.seed, partition_id, rnd, k, 0)
-        down = step_generator(cfg.seed, partition_id, rnd, k, 1)
-        h, _ = model(batch, generator=up)
-        h = analog_transmission(h, downlink, downlink.sample_snr_db(h.shape[0], "cpu", down), down)
-        losses = model.task_decoders.losses(h, batch)
-        loss = sum(cfg.train.loss_weights.get(t, 1.0) * v for t, v in losses.items())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model, (time.perf_counter() - t0) / max(steps, 1)

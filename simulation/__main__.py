@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from simulation.config import ConfigError, load_config
+from common.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:

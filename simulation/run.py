@@ -13,10 +13,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from common.config import ConfigError, ExperimentConfig
+from common.records import new_run_dir
 from fl_client.client_app import app as client_app
 from fl_server.rounds import run_federated
-from simulation.config import ConfigError, ExperimentConfig
-from simulation.report import new_run_dir
 
 
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:

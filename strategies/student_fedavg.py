@@ -6,7 +6,7 @@ Optimization in Heterogeneous Networks", MLSys 2020 (https://arxiv.org/abs/1812.
 Clients send every student weight except their task head; the server averages them
 weighted by the number of training examples. FedProx is Flower's ``FedProx``: the same
 server side, plus ``"proximal-mu"`` in the train config; the clients add
-(mu/2)||w - w_global||^2 to their local loss (``models.tosc.train_local``).
+(mu/2)||w - w_global||^2 to their local loss (``models.tosc.train.train_local``).
 """
 
 from __future__ import annotations

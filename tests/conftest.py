@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from simulation.config import load_config
+from common.config import load_config
 
 torch.set_num_threads(1)  # CI has 2 cores; keep tests from oversubscribing them
 

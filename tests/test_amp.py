@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
-from models import mtsc
-from simulation.config import ConfigError, load_config
-from simulation.data import load_partition
+from common.config import ConfigError, load_config
+from common.data import load_partition
+from models.mtsc import workload as mtsc
 
 
 def trained_lora(cfg, device="cpu"):

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from models.channel import awgn_channel, fading_channel, fading_coefficients, WirelessChannel
+from common.config import ChannelConfig
+from models.channel import WirelessChannel, awgn_channel, fading_channel, fading_coefficients
 from models.jscc import JSCCDecoder, JSCCEncoder, rate_for_snr
-from simulation.config import ChannelConfig
 
 
 def unit_power_symbols(shape, seed=0):

@@ -8,9 +8,9 @@ import pytest
 from flwr.app import Array, ArrayRecord
 from test_server_rounds import LoopbackGrid
 
+from common.config import ConfigError
 from fl_server.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from fl_server.rounds import run_federated
-from simulation.config import ConfigError
 
 
 def record(seed, dtype=np.float32):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from simulation.config import ConfigError, ExperimentConfig, load_config, parse_overrides
+from common.config import ConfigError, ExperimentConfig, load_config, parse_overrides
 
 QUICKSTART = "configs/quickstart.yaml"
 

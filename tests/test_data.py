@@ -1,4 +1,4 @@
-"""Behaviour of simulation/data.py: scenes are deterministic and their labels, captions,
+"""Behaviour of common/data/: scenes are deterministic and their labels, captions,
 answers and boxes are true for the rendered pixels; partitions are disjoint, complete,
 non-empty and label-skewed when asked; real-data loaders fail loudly without files."""
 
@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from simulation import data as D
-from simulation.config import DataConfig
+from common import data as D
+from common.config import DataConfig
+from common.data import images as I
+from common.data import partition as P
+from common.data import scenes as S
 
 SIZE = 32
 
@@ -22,13 +25,13 @@ def synthetic(**overrides) -> DataConfig:
 
 
 @pytest.fixture(scope="module")
-def scenes() -> D.SyntheticScenes:
-    return D.SyntheticScenes(synthetic(), range(300))
+def scenes() -> S.SyntheticScenes:
+    return S.SyntheticScenes(synthetic(), range(300))
 
 
 def nearest_colour(pixel: torch.Tensor) -> str:
-    names = list(D.COLORS)
-    rgb = torch.tensor([D.COLORS[n] for n in names])
+    names = list(S.COLORS)
+    rgb = torch.tensor([S.COLORS[n] for n in names])
     return names[int(((rgb - pixel) ** 2).sum(1).argmin())]
 
 
@@ -54,7 +57,7 @@ def test_items_have_the_documented_shapes_and_dtypes(scenes):
         "boxes": ((4, 4), torch.float32),
         "num_objects": ((), torch.int64),
         "caption": ((12,), torch.int64),
-        "question": ((D.QUESTION_LEN,), torch.int64),
+        "question": ((S.QUESTION_LEN,), torch.int64),
         "answer": ((), torch.int64),
     }
     assert {k: (tuple(v.shape), v.dtype) for k, v in item.items()} == expected
@@ -65,13 +68,13 @@ def test_items_have_the_documented_shapes_and_dtypes(scenes):
 
 
 def test_same_seed_reproduces_and_other_seed_differs(scenes):
-    again = D.SyntheticScenes(synthetic(), range(300))
+    again = S.SyntheticScenes(synthetic(), range(300))
     for key, value in scenes.tensors.items():
         assert torch.equal(value, again.tensors[key]), key
-    alone = D.SyntheticScenes(synthetic(), [7])[0]  # one index, without its neighbours
+    alone = S.SyntheticScenes(synthetic(), [7])[0]  # one index, without its neighbours
     for key, value in alone.items():
         assert torch.equal(value, scenes[7][key]), key
-    other = D.SyntheticScenes(synthetic(seed=1), range(300))
+    other = S.SyntheticScenes(synthetic(seed=1), range(300))
     differs = (other.tensors["image"] - scenes.tensors["image"]).abs().amax((1, 2, 3)) > 0.1
     assert differs.all()
     same_caption = (other.tensors["caption"] == scenes.tensors["caption"]).all(1)
@@ -83,18 +86,18 @@ def test_label_is_the_largest_object_and_is_visible(scenes):
         item = scenes[i]
         label = int(item["label"])
         assert (item["segmentation"] == label + 1).any(), i
-        spec = D.scene_spec(0, i, 4)
+        spec = S.scene_spec(0, i, 4)
         assert label == max(spec, key=lambda o: o.area).class_id
     labels = scenes.tensors["label"].numpy()
-    assert np.array_equal(labels, D.synthetic_labels(synthetic(num_samples=300)))
-    assert set(labels.tolist()) == set(range(len(D.CLASSES)))  # every class occurs
+    assert np.array_equal(labels, S.synthetic_labels(synthetic(num_samples=300)))
+    assert set(labels.tolist()) == set(range(len(S.CLASSES)))  # every class occurs
 
 
 def test_every_object_is_visible_in_its_colour(scenes):
     """The centre of every object shows its own class and colour after painting."""
     for i in range(len(scenes)):
         item = scenes[i]
-        for obj in D.scene_spec(0, i, 4):
+        for obj in S.scene_spec(0, i, 4):
             r, c = pixel_at(*obj.center)
             assert item["segmentation"][r, c] == obj.class_id + 1, i
             assert nearest_colour(item["image"][:, r, c]) == obj.color, i
@@ -104,12 +107,12 @@ def test_caption_names_the_label_first(scenes):
     for i in range(len(scenes)):
         item = scenes[i]
         caption = item["caption"]
-        assert caption[0] == D.BOS_ID and (caption == D.EOS_ID).sum() == 1
-        end = int((caption == D.EOS_ID).nonzero())
-        assert (caption[end + 1:] == D.PAD_ID).all()
-        words = D.decode_tokens(caption).split()
-        first_noun = next(w for w in words if w in D.CLASSES)
-        assert first_noun == D.CLASSES[int(item["label"])], (i, words)
+        assert caption[0] == S.BOS_ID and (caption == S.EOS_ID).sum() == 1
+        end = int((caption == S.EOS_ID).nonzero())
+        assert (caption[end + 1:] == S.PAD_ID).all()
+        words = S.decode_tokens(caption).split()
+        first_noun = next(w for w in words if w in S.CLASSES)
+        assert first_noun == S.CLASSES[int(item["label"])], (i, words)
         r, c = pixel_at(*box_centre(item["boxes"][0]))  # the largest object
         assert words[2] == nearest_colour(item["image"][:, r, c])
 
@@ -119,30 +122,30 @@ def test_vqa_answers_are_true_for_the_pixels(scenes):
     yes = 0
     for i in range(len(scenes)):
         item = scenes[i]
-        question = D.decode_tokens(item["question"]).split()
-        answer = D.ANSWERS[int(item["answer"])]
+        question = S.decode_tokens(item["question"]).split()
+        answer = S.ANSWERS[int(item["answer"])]
         seg, image = item["segmentation"], item["image"]
         if question[:2] == ["how", "many"]:
             asked["count"] += 1
-            assert answer == D.COUNT_WORDS[int(item["num_objects"]) - 1]
+            assert answer == S.COUNT_WORDS[int(item["num_objects"]) - 1]
             assert int(item["num_objects"]) == int((item["boxes"].sum(1) > 0).sum())
         elif question[:2] == ["is", "there"]:
             asked["exists"] += 1
-            present = bool((seg == D.CLASSES.index(question[3]) + 1).any())
+            present = bool((seg == S.CLASSES.index(question[3]) + 1).any())
             assert answer == ("yes" if present else "no"), (i, question)
             yes += answer == "yes"
         elif question[:3] == ["what", "color", "is"]:
             asked["colour"] += 1
-            assert question[-1] == D.CLASSES[int(item["label"])]
+            assert question[-1] == S.CLASSES[int(item["label"])]
             r, c = pixel_at(*box_centre(item["boxes"][0]))
             assert seg[r, c] == int(item["label"]) + 1
             assert answer == nearest_colour(image[:, r, c]), (i, question)
         elif question[:3] == ["what", "shape", "is"]:
             asked["shape"] += 1
-            rgb = torch.tensor(D.COLORS[question[4]])[:, None, None]
+            rgb = torch.tensor(S.COLORS[question[4]])[:, None, None]
             of_colour = ((image - rgb) ** 2).sum(0) < 0.02
             assert of_colour.any()
-            assert set(seg[of_colour].unique().tolist()) == {D.CLASSES.index(answer) + 1}
+            assert set(seg[of_colour].unique().tolist()) == {S.CLASSES.index(answer) + 1}
         else:
             pytest.fail(f"unexpected question {question}")
     assert all(n >= 30 for n in asked.values()), asked
@@ -164,8 +167,8 @@ def test_boxes_enclose_each_object(scenes):
             assert (item["segmentation"][inside] > 0).any()  # no empty box
             inside_any |= inside
         assert not (item["segmentation"] > 0)[~inside_any].any()  # no pixel outside
-        for k, obj in enumerate(D.scene_spec(0, i, 4)):  # each object on its own
-            alone = D.render_scene([obj], SIZE)
+        for k, obj in enumerate(S.scene_spec(0, i, 4)):  # each object on its own
+            alone = S.render_scene([obj], SIZE)
             x0, y0, x1, y1 = boxes[k].tolist()
             rows, cols = np.nonzero(alone["segmentation"])
             assert rows.size > 0
@@ -174,43 +177,43 @@ def test_boxes_enclose_each_object(scenes):
 
 
 def test_decode_tokens_stops_at_eos_and_skips_padding():
-    ids = D.encode_tokens(["a", "big", "red", "circle"], 10)
-    assert D.decode_tokens(ids) == "a big red circle"
-    assert D.decode_tokens([D.BOS_ID, D.WORD_TO_ID["yes"], D.EOS_ID, D.WORD_TO_ID["no"]]) == "yes"
-    assert all(w in D.WORD_TO_ID for w in D.ANSWERS)
+    ids = S.encode_tokens(["a", "big", "red", "circle"], 10)
+    assert S.decode_tokens(ids) == "a big red circle"
+    assert S.decode_tokens([S.BOS_ID, S.WORD_TO_ID["yes"], S.EOS_ID, S.WORD_TO_ID["no"]]) == "yes"
+    assert all(w in S.WORD_TO_ID for w in S.ANSWERS)
 
 
 def test_short_captions_keep_the_largest_object():
-    item = D.SyntheticScenes(synthetic(), range(20), caption_len=6)
+    item = S.SyntheticScenes(synthetic(), range(20), caption_len=6)
     for i in range(20):
-        words = D.decode_tokens(item[i]["caption"]).split()
-        assert len(words) == 4 and words[3] == D.CLASSES[int(item[i]["label"])]
+        words = S.decode_tokens(item[i]["caption"]).split()
+        assert len(words) == 4 and words[3] == S.CLASSES[int(item[i]["label"])]
     with pytest.raises(ValueError, match="caption_len=5"):
-        D.SyntheticScenes(synthetic(), range(2), caption_len=5)
+        S.SyntheticScenes(synthetic(), range(2), caption_len=5)
 
 
 # --------------------------------------------------------------------------- partitions
 
 
 def all_partitions(labels, num_partitions, cfg):
-    return [D.partition_indices(labels, num_partitions, pid, cfg) for pid in range(num_partitions)]
+    return [P.partition_indices(labels, num_partitions, pid, cfg) for pid in range(num_partitions)]
 
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
 def test_partitions_are_disjoint_and_cover_all_samples(partitioner):
     cfg = synthetic(num_samples=1000, partitioner=partitioner, alpha=0.5)
-    labels = D.synthetic_labels(cfg)
+    labels = S.synthetic_labels(cfg)
     parts = all_partitions(labels, 10, cfg)
     joined = np.concatenate(parts)
     assert len(joined) == len(set(joined.tolist())) == 1000
     assert all(len(p) >= 2 for p in parts)
-    assert np.array_equal(parts[3], D.partition_indices(labels, 10, 3, cfg))  # deterministic
+    assert np.array_equal(parts[3], P.partition_indices(labels, 10, 3, cfg))  # deterministic
 
 
 def mean_label_entropy(parts, labels) -> float:
     entropies = []
     for p in parts:
-        share = np.bincount(labels[p], minlength=len(D.CLASSES)) / len(p)
+        share = np.bincount(labels[p], minlength=len(S.CLASSES)) / len(p)
         share = share[share > 0]
         entropies.append(-(share * np.log(share)).sum())
     return float(np.mean(entropies))
@@ -220,17 +223,17 @@ def mean_label_entropy(parts, labels) -> float:
 def test_dirichlet_with_small_alpha_is_label_skewed():
     iid = synthetic(num_samples=2000, partitioner="iid")
     skewed = synthetic(num_samples=2000, partitioner="dirichlet", alpha=0.1)
-    labels = D.synthetic_labels(iid)
+    labels = S.synthetic_labels(iid)
     h_iid = mean_label_entropy(all_partitions(labels, 20, iid), labels)
     h_skewed = mean_label_entropy(all_partitions(labels, 20, skewed), labels)
-    assert h_iid > 0.9 * np.log(len(D.CLASSES))  # near uniform
+    assert h_iid > 0.9 * np.log(len(S.CLASSES))  # near uniform
     assert h_skewed < 0.6 * h_iid
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.1])
 def test_hundred_partitions_are_all_non_empty(alpha):
     cfg = synthetic(num_samples=3000, partitioner="dirichlet", alpha=alpha)
-    labels = D.synthetic_labels(cfg)
+    labels = S.synthetic_labels(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # alpha=0.1 needs topping up, and says so
         parts = all_partitions(labels, 100, cfg)
@@ -240,26 +243,26 @@ def test_hundred_partitions_are_all_non_empty(alpha):
 
 def test_bad_partition_arguments_name_the_value():
     cfg = synthetic(num_samples=50)
-    labels = D.synthetic_labels(cfg)
+    labels = S.synthetic_labels(cfg)
     with pytest.raises(ValueError, match="partition_id=10"):
-        D.partition_indices(labels, 10, 10, cfg)
+        P.partition_indices(labels, 10, 10, cfg)
     with pytest.raises(ValueError, match="partition_id=-1"):
-        D.partition_indices(labels, 10, -1, cfg)
+        P.partition_indices(labels, 10, -1, cfg)
     with pytest.raises(ValueError, match="num_partitions=0"):
-        D.partition_indices(labels, 0, 0, cfg)
+        P.partition_indices(labels, 0, 0, cfg)
     with pytest.raises(ValueError, match="num_partitions=51"):
-        D.partition_indices(labels, 51, 0, cfg)
+        P.partition_indices(labels, 51, 0, cfg)
 
 
 def test_load_partition_splits_locally_and_is_cached():
     cfg = synthetic(num_samples=600, partitioner="dirichlet", alpha=0.5, test_fraction=0.2)
     train, test = D.load_partition(cfg, 2, 10)
     assert D.load_partition(cfg, 2, 10)[0] is train  # cached per process
-    ours = D.partition_indices(D.synthetic_labels(cfg), 10, 2, cfg)
+    ours = P.partition_indices(S.synthetic_labels(cfg), 10, 2, cfg)
     assert set(train.indices) | set(test.indices) == set(ours.tolist())
     assert not set(train.indices) & set(test.indices)
     assert len(test) == max(1, round(0.2 * len(ours)))
-    assert torch.equal(train[0]["image"], D.SyntheticScenes(cfg, [train.indices[0]])[0]["image"])
+    assert torch.equal(train[0]["image"], S.SyntheticScenes(cfg, [train.indices[0]])[0]["image"])
     train_b, _ = D.load_partition(cfg, 3, 10)
     assert not set(train.indices) & set(train_b.indices)
 
@@ -307,7 +310,7 @@ def test_digits_load_as_ten_class_rgb_images():
 
 
 def test_num_classes_and_unknown_names():
-    assert D.num_classes(synthetic()) == len(D.CLASSES) == 4
+    assert D.num_classes(synthetic()) == len(S.CLASSES) == 4
     with pytest.raises(ValueError, match="'mnist'"):
         D.num_classes(DataConfig(name="mnist"))
 
@@ -317,7 +320,7 @@ def test_real_images_are_scaled_and_resized(monkeypatch):
     images = np.zeros((40, 3, 96, 96), dtype=np.uint8)
     images[:, 0] = 255  # pure red
     labels = np.arange(40) % 10
-    monkeypatch.setattr(D, "_real_arrays", lambda name, root, download=False: (images, labels))
+    monkeypatch.setattr(I, "_real_arrays", lambda name, root, download=False: (images, labels))
     cfg = DataConfig(name="stl10", root="fake-stl10-for-resize-test", image_size=32,
                      num_samples=30, partitioner="iid")
     train, test = D.load_partition(cfg, 1, 3)

@@ -49,7 +49,7 @@ def test_too_few_answers_keep_the_global_adapters(tiny_cfg, flower_message_conte
                                 tmp_path / "run")
     assert "train_loss" not in results["rounds"][0]  # nothing aggregated
     assert any("fewer than min_train_clients=3" in r.getMessage() for r in caplog.records)
-    from fl_server.rounds import initial_arrays
+    from fl_server.loop import initial_arrays
     init = initial_arrays(tiny_cfg, "ab")
     with np.load(tmp_path / "run" / "global_adapters.npz") as saved:
         for k in init:

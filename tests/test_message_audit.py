@@ -12,12 +12,14 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from common.config import load_config
+from common.data import load_partition
 from fl_client.client_app import app, local_parameters
 from fl_client.node import PRIVATE_STATE
-from fl_server.rounds import initial_arrays
-from models import mtsc, tosc
-from simulation.config import load_config
-from simulation.data import load_partition
+from fl_server.loop import initial_arrays
+from models.mtsc import workload as mtsc
+from models.tosc import teacher as tosc_teacher
+from models.tosc import workload as tosc
 
 ALLOWED_METRICS = {
     "train_loss", "symbols_per_example", "num-examples", "loss_classification",
@@ -175,7 +177,7 @@ def test_tosc_sends_student_weights_but_no_head_label_image_or_teacher_output(
         "num_clients=3", "data.num_samples=240", "distill.teacher.public_samples=60",
         "distill.teacher.epochs=1", f"distill.teacher.checkpoint={tmp_path / 'teacher.pt'}",
         f"distill.feature_weight={feature_weight}"])
-    tosc.ensure_teacher(cfg, log=lambda _: None)
+    tosc_teacher.ensure_teacher(cfg, log=lambda _: None)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3},
                       state=RecordDict(), run_config={})
     arrays = initial_arrays(cfg, "ab")
@@ -186,7 +188,7 @@ def test_tosc_sends_student_weights_but_no_head_label_image_or_teacher_output(
     head = {name: arr.numpy() for name, arr in saved.items() if name.startswith(tosc.HEAD)}
     assert set(head) == {"head.weight", "head.bias"}
     train_ds, test_ds = load_partition(cfg.data, 1, 3, cfg.model.caption_len)
-    stored, _ = tosc.prestored_teacher_outputs(cfg, train_ds)
+    stored, _ = tosc_teacher.prestored_teacher_outputs(cfg, train_ds)
     secrets = {"teacher.topk_values": stored.topk_values.astype(np.float32)}
     if feature_weight > 0:
         secrets["teacher.features"] = stored.features.astype(np.float32)

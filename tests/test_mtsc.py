@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from models import get_workload, mtsc, resolve_device
-from simulation.config import load_config
-from simulation.data import load_partition
+from common.config import load_config
+from common.data import load_partition
+from common.device import resolve_device
+from models import get_workload
+from models.mtsc import model as mtsc_model
+from models.mtsc import workload as mtsc
 
 
 def test_shared_state_is_lora_adapters_only(tiny_cfg):
@@ -108,7 +111,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, tiny_cfg):
 
 
 def test_local_checkpoint_loads(tmp_path, tiny_cfg):
-    lam = mtsc.build_lam(tiny_cfg)
+    lam = mtsc_model.build_lam(tiny_cfg)
     with torch.no_grad():
         lam.encoder.layers[0].fc1.weight.fill_(0.5)
     lam.save_pretrained(tmp_path / "lam")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from test_strategies import as_numpy, lora_arrays, reply, send
 
-from simulation.config import load_config
+from common.config import load_config
 from strategies import FedAvgLoRA, build_strategy
 
 HONEST, NOISE = 6, 0.01
@@ -64,7 +64,7 @@ def test_robust_strategies_keep_the_reply_checks(flower_message_context):
 def test_robust_strategies_are_selected_by_config():
     cfg = load_config("configs/quickstart.yaml",
                       ["strategy.name=trimmed_avg_lora", "strategy.trim_beta=0.3"])
-    from fl_server.rounds import make_strategy
+    from fl_server.loop import make_strategy
     strategy = make_strategy(cfg)
     assert type(strategy).__name__ == "TrimmedAvgLoRA" and strategy.beta == 0.3
     cfg = load_config("configs/quickstart.yaml",

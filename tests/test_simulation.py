@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from models import mtsc
-from simulation.config import load_config
+from common.config import load_config
+from models.mtsc import workload as mtsc
 from simulation.run import simulate
 
 

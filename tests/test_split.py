@@ -15,21 +15,21 @@ import torch
 from flwr.app import ArrayRecord
 from test_server_rounds import LoopbackGrid
 
+from common.config import load_config
 from fl_client.client_app import make_app
 from fl_client.node import PRIVATE_STATE, partition
 from fl_server.rounds import run_federated
-from models import mtsc
 from models.jscc import sent_positions
+from models.mtsc import workload as mtsc
+from models.mtsc.split import end_to_end_steps
 from models.split import (
     CODECS,
     decode,
     encode,
-    end_to_end_steps,
     pack_symbols,
     record_bytes,
     unpack_symbols,
 )
-from simulation.config import load_config
 from simulation.run import simulate
 
 

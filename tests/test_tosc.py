@@ -9,10 +9,12 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from common.config import ConfigError, load_config
+from common.data import load_partition
 from fl_server.rounds import run_federated
-from models import tosc
-from simulation.config import ConfigError, load_config
-from simulation.data import load_partition
+from models.tosc import losses as tosc_losses
+from models.tosc import teacher as tosc_teacher
+from models.tosc import workload as tosc
 from strategies import StudentFedAvg, StudentFedProx, build_strategy
 from tests.test_server_rounds import LoopbackGrid
 
@@ -29,7 +31,7 @@ def tosc_cfg(checkpoint, *extra):
 def cfg(tmp_path_factory):
     """A tiny experiment whose (weak) teacher is trained once for the module."""
     cfg = tosc_cfg(tmp_path_factory.mktemp("teacher") / "teacher.pt")
-    tosc.ensure_teacher(cfg, log=lambda _: None)
+    tosc_teacher.ensure_teacher(cfg, log=lambda _: None)
     return cfg
 
 
@@ -42,9 +44,9 @@ def test_information_bottleneck_kl_matches_the_closed_form():
     # 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2) per dim, summed, then averaged over rows.
     row1 = 0.5 * (1 + 1 - 1 - 0) + 0.5 * (0 + 2 - 1 - math.log(2))
     row2 = 0.5 * (0 + 0.5 - 1 - math.log(0.5)) + 0.5 * (4 + 1 - 1 - 0)
-    got = tosc.information_bottleneck_kl(mu, logvar).item()
+    got = tosc_losses.information_bottleneck_kl(mu, logvar).item()
     assert got == pytest.approx((row1 + row2) / 2, abs=1e-6)
-    assert tosc.information_bottleneck_kl(torch.zeros(3, 4), torch.zeros(3, 4)).item() == 0.0
+    assert tosc_losses.information_bottleneck_kl(torch.zeros(3, 4), torch.zeros(3, 4)).item() == 0.0
 
 
 def test_distillation_kl_matches_a_hand_computation():
@@ -53,17 +55,17 @@ def test_distillation_kl_matches_a_hand_computation():
     teacher = torch.softmax(torch.tensor([[2.0, 0.0]]) / t, dim=-1)
     p = [math.exp(1) / (math.exp(1) + 1), 1 / (math.exp(1) + 1)]  # softmax([1, 0])
     expected = t ** 2 * sum(pi * math.log(pi / 0.5) for pi in p)  # q = [0.5, 0.5]
-    assert tosc.distillation_kl(student, teacher, t).item() == pytest.approx(expected, abs=1e-6)
+    assert tosc_losses.distillation_kl(student, teacher, t).item() == pytest.approx(expected, abs=1e-6)
     assert expected == pytest.approx(0.44378, abs=1e-5)
     # A student that already agrees with the teacher pays nothing.
     same = torch.tensor([[2.0, 0.0]])
-    assert tosc.distillation_kl(same, teacher, t).item() == pytest.approx(0.0, abs=1e-7)
+    assert tosc_losses.distillation_kl(same, teacher, t).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_softened_topk_keeps_the_top_logits_and_zeros_the_rest():
     values = torch.tensor([[3.0, 1.0]], dtype=torch.float16)
     indices = torch.tensor([[2, 0]], dtype=torch.uint8)
-    probs = tosc.softened_topk(values, indices, 4, temperature=2.0)
+    probs = tosc_losses.softened_topk(values, indices, 4, temperature=2.0)
     e = [math.exp(1.5), math.exp(0.5)]
     assert probs[0].tolist() == pytest.approx([e[1] / sum(e), 0.0, e[0] / sum(e), 0.0])
 
@@ -73,14 +75,14 @@ def test_softened_topk_keeps_the_top_logits_and_zeros_the_rest():
 
 def test_stored_teacher_outputs_equal_fresh_ones_within_fp16(cfg):
     train, _ = load_partition(cfg.data, 0, cfg.num_clients)
-    stored, seconds = tosc.prestored_teacher_outputs(cfg, train)
-    again, seconds_again = tosc.prestored_teacher_outputs(cfg, train)
+    stored, seconds = tosc_teacher.prestored_teacher_outputs(cfg, train)
+    again, seconds_again = tosc_teacher.prestored_teacher_outputs(cfg, train)
     assert seconds > 0 and seconds_again == 0.0  # computed once, then read back
     np.testing.assert_array_equal(stored.topk_values, again.topk_values)
     assert stored.topk_values.dtype == np.float16 and stored.topk_indices.dtype == np.uint8
     assert stored.nbytes == len(train) * cfg.distill.top_k * 3  # 2 bytes value + 1 index
 
-    logits, _ = tosc.teacher_logits_features(tosc.load_teacher(cfg), train.tensors["image"], cfg)
+    logits, _ = tosc_teacher.teacher_logits_features(tosc_teacher.load_teacher(cfg), train.tensors["image"], cfg)
     fresh = logits.topk(cfg.distill.top_k, dim=-1)
     np.testing.assert_array_equal(stored.topk_indices, fresh.indices.numpy())
     np.testing.assert_allclose(stored.topk_values.astype(np.float32), fresh.values.numpy(),
@@ -90,8 +92,8 @@ def test_stored_teacher_outputs_equal_fresh_ones_within_fp16(cfg):
 def test_stored_teacher_features_equal_fresh_ones_within_fp16(cfg):
     with_features = tosc_cfg(cfg.distill.teacher.checkpoint, "distill.feature_weight=0.5")
     _, test = load_partition(cfg.data, 2, cfg.num_clients)  # any dataset of the client
-    stored, _ = tosc.prestored_teacher_outputs(with_features, test)
-    _, features = tosc.teacher_logits_features(tosc.load_teacher(cfg), test.tensors["image"], cfg)
+    stored, _ = tosc_teacher.prestored_teacher_outputs(with_features, test)
+    _, features = tosc_teacher.teacher_logits_features(tosc_teacher.load_teacher(cfg), test.tensors["image"], cfg)
     assert stored.features.dtype == np.float16 and stored.features.shape == features.shape
     np.testing.assert_allclose(stored.features.astype(np.float32), features.numpy(),
                                rtol=2 ** -10, atol=1e-3)
@@ -100,10 +102,10 @@ def test_stored_teacher_features_equal_fresh_ones_within_fp16(cfg):
 def test_a_teacher_checkpoint_for_other_settings_is_refused(cfg):
     other = tosc_cfg(cfg.distill.teacher.checkpoint, "distill.teacher.hidden=128")
     with pytest.raises(ValueError, match="teacher.*Delete it to retrain"):
-        tosc.load_teacher(other)
+        tosc_teacher.load_teacher(other)
     missing = tosc_cfg("no/such/teacher.pt")
     with pytest.raises(FileNotFoundError, match="no/such/teacher.pt"):
-        tosc.load_teacher(missing)
+        tosc_teacher.load_teacher(missing)
 
 
 # ----------------------------------------------------------------------------- the seam
@@ -210,7 +212,7 @@ def test_federated_distillation_learns_well_above_chance(cfg, flower_message_con
 def test_evaluation_follows_the_configured_snr(cfg):
     """A model built for an SNR range is evaluated at the SNR of the evaluation config."""
     _, test = load_partition(cfg.data, 0, cfg.num_clients)
-    teacher = tosc.load_teacher(cfg)  # built with channel.snr_range_db = [-5, 20]
+    teacher = tosc_teacher.load_teacher(cfg)  # built with channel.snr_range_db = [-5, 20]
 
     def at(snr):
         c = tosc_cfg(cfg.distill.teacher.checkpoint, "channel.snr_range_db=null",

@@ -1,6 +1,6 @@
 """The tosc report (issue: teacher vs. students, like the Lightweight TOSC paper's table).
 
-    python -m simulation.distill_report --config configs/distill_quickstart.yaml [key=value ...]
+    python -m models.tosc.report --config configs/distill_quickstart.yaml [key=value ...]
 
 1. trains the teacher if its checkpoint is missing;
 2. runs the federated distillation twice on Flower's Ray simulation, the same seeds:
@@ -29,10 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from models import tosc
-from simulation.config import ConfigError, ExperimentConfig, load_config
-from simulation.data import TensorDictDataset, load_partition, num_classes
-from simulation.report import new_run_dir
+from common.config import ConfigError, ExperimentConfig, load_config
+from common.data import num_classes
+from common.data.tensor_dataset import TensorDictDataset
+from common.records import new_run_dir
+from models.tosc import teacher as tosc_teacher
+from models.tosc import workload as tosc
 
 LATENCY_BATCH, LATENCY_SNR_DB = 32, 10.0
 
@@ -83,12 +85,12 @@ def federated_run(config: str, overrides: list[str], run_dir: Path) -> dict[str,
 def prestored_costs(cfg: ExperimentConfig, trains: list[TensorDictDataset]) -> dict[str, Any]:
     """What pre-storing saves: the teacher run once per client instead of once per local
     epoch of every round, against reading the stored file back each round."""
-    teacher = tosc.load_teacher(cfg)
-    run_teacher = sum(_median_seconds(lambda d=d: tosc.compute_teacher_outputs(teacher, d, cfg),
+    teacher = tosc_teacher.load_teacher(cfg)
+    run_teacher = sum(_median_seconds(lambda d=d: tosc_teacher.compute_teacher_outputs(teacher, d, cfg),
                                       repeats=3, warmup=1) for d in trains)
-    read_back = sum(_median_seconds(lambda d=d: tosc.prestored_teacher_outputs(cfg, d),
+    read_back = sum(_median_seconds(lambda d=d: tosc_teacher.prestored_teacher_outputs(cfg, d),
                                     repeats=5, warmup=1) for d in trains)
-    stored = sum(tosc.prestored_teacher_outputs(cfg, d)[0].nbytes for d in trains)
+    stored = sum(tosc_teacher.prestored_teacher_outputs(cfg, d)[0].nbytes for d in trains)
     n = sum(len(d) for d in trains)
     passes = cfg.rounds * cfg.train.local_epochs
     online, prestored = passes * run_teacher, run_teacher + cfg.rounds * read_back
@@ -112,9 +114,9 @@ def prestored_costs(cfg: ExperimentConfig, trains: list[TensorDictDataset]) -> d
 
 
 def build_report(cfg: ExperimentConfig, kd: dict, no_kd: dict) -> dict[str, Any]:
-    teacher = tosc.load_teacher(cfg)
+    teacher = tosc_teacher.load_teacher(cfg)
     student = tosc.build(cfg)
-    parts = [load_partition(cfg.data, pid, cfg.num_clients) for pid in range(cfg.num_clients)]
+    parts = [tosc.load_data(cfg, pid, cfg.num_clients) for pid in range(cfg.num_clients)]
     test = _union([p[1] for p in parts])
     teacher_acc = {snr: tosc.evaluate(teacher, test, _at_snr(cfg, snr))["accuracy"]
                    for snr in cfg.channel.sweep_snr_db}
@@ -196,7 +198,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulation.distill_report",
+    parser = argparse.ArgumentParser(prog="python -m models.tosc.report",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/distill_quickstart.yaml")
     parser.add_argument("--out", type=Path, default=None,
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or new_run_dir(cfg.output_dir, "distill_report")
     out.mkdir(parents=True, exist_ok=True)
-    tosc.ensure_teacher(cfg)
+    tosc_teacher.ensure_teacher(cfg)
     kd = federated_run(args.config, args.overrides, out / "kd_ib")
     no_kd = federated_run(args.config, [*args.overrides, "distill.kd_weight=0",
                                         "distill.feature_weight=0"], out / "no_kd")

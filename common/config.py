@@ -4,6 +4,11 @@ Every key is checked at start: an unknown key, a value of the wrong type or a va
 outside its allowed set stops the run with a message that names the key, the value
 seen and what is allowed. `key=value` overrides (dotted keys, YAML values) apply on
 top of the file, from the command line or from Flower's `--run-config`.
+
+This module holds the engine's sections (data, lora, channel, train, strategy, split,
+simulation). A workload's own section (`model` for mtsc, `distill` for tosc) is a
+dataclass in its room's `config.py`, found through the registry (common/workloads.py)
+and checked by that room's `check`; `cfg.<section>` reads it like any other.
 """
 
 from __future__ import annotations
@@ -18,7 +23,11 @@ from typing import Any, Literal
 
 import yaml
 
+from common.workloads import WORKLOADS, room
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The tasks the synthetic scenes annotate (a label, a question with its answer, a
+# caption, the image itself); `train.loss_weights` weights them.
 TASKS = ("classification", "vqa", "captioning", "reconstruction")
 
 
@@ -38,21 +47,6 @@ class DataConfig:
     partitioner: Literal["iid", "dirichlet"] = "dirichlet"
     alpha: float = 0.5  # Dirichlet concentration; smaller is more heterogeneous
     test_fraction: float = 0.2  # share of each client's partition held out locally
-
-
-@dataclass
-class ModelConfig:
-    d_model: int = 64
-    layers: int = 2  # encoder and decoder layers of the BART-style LAM
-    heads: int = 4
-    ffn_dim: int = 128
-    checkpoint: str | None = None  # local folder with a BART checkpoint (config + weights)
-    patch_size: int = 8  # image patch -> one LAM token
-    jscc_symbols: int = 16  # complex channel symbols per token at full rate
-    min_rate: float = 0.25  # share of tokens sent at the highest SNR
-    rate_snr_db: list[float] = field(default_factory=lambda: [0.0, 20.0])
-    caption_len: int = 12
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
 
 
 @dataclass
@@ -116,38 +110,6 @@ class SplitConfig:
 
 
 @dataclass
-class TeacherConfig:
-    """The tosc teacher: the TOSC system around a ResNet-18 encoder, trained centrally
-    on a public split of synthetic scenes that no client owns, saved to `checkpoint`."""
-
-    checkpoint: str = "runs/teachers/teacher.pt"  # local file; trained and written when missing
-    seed: int = 0  # the teacher's own seed: students of any `seed` can share one teacher
-    latent_dim: int = 32  # real latent dims of the teacher's channel input
-    hidden: int = 256  # width of the teacher's semantic decoder
-    public_samples: int = 2000  # scenes num_samples .. num_samples + public_samples - 1
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 1e-3
-
-
-@dataclass
-class DistillConfig:
-    """Teacher -> student distillation of the tosc workload."""
-
-    beta: float = 1e-3  # information bottleneck: weight of KL(q(z|x) || N(0, I))
-    temperature: float = 4.0  # softening of teacher and student logits in the KD term
-    task_weight: float = 1.0  # cross-entropy to the labels
-    kd_weight: float = 1.0  # KL to the teacher's softened predictions (0: no distillation)
-    feature_weight: float = 0.0  # MSE to the teacher's features (0: no feature matching)
-    top_k: int = 4  # teacher logits kept per example in the pre-stored outputs
-    latent_dim: int = 16  # real latent dims; latent_dim / 2 complex channel symbols
-    width: int = 16  # channels of the student's first conv layer
-    hidden: int = 64  # width of the student's semantic decoder
-    store_dir: str | None = None  # pre-stored teacher outputs (default: beside the checkpoint)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-
-
-@dataclass
 class SimulationConfig:
     backend: Literal["ray"] = "ray"
     num_cpus_per_client: float = 1.0
@@ -157,7 +119,7 @@ class SimulationConfig:
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"
-    workload: Literal["mtsc", "tosc"] = "mtsc"
+    workload: str = "mtsc"  # a name of common.workloads.WORKLOADS
     seed: int = 0
     rounds: int = 3
     num_clients: int = 10
@@ -173,17 +135,29 @@ class ExperimentConfig:
     # in memory only (a resumed run restarts the private modules from scratch).
     client_state_dir: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    # Every registered workload's section by its key (cfg.model, cfg.distill), so that
+    # one config file names them all and a run records them all.
+    sections: dict[str, Any] = field(default_factory=lambda: {
+        key: cls() for key, cls in workload_sections().items()})
+
+    def __getattr__(self, key: str) -> Any:
+        # Called only for names that are not fields: a workload's section.
+        sections = self.__dict__.get("sections")
+        if sections is not None and key in sections:
+            return sections[key]
+        raise AttributeError(f"the experiment config has no key or section {key!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as the YAML file has it: sections at the top level."""
+        out = dataclasses.asdict(self)
+        out.update(out.pop("sections"))
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -273,11 +247,41 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _check_ranges(cfg: ExperimentConfig) -> None:
-    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
-        if not ok:
-            raise ConfigError(f"config key '{key}': got {value!r}, allowed: {allowed}")
+def workload_sections() -> dict[str, type]:
+    """Each registered workload's config section class, by its top-level key."""
+    out: dict[str, type] = {}
+    engine = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    for name in WORKLOADS:
+        for key, cls in room(name, "config").SECTIONS.items():
+            if key in engine or key in out:
+                raise TypeError(f"workload {name!r} declares config section {key!r}, "
+                                "which another part of the config already has")
+            out[key] = cls
+    return out
 
+
+def _build_experiment(raw: dict[str, Any]) -> ExperimentConfig:
+    sections = workload_sections()
+    names = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name != "sections"]
+    for key in raw:
+        if key not in names and key not in sections:
+            raise ConfigError(f"unknown config key '{key}'. Allowed keys here: "
+                              f"{', '.join(names + list(sections))}")
+    if "workload" in raw and raw["workload"] not in WORKLOADS:
+        raise ConfigError(f"config key 'workload': got {raw['workload']!r}, expected one of "
+                          f"{', '.join(repr(w) for w in WORKLOADS)}")
+    cfg = _build(ExperimentConfig, {k: v for k, v in raw.items() if k not in sections})
+    cfg.sections = {key: _coerce(raw.get(key, {}), cls, key) for key, cls in sections.items()}
+    return cfg
+
+
+def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Stop with a message naming the key, the value seen and what is allowed."""
+    if not ok:
+        raise ConfigError(f"config key '{key}': got {value!r}, allowed: {allowed}")
+
+
+def _check_ranges(cfg: ExperimentConfig) -> None:
     need(cfg.rounds >= 1, "rounds", cfg.rounds, "an integer >= 1")
     need(cfg.num_clients >= 1, "num_clients", cfg.num_clients, "an integer >= 1")
     need(0 < cfg.fraction_train <= 1, "fraction_train", cfg.fraction_train, "0 < x <= 1")
@@ -303,30 +307,10 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     d = cfg.data
     need(d.num_samples >= 2 * cfg.num_clients, "data.num_samples", d.num_samples,
          f">= 2 * num_clients ({2 * cfg.num_clients})")
-    need(d.image_size >= 16 and d.image_size % cfg.model.patch_size == 0,
-         "data.image_size", d.image_size,
-         f">= 16 and a multiple of model.patch_size ({cfg.model.patch_size})")
+    need(d.image_size >= 16, "data.image_size", d.image_size, ">= 16")
     need(1 <= d.max_objects <= 4, "data.max_objects", d.max_objects, "1 .. 4")
     need(d.alpha > 0, "data.alpha", d.alpha, "> 0")
     need(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "0 < x < 1")
-    m = cfg.model
-    need(m.d_model % m.heads == 0, "model.d_model", m.d_model,
-         f"a multiple of model.heads ({m.heads})")
-    need(m.layers >= 1, "model.layers", m.layers, ">= 1")
-    need(m.jscc_symbols >= 1, "model.jscc_symbols", m.jscc_symbols, ">= 1")
-    need(0 < m.min_rate <= 1, "model.min_rate", m.min_rate, "0 < x <= 1")
-    need(len(m.rate_snr_db) == 2 and m.rate_snr_db[0] < m.rate_snr_db[1],
-         "model.rate_snr_db", m.rate_snr_db, "[low_db, high_db] with low < high")
-    need(len(m.tasks) > 0 and all(t in TASKS for t in m.tasks), "model.tasks", m.tasks,
-         f"a non-empty list drawn from {list(TASKS)}")
-    if d.name != "synthetic":
-        extra = [t for t in m.tasks if t not in ("classification", "reconstruction")]
-        need(not extra, "model.tasks", m.tasks,
-             f"only classification and reconstruction for data.name={d.name!r} "
-             "(captions and questions exist only in the synthetic scenes)")
-    if d.name in ("cifar10", "stl10"):
-        need(d.root is not None, "data.root", d.root,
-             f"a local folder holding {d.name} (nothing is downloaded)")
     lo = cfg.lora
     need(lo.rank >= 1, "lora.rank", lo.rank, ">= 1")
     need(all(r >= 1 for r in lo.client_ranks), "lora.client_ranks", lo.client_ranks,
@@ -358,56 +342,25 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(0 < sp.poll_interval_s <= 1, "split.poll_interval_s", sp.poll_interval_s,
          "0 < x <= 1 seconds")
     if sp.mode != "off":
-        need(cfg.workload == "mtsc", "split.mode", sp.mode,
-             f"'off' for workload {cfg.workload!r} (only mtsc has a U-shaped split)")
+        splittable = [w for w in WORKLOADS if room(w, "config").SPLIT]
+        need(cfg.workload in splittable, "split.mode", sp.mode,
+             f"'off' for workload {cfg.workload!r} (only {', '.join(splittable)} "
+             f"{'has' if len(splittable) == 1 else 'have'} a U-shaped split)")
         need(not lo.client_ranks, "split.mode", sp.mode,
              "'off' when lora.client_ranks is set (the server half has one rank)")
     st = cfg.strategy
     need(st.proximal_mu >= 0, "strategy.proximal_mu", st.proximal_mu, ">= 0")
     need(st.proximal_mu == 0 or st.name == "fedprox", "strategy.proximal_mu", st.proximal_mu,
          "0 unless strategy.name is 'fedprox'")
-    lora_strategies = ("fedavg_lora", "ffa_lora", "svd_lora", "fedmedian_lora",
-                       "trimmed_avg_lora", "krum_lora")
-    if cfg.workload == "mtsc":
-        need(st.name in lora_strategies, "strategy.name", st.name,
-             f"one of {list(lora_strategies)} for workload 'mtsc' (it shares LoRA adapters)")
-    if cfg.workload == "tosc":
-        need(st.name in ("fedavg", "fedprox"), "strategy.name", st.name,
-             "'fedavg' or 'fedprox' for workload 'tosc' (it shares student weights)")
-        _check_distill(cfg, need)
     s = cfg.simulation
     need(s.num_cpus_per_client > 0, "simulation.num_cpus_per_client",
          s.num_cpus_per_client, "> 0 (and at most the machine's cores)")
     need(s.num_gpus_per_client >= 0, "simulation.num_gpus_per_client",
          s.num_gpus_per_client, ">= 0")
-
-
-def _check_distill(cfg: ExperimentConfig, need) -> None:
-    dc, t = cfg.distill, cfg.distill.teacher
-    need(cfg.data.name == "synthetic", "data.name", cfg.data.name,
-         "'synthetic' for workload 'tosc' (the teacher's public split is drawn from "
-         "synthetic scenes that no client owns)")
-    need(cfg.model.tasks == ["classification"], "model.tasks", cfg.model.tasks,
-         "[classification] for workload 'tosc' (the student is a classifier)")
-    need(dc.beta >= 0, "distill.beta", dc.beta, ">= 0")
-    need(dc.temperature > 0, "distill.temperature", dc.temperature, "> 0")
-    for key in ("task_weight", "kd_weight", "feature_weight"):
-        need(getattr(dc, key) >= 0, f"distill.{key}", getattr(dc, key), ">= 0")
-    need(1 <= dc.top_k <= 4, "distill.top_k", dc.top_k,
-         "1 .. 4 (the synthetic scenes have 4 classes)")
-    need(dc.latent_dim >= 2 and dc.latent_dim % 2 == 0, "distill.latent_dim", dc.latent_dim,
-         "an even integer >= 2 (two real dims make one complex channel symbol)")
-    need(dc.width >= 1, "distill.width", dc.width, ">= 1")
-    need(dc.hidden >= 1, "distill.hidden", dc.hidden, ">= 1")
-    need(t.latent_dim >= 2 and t.latent_dim % 2 == 0, "distill.teacher.latent_dim",
-         t.latent_dim, "an even integer >= 2")
-    need(t.hidden >= 1, "distill.teacher.hidden", t.hidden, ">= 1")
-    need(t.public_samples >= 10, "distill.teacher.public_samples", t.public_samples, ">= 10")
-    need(t.epochs >= 1, "distill.teacher.epochs", t.epochs, ">= 1")
-    need(t.batch_size >= 1, "distill.teacher.batch_size", t.batch_size, ">= 1")
-    need(t.lr > 0, "distill.teacher.lr", t.lr, "> 0")
-    need(bool(t.checkpoint), "distill.teacher.checkpoint", t.checkpoint,
-         "a local file path (it is trained and written there when missing)")
+    room(cfg.workload, "config").check(cfg)  # its section, its strategies, its data
+    if d.name in ("cifar10", "stl10"):
+        need(d.root is not None, "data.root", d.root,
+             f"a local folder holding {d.name} (nothing is downloaded)")
 
 
 def parse_overrides(items: list[str] | str) -> dict[str, Any]:
@@ -451,7 +404,7 @@ def config_from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = Non
     raw = json.loads(json.dumps(raw))  # deep copy; also rejects non-JSON values early
     for key, value in (overrides or {}).items():
         _apply(raw, key, value)
-    cfg = _build(ExperimentConfig, raw)
+    cfg = _build_experiment(raw)
     _check_ranges(cfg)
     return cfg
 

@@ -7,21 +7,20 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-PANELS = [
-    ("train_loss", "train loss", None),
-    ("accuracy", "accuracy", ["accuracy", "vqa_accuracy", "majority_class_share"]),
-    ("bleu", "caption BLEU-4", None),
-    ("psnr", "reconstruction PSNR (dB)", None),
-    ("bytes_up", "bytes per client per round", ["bytes_up", "bytes_down"]),
-    ("symbols_per_example", "channel symbols per example", None),
-]
+
+class Panel(NamedTuple):
+    """One plot of metrics.png: the metrics drawn per round under one title."""
+
+    title: str
+    keys: tuple[str, ...]
+    reference: tuple[str, ...] = ()  # drawn dashed: a baseline to read the others against
 
 
 def new_run_dir(output_dir: str | Path, name: str) -> Path:
@@ -45,9 +44,11 @@ class RunRecorder:
     """Collects one row per round and keeps the JSON and the plot up to date."""
 
     def __init__(self, run_dir: Path, config: dict[str, Any],
-                 rounds: list[dict[str, Any]] | None = None):
-        """`rounds`: the rows already measured (a resumed run continues them)."""
+                 rounds: list[dict[str, Any]] | None = None, panels: tuple[Panel, ...] = ()):
+        """`rounds`: the rows already measured (a resumed run continues them);
+        `panels`: what metrics.png shows."""
         self.run_dir = Path(run_dir)
+        self.panels = panels
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data: dict[str, Any] = {"config": config, "rounds": list(rounds or []),
                                      "status": "running"}
@@ -67,11 +68,13 @@ class RunRecorder:
 
     def _save(self) -> None:
         _write_atomic(self.run_dir / "metrics.json", json.dumps(self.data, indent=2))
-        plot_rounds(self.rounds, self.run_dir / "metrics.png", self.data["config"].get("name", ""))
+        plot_rounds(self.rounds, self.run_dir / "metrics.png", self.panels,
+                    self.data["config"].get("name", ""))
 
 
-def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    panels = [p for p in PANELS if any(p[0] in r for r in rounds)]
+def plot_rounds(rounds: list[dict[str, Any]], path: Path, panels: tuple[Panel, ...],
+                title: str = "") -> None:
+    panels = [p for p in panels if any(p.keys[0] in r for r in rounds)]
     if not panels:
         return
     cols = 3
@@ -79,18 +82,18 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str = "") -> No
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    for ax, (key, label, keys) in zip(axes.flat, panels):
-        for k in keys or [key]:
+    for ax, panel in zip(axes.flat, panels):
+        for k in panel.keys + panel.reference:
             pts = [(r["round"], r[k]) for r in rounds if r.get(k) is not None]
             if not pts:
                 continue
             xs, ys = zip(*pts)
-            style = "--" if k == "majority_class_share" else "-o"
+            style = "--" if k in panel.reference else "-o"
             ax.plot(xs, ys, style, label=k.replace("_", " "), markersize=4)
-        ax.set_title(label)
+        ax.set_title(panel.title)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-        if keys:
+        if len(panel.keys + panel.reference) > 1:
             ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

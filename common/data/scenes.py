@@ -1,32 +1,23 @@
-"""Data for the federated semantic-communication experiments.
+"""The synthetic multi-task scenes: the embedded default dataset.
 
-The main source is a synthetic multi-task scene generator: coloured shapes on a dark
-background, with a class label, a segmentation map, boxes, a caption and a VQA pair per
-image. It needs no download, every sample is a pure function of (seed, index), so each
-Flower client renders only its own samples, and every answer is true by construction,
-which makes task metrics meaningful even for tiny models.
-
-Clients get their share through Flower Datasets partitioners (IID or Dirichlet label
-skew) and split it into a local train and test set. CIFAR-10, STL-10 (read from a local
-folder, never downloaded) and scikit-learn's bundled digits serve as real-image
-datasets for classification and reconstruction.
+Coloured shapes on a dark background, with a class label, a segmentation map, boxes, a
+caption and a VQA pair per image. They need no download, every sample is a pure
+function of (seed, index), so each Flower client renders only its own samples, and
+every answer is true by construction, which makes task metrics meaningful even for tiny
+models.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-import warnings
-from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from simulation.config import DataConfig
+from common.config import DataConfig
+from common.data.tensor_dataset import TensorDictDataset
 
 # --------------------------------------------------------------------------- vocabulary
 
@@ -291,27 +282,6 @@ def synthetic_sample(seed: int, index: int, max_objects: int, image_size: int,
 
 # --------------------------------------------------------------------------- datasets
 
-
-class TensorDictDataset(Dataset):
-    """Samples held as stacked tensors; item i is {key: tensor[i]}.
-
-    Stacking once makes __getitem__ a few indexing operations, so DataLoader batches
-    cost nothing next to the model.
-    """
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        lengths = {k: len(v) for k, v in tensors.items()}
-        if len(set(lengths.values())) != 1:
-            raise ValueError(f"all tensors need the same first dimension, got {lengths}")
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(next(iter(self.tensors.values())))
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.tensors.items()}
-
-
 class SyntheticScenes(TensorDictDataset):
     """The synthetic scenes `indices` of `cfg`, rendered once at construction.
 
@@ -331,218 +301,3 @@ class SyntheticScenes(TensorDictDataset):
             probe = synthetic_sample(cfg.seed, 0, cfg.max_objects, cfg.image_size, caption_len)
             tensors = {k: torch.from_numpy(np.asarray(v)[None][:0]) for k, v in probe.items()}
         super().__init__(tensors)
-
-
-# --------------------------------------------------------------------------- real images
-
-_REAL_FOLDERS = {"cifar10": "cifar-10-batches-py", "stl10": "stl10_binary"}
-
-
-def num_classes(cfg: DataConfig) -> int:
-    """Size of the label space: 4 shapes for synthetic scenes, 10 for the others."""
-    if cfg.name == "synthetic":
-        return len(CLASSES)
-    if cfg.name in ("cifar10", "stl10", "digits"):
-        return 10
-    raise ValueError(f"unknown data.name {cfg.name!r}: use synthetic, cifar10, stl10 or digits")
-
-
-def _dataset_root(name: str, root: str | None, download: bool = False) -> Path:
-    """The folder torchvision expects, with an error that says where to put the data."""
-    folder = _REAL_FOLDERS[name]
-    if root is None:
-        raise FileNotFoundError(
-            f"data.root is not set for {name}: set it to a folder holding the extracted "
-            f"'{folder}' folder (nothing is downloaded)")
-    path = Path(root).expanduser()
-    if path.name == folder:  # the user pointed at the extracted folder itself
-        path = path.parent
-    if not download and not (path / folder).is_dir():
-        raise FileNotFoundError(
-            f"{name} not found: '{path / folder}' does not exist. Place the extracted "
-            f"'{folder}' folder in '{path}' (nothing is downloaded unless you set "
-            "data.download=true)")
-    return path
-
-
-@functools.lru_cache(maxsize=2)
-def _real_arrays(name: str, root: str | None, download: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """All images (uint8 or float, channels first, NCHW) and labels of a real dataset.
-
-    Cached because every client in a simulation process reads the same files.
-    """
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()  # bundled with scikit-learn: 8x8, grey values 0..16
-        return digits.images[:, None].astype(np.float32) / 16.0, digits.target.astype(np.int64)
-    import torchvision
-
-    path = _dataset_root(name, root, download)
-    try:
-        if name == "cifar10":
-            ds = torchvision.datasets.CIFAR10(str(path), train=True, download=download)
-            return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, dtype=np.int64)
-        ds = torchvision.datasets.STL10(str(path), split="train", download=download)
-        return ds.data, np.asarray(ds.labels, dtype=np.int64)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
-        raise FileNotFoundError(
-            f"{name} files in '{path / _REAL_FOLDERS[name]}' are missing or corrupted "
-            f"({err}). Place the complete extracted '{_REAL_FOLDERS[name]}' folder there "
-            "(nothing is downloaded)") from err
-
-
-def real_labels(cfg: DataConfig) -> np.ndarray:
-    """Labels of the first `cfg.num_samples` images of a real dataset."""
-    _, labels = _real_arrays(cfg.name, cfg.root, cfg.download)
-    return labels[: cfg.num_samples].copy()
-
-
-def real_images(cfg: DataConfig, indices: Sequence[int]) -> torch.Tensor:
-    """Images `indices` as float32 [N,3,S,S] in [0,1], resized to cfg.image_size."""
-    images, _ = _real_arrays(cfg.name, cfg.root, cfg.download)
-    x = torch.from_numpy(np.ascontiguousarray(images[np.asarray(indices, dtype=np.int64)]))
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    size = cfg.image_size
-    if x.shape[-1] != size and len(x):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=x.shape[-1] > size).clamp(0.0, 1.0)
-    return x.contiguous()
-
-
-# --------------------------------------------------------------------------- partitions
-
-
-def _min_partition_size(num_samples: int, num_partitions: int) -> int:
-    """Ask for 2..10 samples per partition: enough for a train and a test sample.
-
-    Larger minimums make Dirichlet draws fail on 100 clients of a 4-class dataset.
-    """
-    wanted = min(10, max(2, num_samples // (10 * num_partitions)))
-    return max(1, min(wanted, num_samples // num_partitions))
-
-
-def _top_up(parts: list[np.ndarray], min_size: int) -> list[np.ndarray]:
-    """Move samples from the largest partitions to those below `min_size`."""
-    parts = [p.copy() for p in parts]
-    for i in range(len(parts)):
-        while len(parts[i]) < min_size:
-            donor = max(range(len(parts)), key=lambda j: len(parts[j]))
-            parts[i] = np.append(parts[i], parts[donor][-1])
-            parts[donor] = parts[donor][:-1]
-    return parts
-
-
-@functools.lru_cache(maxsize=16)
-def _partition_table(label_bytes: bytes, num_partitions: int, partitioner: str,
-                     alpha: float, seed: int) -> tuple[np.ndarray, ...]:
-    """Sample indices of every partition, from a Flower Datasets partitioner.
-
-    Cached: all clients of a process share one assignment and it is computed once.
-    """
-    import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
-
-    labels = np.frombuffer(label_bytes, dtype=np.int64)
-    order = np.arange(len(labels))
-    if partitioner == "iid":  # IidPartitioner cuts contiguous shards: shuffle first
-        order = np.random.default_rng(seed).permutation(order)
-    table = datasets.Dataset.from_dict({"label": labels[order], "index": order})
-    min_size = _min_partition_size(len(labels), num_partitions)
-
-    def run(part) -> list[np.ndarray]:
-        part.dataset = table
-        return [np.asarray(part.load_partition(pid)["index"], dtype=np.int64)
-                for pid in range(num_partitions)]
-
-    if partitioner == "iid":
-        return tuple(run(IidPartitioner(num_partitions=num_partitions)))
-    if partitioner != "dirichlet":
-        raise ValueError(f"unknown data.partitioner {partitioner!r}: use iid or dirichlet")
-
-    def dirichlet(min_partition_size: int) -> DirichletPartitioner:
-        return DirichletPartitioner(
-            num_partitions=num_partitions, partition_by="label", alpha=alpha,
-            min_partition_size=min_partition_size, self_balancing=True, seed=seed)
-
-    with warnings.catch_warnings():  # it warns on every failed draw before retrying
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            return tuple(run(dirichlet(min_size)))
-        except ValueError:  # 11 draws left a partition too small
-            parts = run(dirichlet(0))
-    warnings.warn(
-        f"Dirichlet partitioning (alpha={alpha}) of {len(labels)} samples into "
-        f"{num_partitions} partitions left some with fewer than {min_size} samples; "
-        "moved samples there from the largest partitions. Raise data.alpha or "
-        "data.num_samples, or lower num_clients, to avoid this.", stacklevel=3)
-    return tuple(_top_up(parts, min_size))
-
-
-def partition_indices(labels: np.ndarray, num_partitions: int, partition_id: int,
-                      cfg: DataConfig) -> np.ndarray:
-    """Indices (into `labels`) of the samples in partition `partition_id`.
-
-    Partitions are disjoint, cover every sample and are never empty. Dirichlet
-    partitions split each label among the partitions with concentration cfg.alpha.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    if not isinstance(num_partitions, (int, np.integer)) or not 1 <= num_partitions <= len(labels):
-        raise ValueError(f"num_partitions={num_partitions!r} is invalid: use 1..{len(labels)} "
-                         f"(the number of samples), or raise data.num_samples")
-    if not isinstance(partition_id, (int, np.integer)) or not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition_id={partition_id!r} is out of range: use "
-                         f"0..{num_partitions - 1} for num_partitions={num_partitions}")
-    table = _partition_table(labels.tobytes(), int(num_partitions), cfg.partitioner,
-                             float(cfg.alpha), int(cfg.seed))
-    return table[partition_id].copy()
-
-
-def _split(indices: np.ndarray, test_fraction: float, seed: int, partition_id: int
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded shuffle, then the last `test_fraction` share (at least 1) is the test set."""
-    if len(indices) < 2:
-        raise ValueError(f"partition {partition_id} has {len(indices)} sample(s), too few "
-                         "for a train and a test set: raise data.num_samples or lower "
-                         "num_clients")
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction={test_fraction!r} is invalid: use 0 < x < 1")
-    shuffled = np.random.default_rng([seed, partition_id]).permutation(indices)
-    n_test = min(max(1, round(len(shuffled) * test_fraction)), len(shuffled) - 1)
-    return shuffled[:-n_test], shuffled[-n_test:]
-
-
-def load_partition(cfg: DataConfig, partition_id: int, num_partitions: int,
-                   caption_len: int = 12) -> tuple[Dataset, Dataset]:
-    """The client's local (train, test) datasets.
-
-    Cached per process because a Flower client calls this on every message; the
-    returned datasets are shared, so do not modify their tensors in place.
-    """
-    key = tuple(sorted(dataclasses.asdict(cfg).items()))
-    return _load_partition(key, int(partition_id), int(num_partitions), int(caption_len))
-
-
-@functools.lru_cache(maxsize=128)
-def _load_partition(cfg_key: tuple, partition_id: int, num_partitions: int,
-                    caption_len: int) -> tuple[Dataset, Dataset]:
-    cfg = DataConfig(**dict(cfg_key))
-    if cfg.name == "synthetic":
-        labels = synthetic_labels(cfg)
-    elif cfg.name in ("cifar10", "stl10", "digits"):
-        labels = real_labels(cfg)
-    else:
-        raise ValueError(f"unknown data.name {cfg.name!r}: use synthetic, cifar10, stl10 "
-                         "or digits")
-    indices = partition_indices(labels, num_partitions, partition_id, cfg)
-    train, test = _split(indices, cfg.test_fraction, cfg.seed, partition_id)
-    if cfg.name == "synthetic":
-        return (SyntheticScenes(cfg, train, caption_len),
-                SyntheticScenes(cfg, test, caption_len))
-    return tuple(
-        TensorDictDataset({"image": real_images(cfg, part),
-                           "label": torch.from_numpy(labels[part])})
-        for part in (train, test))

@@ -16,53 +16,23 @@ only tensors that leave a client (`shared_state`).
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
-from torchmetrics.functional.image import peak_signal_noise_ratio
-from torchmetrics.functional.text import bleu_score
 from transformers import BartConfig, BartModel
 
+from common.config import ExperimentConfig
+from common.data import num_classes
+from common.data.scenes import ANSWERS, BOS_ID, EOS_ID, PAD_ID, QUESTION_LEN, VOCAB
+from common.seeding import seeded
 from models.channel import WirelessChannel
-from models.jscc import (
-    JSCCDecoder,
-    JSCCEncoder,
-    JSCCOutput,
-    prefix_mask,
-    sent_positions,
-)
-from simulation.config import ExperimentConfig
-from simulation.data import (
-    ANSWERS,
-    BOS_ID,
-    EOS_ID,
-    PAD_ID,
-    QUESTION_LEN,
-    VOCAB,
-    decode_tokens,
-    num_classes,
-)
-
-log = logging.getLogger("fedsemcom")
+from models.jscc import JSCCDecoder, JSCCEncoder, JSCCOutput, sent_positions
 
 # Decoder query layout: one query per scalar task, one per reconstructed image patch.
 Q_CLS, Q_VQA, Q_CAP, Q_REC = 0, 1, 2, 3
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Run a block under a fixed torch seed without disturbing the caller's RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 # ----------------------------------------------------------------------------- LAM
@@ -278,9 +248,6 @@ class MTSCModel(nn.Module):
         return self.receiver(received, tx.mask, snr_db), tx
 
 
-# ----------------------------------------------------------------------------- the seam
-
-
 def build(cfg: ExperimentConfig, device: torch.device | str = "cpu",
           lora_rank: int | None = None) -> MTSCModel:
     """The whole model: frozen LAM base + LoRA (shared seed) + private modules."""
@@ -302,102 +269,6 @@ def build(cfg: ExperimentConfig, device: torch.device | str = "cpu",
     return model.to(device)
 
 
-def _lora_modules(model: MTSCModel) -> dict[str, nn.Module]:
-    return {"encoder": model.transmitter.lam_encoder, "decoder": model.receiver.lam_decoder}
-
-
-def shared_state(model: MTSCModel, lora_train: str = "ab",
-                 client_half_only: bool = False) -> dict[str, np.ndarray]:
-    """The only tensors that may leave a client: LoRA adapters (only B for FFA-LoRA).
-    In split training the client holds only the encoder's (`client_half_only`)."""
-    out = {}
-    for prefix, module in _lora_modules(model).items():
-        if client_half_only and prefix != "encoder":
-            continue
-        for key, value in get_peft_model_state_dict(module).items():
-            if lora_train == "b" and "lora_A" in key:
-                continue
-            out[f"{prefix}.{key}"] = value.detach().cpu().float().numpy()
-    return out
-
-
-def _fit_rank(a: Tensor, b: Tensor, local_a: Tensor) -> tuple[Tensor, Tensor]:
-    """Map rank-R factors (SVD-ordered, scaling alpha/R) onto a local rank r.
-
-    (alpha/r) B_r A_r = (alpha/R) B[:, :r] A[:r] needs both factors scaled by sqrt(r/R).
-    Components that carry nothing (zero B column; for r > R the extra ones, or the
-    zero padding svd_lora adds when the update has fewer than R components) get the
-    local A row back: the product is unchanged and they can still learn, which an
-    all-zero pair never would (both gradients vanish).
-    """
-    big_r, r = a.shape[0], local_a.shape[0]
-    c = math.sqrt(r / big_r)
-    if big_r >= r:
-        a_fit, b_fit = a[:r] * c, b[:, :r] * c
-    else:
-        a_fit = torch.cat([a * c, torch.zeros(r - big_r, a.shape[1])], dim=0)
-        b_fit = torch.cat([b * c, torch.zeros(b.shape[0], r - big_r)], dim=1)
-    dead = (b_fit.abs().sum(dim=0) == 0) & (a_fit.abs().sum(dim=1) == 0)
-    a_fit[dead] = local_a[dead].to(a_fit.dtype)
-    return a_fit, b_fit
-
-
-def load_shared_state(model: MTSCModel, arrays: dict[str, np.ndarray]) -> None:
-    """Load adapters from the server; adapts the rank when it differs (svd_lora)."""
-    params = dict(model.named_parameters())
-    names = {}
-    for prefix, module in _lora_modules(model).items():
-        owner = "transmitter.lam_encoder" if prefix == "encoder" else "receiver.lam_decoder"
-        for key in get_peft_model_state_dict(module):
-            local = key.replace(".weight", ".default.weight")
-            names[f"{prefix}.{key}"] = params[f"{owner}.{local}"]
-    unexpected = sorted(set(arrays) - set(names))
-    if unexpected:
-        raise KeyError(f"shared state has keys this model does not: {unexpected[:3]}")
-    incoming = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in arrays.items()}
-    with torch.no_grad():
-        for key, value in incoming.items():
-            if "lora_B" in key:
-                continue
-            b_key = key.replace("lora_A", "lora_B")
-            a_local = names[key].detach().cpu()
-            b_value = incoming.get(b_key, names[b_key].detach().cpu())
-            a_fit, b_fit = _fit_rank(value, b_value, a_local)
-            names[key].copy_(a_fit)
-            incoming[b_key] = b_fit
-        for key, value in incoming.items():
-            if "lora_B" in key:
-                if value.shape != names[key].shape:
-                    raise ValueError(
-                        f"{key}: got shape {tuple(value.shape)}, model has "
-                        f"{tuple(names[key].shape)}"
-                    )
-                names[key].copy_(value)
-
-
-# The U-shaped split (LAM-MTSC, federated split fine-tuning): the client keeps the
-# transmitter (modality encoders, LAM encoder + LoRA, JSCC encoder) and the task decoders
-# with its labels; the server keeps the receiver (JSCC decoder, LAM decoder + LoRA).
-CLIENT_HALF = ("transmitter.", "task_decoders.")
-
-
-def client_parameters(model: MTSCModel) -> dict[str, nn.Parameter]:
-    """Everything the client trains in split mode (the LAM's base weights are frozen)."""
-    return {n: p for n, p in model.named_parameters()
-            if n.startswith(CLIENT_HALF) and ("lam_" not in n or "lora_" in n)}
-
-
-def server_half(model: MTSCModel) -> Receiver:
-    return model.receiver
-
-
-def server_forward(receiver: Receiver, received: Tensor, counts: Tensor,
-                   snr_db: Tensor) -> Tensor:
-    """The server half on what arrived; the prefix mask is rebuilt from the counts, so
-    the importance scores' gradient flows back through them."""
-    return receiver(received, prefix_mask(counts, received.shape[-1]), snr_db)
-
-
 def set_trainable(model: MTSCModel, lora_train: str) -> None:
     """FFA-LoRA freezes A; everything private and every B stays trainable."""
     for name, p in model.named_parameters():
@@ -405,141 +276,3 @@ def set_trainable(model: MTSCModel, lora_train: str) -> None:
             p.requires_grad_(lora_train == "ab")
         elif "lora_B" in name:
             p.requires_grad_(True)
-
-
-def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.amp` on `device`; None trains in fp32.
-
-    Mixed precision is for CUDA only. One experiment config reaches every node, and
-    a federation may mix GPU and CPU nodes, so a CPU node trains in fp32 and says so
-    rather than failing the round.
-    """
-    if amp == "none":
-        return None
-    if device.type != "cuda":
-        log.warning("train.amp=%s needs CUDA; this node trains on %s in fp32", amp, device)
-        return None
-    if amp == "bf16" and not torch.cuda.is_bf16_supported():
-        raise RuntimeError(f"train.amp=bf16 but {torch.cuda.get_device_name(device)} has no "
-                           "bf16 support; use train.amp=fp16 or none")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def train_local(model: MTSCModel, data: Dataset, cfg: ExperimentConfig,
-                lora_train: str = "ab", seed: int = 0) -> dict[str, float]:
-    """Local epochs of AdamW on the weighted sum of task losses.
-
-    `seed` fixes the batch order, the per-example SNR draws and the channel noise, so
-    a round is reproducible."""
-    torch.manual_seed(seed)
-    set_trainable(model, lora_train)
-    device = next(model.parameters()).device
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-    )
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True, generator=gen)
-    weights = cfg.train.loss_weights
-    amp_dtype = autocast_dtype(cfg.train.amp, device)
-    # fp16 needs loss scaling against underflowing gradients; bf16 has fp32's range.
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    model.train()
-    total, per_task, symbols, n_seen = 0.0, {}, 0.0, 0
-    for _ in range(cfg.train.local_epochs):
-        for batch in loader:
-            batch = _to(batch, device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                h, tx = model(batch)
-                losses = model.task_decoders.losses(h, batch)
-                loss = sum(weights.get(t, 1.0) * v for t, v in losses.items())
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            n = batch["image"].shape[0]
-            n_seen += n
-            total += loss.item() * n
-            symbols += tx.symbols_sent.sum().item()
-            for t, v in losses.items():
-                per_task[t] = per_task.get(t, 0.0) + v.item() * n
-    metrics = {"train_loss": total / n_seen, "symbols_per_example": symbols / n_seen}
-    metrics.update({f"loss_{t}": v / n_seen for t, v in per_task.items()})
-    metrics["num-examples"] = len(data)
-    return metrics
-
-
-class TaskScorer:
-    """Task metrics accumulated over batches of receiver outputs `h` and their labels.
-
-    accuracy (classification), vqa_accuracy, bleu (BLEU-4, smoothed, greedy captions),
-    psnr (dB, images in [0, 1]) and majority_class_share: the accuracy a constant
-    guess of the most common local test label would get, to read accuracy against.
-    """
-
-    def __init__(self, cfg: ExperimentConfig):
-        self.tasks, self.weights = cfg.model.tasks, cfg.train.loss_weights
-        self.n, self.loss, self.correct, self.vqa_correct, self.psnr = 0, 0.0, 0, 0, 0.0
-        self.hyps: list[str] = []
-        self.refs: list[list[str]] = []
-        self.labels: list[Tensor] = []
-
-    def add(self, heads: TaskDecoders, h: Tensor, batch: dict[str, Tensor]) -> None:
-        n = batch["image"].shape[0]
-        losses = heads.losses(h, batch)
-        self.loss += sum(self.weights.get(t, 1.0) * v for t, v in losses.items()).item() * n
-        self.n += n
-        self.labels.append(batch["label"].cpu())
-        if "classification" in self.tasks:
-            pred = heads.classification(h[:, Q_CLS]).argmax(-1)
-            self.correct += (pred == batch["label"]).sum().item()
-        if "vqa" in self.tasks:
-            self.vqa_correct += (heads.vqa(h[:, Q_VQA]).argmax(-1) == batch["answer"]).sum().item()
-        if "captioning" in self.tasks:
-            gen = heads.captioning.generate(h[:, Q_CAP], batch["caption"].shape[1])
-            self.hyps += [decode_tokens(g.tolist()) for g in gen]
-            self.refs += [[decode_tokens(c.tolist())] for c in batch["caption"]]
-        if "reconstruction" in self.tasks:
-            rec = heads.reconstruct(h).clamp(0.0, 1.0)
-            self.psnr += peak_signal_noise_ratio(rec, batch["image"], data_range=1.0,
-                                                 reduction="sum", dim=(1, 2, 3)).item()
-
-    def result(self) -> dict[str, float]:
-        counts = torch.bincount(torch.cat(self.labels))
-        out = {"loss": self.loss / self.n, "num-examples": self.n,
-               "majority_class_share": counts.max().item() / self.n}
-        if "classification" in self.tasks:
-            out["accuracy"] = self.correct / self.n
-        if "vqa" in self.tasks:
-            out["vqa_accuracy"] = self.vqa_correct / self.n
-        if "captioning" in self.tasks:
-            out["bleu"] = float(bleu_score(self.hyps, self.refs, n_gram=4, smooth=True))
-        if "reconstruction" in self.tasks:
-            out["psnr"] = self.psnr / self.n
-        return out
-
-
-def eval_batches(data: Dataset, cfg: ExperimentConfig) -> DataLoader:
-    return DataLoader(data, batch_size=max(64, cfg.train.batch_size))
-
-
-@torch.no_grad()
-def evaluate(model: MTSCModel, data: Dataset, cfg: ExperimentConfig) -> dict[str, float]:
-    """Task metrics (see TaskScorer) on the client's local test split."""
-    with seeded(cfg.seed):  # the same SNR draws and channel noise at every evaluation
-        device = next(model.parameters()).device
-        model.eval()
-        scorer = TaskScorer(cfg)
-        for batch in eval_batches(data, cfg):
-            batch = _to(batch, device)
-            h, _ = model(batch)
-            scorer.add(model.task_decoders, h, batch)
-        return scorer.result()

@@ -1,0 +1,31 @@
+"""The workload registry: each workload's room under models/, by name.
+
+A room holds two modules the rest of the house looks for:
+
+- `config`: its config section (`SECTIONS`: top-level key -> dataclass), `SPLIT`
+  (whether it has a U-shaped split) and `check(cfg)`, its range checks. It imports
+  nothing heavy, so a config is checked before torch is loaded.
+- `workload`: the seam of DESIGN.md (build, shared_state, load_shared_state,
+  load_data, train_local, evaluate) and the names of its metrics.
+
+The config loader reads the first, the engine the second (models.get_workload). A new
+workload is a new room and one line here. Rooms are imported by name when they are
+needed, so the foundation depends on no workload when it is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+WORKLOADS: dict[str, str] = {
+    "mtsc": "models.mtsc",  # LAM-based multi-task semantic communication
+    "tosc": "models.tosc",  # distilled lightweight task-oriented students
+}
+
+
+def room(name: str, part: str) -> ModuleType:
+    """Module `part` ("config" or "workload") of workload `name`'s room."""
+    if name not in WORKLOADS:
+        raise ValueError(f"workload {name!r} unknown; available: {sorted(WORKLOADS)}")
+    return importlib.import_module(f"{WORKLOADS[name]}.{part}")

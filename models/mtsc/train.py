@@ -1,0 +1,104 @@
+"""Local training and evaluation of the `mtsc` workload (federated LoRA rounds)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from common.config import ExperimentConfig
+from common.seeding import seeded
+from models.mtsc.metrics import TaskScorer
+from models.mtsc.model import MTSCModel, set_trainable
+
+log = logging.getLogger("fedsemcom")
+
+
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `train.amp` on `device`; None trains in fp32.
+
+    Mixed precision is for CUDA only. One experiment config reaches every node, and
+    a federation may mix GPU and CPU nodes, so a CPU node trains in fp32 and says so
+    rather than failing the round.
+    """
+    if amp == "none":
+        return None
+    if device.type != "cuda":
+        log.warning("train.amp=%s needs CUDA; this node trains on %s in fp32", amp, device)
+        return None
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"train.amp=bf16 but {torch.cuda.get_device_name(device)} has no "
+                           "bf16 support; use train.amp=fp16 or none")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def train_local(model: MTSCModel, data: Dataset, cfg: ExperimentConfig,
+                lora_train: str = "ab", seed: int = 0) -> dict[str, float]:
+    """Local epochs of AdamW on the weighted sum of task losses.
+
+    `seed` fixes the batch order, the per-example SNR draws and the channel noise, so
+    a round is reproducible."""
+    torch.manual_seed(seed)
+    set_trainable(model, lora_train)
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True, generator=gen)
+    weights = cfg.train.loss_weights
+    amp_dtype = autocast_dtype(cfg.train.amp, device)
+    # fp16 needs loss scaling against underflowing gradients; bf16 has fp32's range.
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    model.train()
+    total, per_task, symbols, n_seen = 0.0, {}, 0.0, 0
+    for _ in range(cfg.train.local_epochs):
+        for batch in loader:
+            batch = _to(batch, device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                h, tx = model(batch)
+                losses = model.task_decoders.losses(h, batch)
+                loss = sum(weights.get(t, 1.0) * v for t, v in losses.items())
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            n = batch["image"].shape[0]
+            n_seen += n
+            total += loss.item() * n
+            symbols += tx.symbols_sent.sum().item()
+            for t, v in losses.items():
+                per_task[t] = per_task.get(t, 0.0) + v.item() * n
+    metrics = {"train_loss": total / n_seen, "symbols_per_example": symbols / n_seen}
+    metrics.update({f"loss_{t}": v / n_seen for t, v in per_task.items()})
+    metrics["num-examples"] = len(data)
+    return metrics
+
+
+def eval_batches(data: Dataset, cfg: ExperimentConfig) -> DataLoader:
+    return DataLoader(data, batch_size=max(64, cfg.train.batch_size))
+
+
+@torch.no_grad()
+def evaluate(model: MTSCModel, data: Dataset, cfg: ExperimentConfig) -> dict[str, float]:
+    """Task metrics (see TaskScorer) on the client's local test split."""
+    with seeded(cfg.seed):  # the same SNR draws and channel noise at every evaluation
+        device = next(model.parameters()).device
+        model.eval()
+        scorer = TaskScorer(cfg)
+        for batch in eval_batches(data, cfg):
+            batch = _to(batch, device)
+            h, _ = model(batch)
+            scorer.add(model.task_decoders, h, batch)
+        return scorer.result()

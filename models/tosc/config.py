@@ -1,0 +1,72 @@
+"""The `tosc` workload's config section (`distill:`, with its `teacher:`) and its checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.config import ExperimentConfig, need
+
+
+@dataclass
+class TeacherConfig:
+    """The tosc teacher: the TOSC system around a ResNet-18 encoder, trained centrally
+    on a public split of synthetic scenes that no client owns, saved to `checkpoint`."""
+
+    checkpoint: str = "runs/teachers/teacher.pt"  # local file; trained and written when missing
+    seed: int = 0  # the teacher's own seed: students of any `seed` can share one teacher
+    latent_dim: int = 32  # real latent dims of the teacher's channel input
+    hidden: int = 256  # width of the teacher's semantic decoder
+    public_samples: int = 2000  # scenes num_samples .. num_samples + public_samples - 1
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 1e-3
+
+
+@dataclass
+class DistillConfig:
+    """Teacher -> student distillation of the tosc workload."""
+
+    beta: float = 1e-3  # information bottleneck: weight of KL(q(z|x) || N(0, I))
+    temperature: float = 4.0  # softening of teacher and student logits in the KD term
+    task_weight: float = 1.0  # cross-entropy to the labels
+    kd_weight: float = 1.0  # KL to the teacher's softened predictions (0: no distillation)
+    feature_weight: float = 0.0  # MSE to the teacher's features (0: no feature matching)
+    top_k: int = 4  # teacher logits kept per example in the pre-stored outputs
+    latent_dim: int = 16  # real latent dims; latent_dim / 2 complex channel symbols
+    width: int = 16  # channels of the student's first conv layer
+    hidden: int = 64  # width of the student's semantic decoder
+    store_dir: str | None = None  # pre-stored teacher outputs (default: beside the checkpoint)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+SECTIONS = {"distill": DistillConfig}
+SPLIT = False
+STRATEGIES = ("fedavg", "fedprox")  # it shares student weights
+
+
+def check(cfg: ExperimentConfig) -> None:
+    dc, t = cfg.distill, cfg.distill.teacher
+    need(cfg.strategy.name in STRATEGIES, "strategy.name", cfg.strategy.name,
+         "'fedavg' or 'fedprox' for workload 'tosc' (it shares student weights)")
+    need(cfg.data.name == "synthetic", "data.name", cfg.data.name,
+         "'synthetic' for workload 'tosc' (the teacher's public split is drawn from "
+         "synthetic scenes that no client owns)")
+    need(dc.beta >= 0, "distill.beta", dc.beta, ">= 0")
+    need(dc.temperature > 0, "distill.temperature", dc.temperature, "> 0")
+    for key in ("task_weight", "kd_weight", "feature_weight"):
+        need(getattr(dc, key) >= 0, f"distill.{key}", getattr(dc, key), ">= 0")
+    need(1 <= dc.top_k <= 4, "distill.top_k", dc.top_k,
+         "1 .. 4 (the synthetic scenes have 4 classes)")
+    need(dc.latent_dim >= 2 and dc.latent_dim % 2 == 0, "distill.latent_dim", dc.latent_dim,
+         "an even integer >= 2 (two real dims make one complex channel symbol)")
+    need(dc.width >= 1, "distill.width", dc.width, ">= 1")
+    need(dc.hidden >= 1, "distill.hidden", dc.hidden, ">= 1")
+    need(t.latent_dim >= 2 and t.latent_dim % 2 == 0, "distill.teacher.latent_dim",
+         t.latent_dim, "an even integer >= 2")
+    need(t.hidden >= 1, "distill.teacher.hidden", t.hidden, ">= 1")
+    need(t.public_samples >= 10, "distill.teacher.public_samples", t.public_samples, ">= 10")
+    need(t.epochs >= 1, "distill.teacher.epochs", t.epochs, ">= 1")
+    need(t.batch_size >= 1, "distill.teacher.batch_size", t.batch_size, ">= 1")
+    need(t.lr > 0, "distill.teacher.lr", t.lr, "> 0")
+    need(bool(t.checkpoint), "distill.teacher.checkpoint", t.checkpoint,
+         "a local file path (it is trained and written there when missing)")
