@@ -110,6 +110,30 @@ class SplitConfig:
 
 
 @dataclass
+class LabelLeakageConfig:
+    """Audit of split training (Li et al., ICLR 2022): the server scores the gradients
+    it receives with the norm and direction attacks; as an auditor it knows the labels
+    and records the leakage AUC per class and round (privacy/label_leakage.py)."""
+
+    audit: bool = False
+    max_examples: int = 2048  # per client and round kept for the attacks
+
+
+@dataclass
+class SplitDefenceConfig:
+    """Client-side defences of split training against label leakage."""
+
+    gradient_noise_std: float = 0.0  # N(0, std^2) added to every entry of the returned gradient
+    label_epsilon: float | None = None  # train on randomized-response labels (label DP at eps)
+
+
+@dataclass
+class PrivacyConfig:
+    label_leakage: LabelLeakageConfig = field(default_factory=LabelLeakageConfig)
+    split_defence: SplitDefenceConfig = field(default_factory=SplitDefenceConfig)
+
+
+@dataclass
 class SimulationConfig:
     backend: Literal["ray"] = "ray"
     num_cpus_per_client: float = 1.0
@@ -140,6 +164,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     # Every registered workload's section by its key (cfg.model, cfg.distill), so that
     # one config file names them all and a run records them all.
@@ -348,6 +373,21 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
              f"{'has' if len(splittable) == 1 else 'have'} a U-shaped split)")
         need(not lo.client_ranks, "split.mode", sp.mode,
              "'off' when lora.client_ranks is set (the server half has one rank)")
+    pr = cfg.privacy
+    need(pr.label_leakage.max_examples >= 10, "privacy.label_leakage.max_examples",
+         pr.label_leakage.max_examples, ">= 10")
+    need(pr.split_defence.gradient_noise_std >= 0, "privacy.split_defence.gradient_noise_std",
+         pr.split_defence.gradient_noise_std, ">= 0")
+    eps = pr.split_defence.label_epsilon
+    need(eps is None or eps > 0, "privacy.split_defence.label_epsilon", eps,
+         "null (off) or > 0 (smaller is more private)")
+    for key, on in (("label_leakage.audit", pr.label_leakage.audit),
+                    ("split_defence.gradient_noise_std", pr.split_defence.gradient_noise_std > 0),
+                    ("split_defence.label_epsilon", eps is not None)):
+        value = getattr(getattr(pr, key.split(".")[0]), key.split(".")[1])
+        need(not on or sp.mode != "off", f"privacy.{key}", value,
+             "its default unless split.mode is 'sequential' or 'parallel' (only split "
+             "training sends gradients to the server)")
     st = cfg.strategy
     need(st.proximal_mu >= 0, "strategy.proximal_mu", st.proximal_mu, ">= 0")
     need(st.proximal_mu == 0 or st.name == "fedprox", "strategy.proximal_mu", st.proximal_mu,

@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 
 from common.config import ExperimentConfig, config_from_dict
 from common.device import resolve_device
+from common.seeding import round_seed
 from fl_client import split
 from fl_client.node import (
     PRIVATE_STATE,
@@ -89,8 +90,7 @@ def train(msg: Message, context: Context) -> Message:
     lora_train = str(msg.content["config"].get("lora-train", "ab"))
     server_round = int(msg.content["config"].get("server-round", 0))
     metrics = workload.train_local(
-        model, train_ds, cfg, lora_train=lora_train, seed=cfg.seed * 100_003 + server_round * 1009 + pid
-    )
+        model, train_ds, cfg, lora_train=lora_train, seed=round_seed(cfg.seed, server_round, pid))
     _save_private(model, msg, context, cfg, pid, server_round)
     shared = workload.shared_state(model, lora_train)
     content = RecordDict({

@@ -39,7 +39,9 @@ from flwr.app import (
 from torch.utils.data import Dataset, default_collate
 
 from common.config import ExperimentConfig, config_from_dict
+from common.data import num_classes
 from common.device import resolve_device
+from common.seeding import round_seed
 from fl_client.node import (
     PRIVATE_STATE,
     load_saved_state,
@@ -50,6 +52,7 @@ from fl_client.node import (
 from models import get_workload
 from models.jscc import sent_positions
 from models.split import batch_plan, decode, encode, pack_symbols, step_generator
+from privacy.split_defences import gaussian_gradient_noise, randomized_response
 
 LIVE_STATE = "split-live"  # parameters and AdamW moments while a round is in progress
 PROGRESS = "split-progress"
@@ -193,10 +196,14 @@ class ClientHalf:
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         train_ds, _ = self.data()
-        rnd = int(self.progress["round"])
-        seed = self.cfg.seed * 100_003 + rnd * 1009 + self.pid
+        seed = round_seed(self.cfg.seed, int(self.progress["round"]), self.pid)
         idx = batch_plan(len(train_ds), self.cfg.train.batch_size, step + 1, seed)[step]
-        return _to(default_collate([train_ds[int(i)] for i in idx]), self.device)
+        batch = default_collate([train_ds[int(i)] for i in idx])
+        eps = self.cfg.privacy.split_defence.label_epsilon
+        if eps is not None:  # label DP: train on the node's randomized-response labels
+            batch["label"] = _private_labels(self.cfg.seed, self.pid, eps,
+                                             num_classes(self.cfg.data), train_ds)[idx]
+        return _to(batch, self.device)
 
     def generator(self, step: int, link: int = 0) -> torch.Generator:
         return step_generator(self.cfg.seed, self.pid, int(self.progress["round"]), step, link)
@@ -209,8 +216,8 @@ class ClientHalf:
         return RecordDict({
             "activations": activation_record(tx.counts, received, snr_db,
                                              self.cfg.split.compression),
-            "split": ConfigRecord({"partition-id": self.pid, "step": step,
-                                   "steps": int(self.progress["steps"])}),
+            "split": ConfigRecord({"partition-id": self.pid, "num-partitions": self.num_partitions,
+                                   "step": step, "steps": int(self.progress["steps"])}),
         })
 
 
@@ -222,6 +229,15 @@ def activation_record(counts, received, snr_db, codec: str) -> ArrayRecord:
         **encode("counts", counts),
         **encode("snr_db", snr_db),
     })
+
+
+@functools.lru_cache(maxsize=8)
+def _private_labels(seed: int, pid: int, epsilon: float, n_classes: int,
+                    train_ds: Dataset) -> torch.Tensor:
+    """The partition's training labels after randomized response, drawn once per node
+    (a label released twice with fresh noise would spend the budget twice)."""
+    gen = step_generator(seed, pid, 5)
+    return randomized_response(train_ds.tensors["label"], n_classes, epsilon, gen)
 
 
 def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
@@ -259,7 +275,9 @@ def output(msg: Message, context: Context) -> Message:
     for t, v in losses.items():
         p[f"loss_{t}"] = float(p[f"loss_{t}"]) + v.item() * n
     half.save(msg)
-    grads = ArrayRecord(encode("output", h.grad, half.cfg.split.compression))
+    grad = gaussian_gradient_noise(h.grad, half.cfg.privacy.split_defence.gradient_noise_std,
+                                   half.generator(step, link=4))
+    grads = ArrayRecord(encode("output", grad, half.cfg.split.compression))
     return Message(content=RecordDict({"gradients": grads}), reply_to=msg)
 
 

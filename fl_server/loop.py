@@ -96,9 +96,11 @@ def start_or_resume(run_dir: Path, cfg: ExperimentConfig, resume: bool) -> Check
     return ckpt
 
 
-def recorder(run_dir: Path, cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> RunRecorder:
-    """metrics.json and metrics.png of the run: the engine's plots and the workload's."""
-    panels = ENGINE_PANELS + tuple(get_workload(cfg.workload).PANELS)
+def recorder(run_dir: Path, cfg: ExperimentConfig, rows: list[dict[str, Any]],
+             extra_panels: tuple[Panel, ...] = ()) -> RunRecorder:
+    """metrics.json and metrics.png of the run: the engine's plots, the workload's and
+    any audit's."""
+    panels = ENGINE_PANELS + tuple(get_workload(cfg.workload).PANELS) + extra_panels
     return RunRecorder(run_dir, cfg.to_dict(), rounds=rows, panels=panels)
 
 

@@ -36,8 +36,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.config import ExperimentConfig
+from common.data import num_classes
 from common.device import resolve_device
 from common.records import new_run_dir
+from common.seeding import round_seed
 from fl_server.checkpoint import save_checkpoint
 from fl_server.exchange import send_and_receive
 from fl_server.loop import (
@@ -51,7 +53,16 @@ from fl_server.loop import (
 from models import get_workload
 from models.channel import WirelessChannel, analog_transmission
 from models.jscc import sent_positions
-from models.split import decode, encode, record_bytes, step_generator, unpack_symbols
+from models.split import (
+    batch_plan,
+    decode,
+    encode,
+    record_bytes,
+    step_generator,
+    unpack_symbols,
+)
+from privacy.label_leakage import PANELS as LEAKAGE_PANELS
+from privacy.label_leakage import LabelLeakageProbe
 
 log = logging.getLogger("fedsemcom")
 
@@ -126,6 +137,7 @@ class Session:
     node_id: int
     half: ServerHalf
     partition_id: int = -1
+    num_partitions: int = 0
     step: int = 0
     reply: Message | None = None
     bytes_up: int = 0  # every tensor of the round, adapters included
@@ -175,6 +187,7 @@ def _exchange(grid: Grid, sessions: list[Session], build, message_type: str,
             s.step_bytes_up += record_bytes(record) if name != "arrays" else 0
         if "split" in reply.content.config_records:
             s.partition_id = int(reply.content["split"]["partition-id"])
+            s.num_partitions = int(reply.content["split"].get("num-partitions", 0))
 
 
 def _live(sessions: list[Session]) -> list[Session]:
@@ -197,8 +210,9 @@ def begin_sessions(grid: Grid, sessions: list[Session], begin: dict[int, RecordD
 
 
 def train_sessions(grid: Grid, sessions: list[Session], cfg: ExperimentConfig, rnd: int,
-                   config: ConfigRecord, on_step=None) -> None:
-    """Run the begun sessions' split steps to the end of their local plans, in lockstep."""
+                   config: ConfigRecord, on_step=None, on_gradients=None) -> None:
+    """Run the begun sessions' split steps to the end of their local plans, in lockstep.
+    `on_gradients(session, rnd)` sees each gradient the server receives (an audit)."""
     while live := _live(sessions):
         t0 = time.perf_counter()
 
@@ -209,6 +223,8 @@ def train_sessions(grid: Grid, sessions: list[Session], cfg: ExperimentConfig, r
 
         _exchange(grid, live, output, "train.split_output", cfg)
         live = _live(sessions)
+        for s in live if on_gradients else ():
+            on_gradients(s, rnd)
         _exchange(grid, live, lambda s: RecordDict({
             "gradients": s.half.backward(s.reply.content["gradients"]), "config": config,
         }), "train.split_backward", cfg)
@@ -219,6 +235,15 @@ def train_sessions(grid: Grid, sessions: list[Session], cfg: ExperimentConfig, r
                 s.done = s.reply
         if on_step:
             on_step(len(live))
+
+
+def _auditor_labels(cfg: ExperimentConfig, workload, s: Session, rnd: int) -> torch.Tensor:
+    """The labels of the batch behind session `s`'s current step. The audit knows them
+    (it reads the client's data and replays its batch plan); no message carries them."""
+    train_ds, _ = workload.load_data(cfg, s.partition_id, s.num_partitions)
+    plan = batch_plan(len(train_ds), cfg.train.batch_size, s.step + 1,
+                      round_seed(cfg.seed, rnd, s.partition_id))
+    return train_ds.tensors["label"][plan[s.step]]
 
 
 def _average_into(target: torch.nn.Module, copies: list[tuple[torch.nn.Module, float]]) -> None:
@@ -255,7 +280,16 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
     if ckpt := start_or_resume(run_dir, cfg, resume):
         arrays, done, rows = ckpt.arrays["global"], ckpt.round, ckpt.metrics
         server.load_state_records(ckpt.arrays)
-    records = recorder(run_dir, cfg, rows)
+    audit = cfg.privacy.label_leakage
+    probe = (LabelLeakageProbe(workload.LABEL_ROW, num_classes(cfg.data), audit.max_examples)
+             if audit.audit else None)
+    records = recorder(run_dir, cfg, rows, extra_panels=LEAKAGE_PANELS if probe else ())
+
+    def audit_gradients(s: Session, rnd: int) -> None:  # what the server received
+        grads = decode(s.reply.content["gradients"], "output")
+        probe.observe(s.partition_id, grads, _auditor_labels(cfg, workload, s, rnd))
+
+    on_gradients = audit_gradients if probe is not None else None
     run_key = run_dir.name  # the clients key their saved state by it (fl_client.node)
     resumed = f", resumed after round {done}" if resume else ""
     console.print(f"[bold]fedsemcom[/] {cfg.name}: split training ({cfg.split.mode}), "
@@ -285,12 +319,13 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
                     sessions = begin_sessions(
                         grid, [Session(node, server) for node in begin], begin, cfg)
                     for s in sessions:
-                        train_sessions(grid, [s], cfg, rnd, step_config, on_step)
+                        train_sessions(grid, [s], cfg, rnd, step_config, on_step, on_gradients)
                 else:
                     sessions = begin_sessions(grid, [
                         Session(node, ServerHalf(copy.deepcopy(server.module), cfg, workload))
                         for node in begin], begin, cfg)
-                    train_sessions(grid, sessions, cfg, rnd, step_config, on_step)
+                    train_sessions(grid, sessions, cfg, rnd, step_config, on_step,
+                                   on_gradients)
                     finished = [(s.half.module, float(s.done.content["metrics"]["num-examples"]))
                                 for s in sessions if s.done is not None]
                     if finished:
@@ -306,6 +341,8 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
                 row = round_row(workload, rnd, train_metrics, eval_metrics, len(finals),
                                 time.time() - t0)
                 row.update(_traffic(sessions))
+                if probe is not None:
+                    row.update(probe.round_metrics())
                 records.add_round(row)
                 save_checkpoint(run_dir, rnd, {"global": arrays, **server.state_records()},
                                 strategy_state(cfg), records.rounds, cfg.to_dict())

@@ -156,7 +156,8 @@ def test_split_training_sends_only_activations_gradients_adapters_and_metrics(
     for kind, reply in sent:
         content = reply.content
         for name, record in content.config_records.items():
-            assert name == "split" and set(record) <= {"partition-id", "step", "steps"}, kind
+            assert name == "split" and set(record) <= {"partition-id", "num-partitions", "step",
+                                                         "steps"}, kind
         for record in content.metric_records.values():
             assert set(record) <= ALLOWED_METRICS, set(record) - ALLOWED_METRICS
         for name, record in content.array_records.items():

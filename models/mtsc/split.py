@@ -13,12 +13,17 @@ from torch import Tensor, nn
 from torch.utils.data import default_collate
 
 from common.data import load_partition
+from common.seeding import round_seed
 from models.channel import WirelessChannel, analog_transmission
 from models.jscc import prefix_mask
-from models.mtsc.model import MTSCModel, Receiver, build, set_trainable
+from models.mtsc.model import Q_CLS, MTSCModel, Receiver, build, set_trainable
 from models.split import batch_plan, step_generator
 
 CLIENT_HALF = ("transmitter.", "task_decoders.")
+
+# The row of the server half's output that feeds the classification head: what a
+# label-leakage attacker on the server looks at (privacy/label_leakage.py).
+LABEL_ROW = Q_CLS
 
 
 def client_parameters(model: MTSCModel) -> dict[str, nn.Parameter]:
@@ -47,8 +52,8 @@ def end_to_end_steps(cfg, partition_id: int, num_partitions: int, rnd: int, step
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                             lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     train_ds, _ = load_partition(cfg.data, partition_id, num_partitions, cfg.model.caption_len)
-    seed = cfg.seed * 100_003 + rnd * 1009 + partition_id
-    plan = batch_plan(len(train_ds), cfg.train.batch_size, steps, seed)
+    plan = batch_plan(len(train_ds), cfg.train.batch_size, steps,
+                      round_seed(cfg.seed, rnd, partition_id))
     downlink = WirelessChannel(cfg.split.downlink)
     batches = [default_collate([train_ds[int(i)] for i in idx]) for idx in plan]
     t0 = time.perf_counter()
