@@ -128,7 +128,27 @@ class SplitDefenceConfig:
 
 
 @dataclass
+class DPConfig:
+    """Differential privacy of training. `local` (privacy/dp.py): every client trains
+    through Opacus' DP-SGD (per-example clipping to `max_grad_norm`, Gaussian noise,
+    Poisson sampling) and accounts its own epsilon over every round it takes part in.
+    `central` (privacy/central_dp.py): Flower's DP wrappers clip each client's update
+    to `max_grad_norm` (on the server or on the client) and noise the mean."""
+
+    mode: Literal["off", "local", "central"] = "off"
+    clipping: Literal["server", "client"] = "server"  # where `central` clips the updates
+    # One of the two: the noise multiplier itself, or the epsilon a client reaches after
+    # `rounds` rounds of `train.local_epochs` (the noise multiplier is set for it).
+    noise_multiplier: float | None = None
+    epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    max_epsilon: float | None = None  # a client stops training before it would exceed this
+
+
+@dataclass
 class PrivacyConfig:
+    dp: DPConfig = field(default_factory=DPConfig)
     label_leakage: LabelLeakageConfig = field(default_factory=LabelLeakageConfig)
     split_defence: SplitDefenceConfig = field(default_factory=SplitDefenceConfig)
 
@@ -374,6 +394,32 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
         need(not lo.client_ranks, "split.mode", sp.mode,
              "'off' when lora.client_ranks is set (the server half has one rank)")
     pr = cfg.privacy
+    dp = pr.dp
+    if dp.mode == "central":
+        _check_central_dp(cfg)
+    if dp.mode != "off":
+        need((dp.epsilon is None) != (dp.noise_multiplier is None), "privacy.dp.epsilon",
+             dp.epsilon, "exactly one of privacy.dp.epsilon and privacy.dp.noise_multiplier "
+             f"(noise_multiplier is {dp.noise_multiplier!r})")
+        need(dp.epsilon is None or dp.epsilon > 0, "privacy.dp.epsilon", dp.epsilon,
+             "> 0 (smaller is more private)")
+        need(dp.noise_multiplier is None or dp.noise_multiplier > 0,
+             "privacy.dp.noise_multiplier", dp.noise_multiplier, "> 0")
+        need(0 < dp.delta < 1, "privacy.dp.delta", dp.delta,
+             "0 < x < 1, well below 1 / the examples per client (e.g. 1e-5)")
+        need(dp.max_grad_norm > 0, "privacy.dp.max_grad_norm", dp.max_grad_norm, "> 0")
+        need(dp.max_epsilon is None or dp.max_epsilon > 0, "privacy.dp.max_epsilon",
+             dp.max_epsilon, "null (no budget) or > 0")
+        need(sp.mode == "off", "privacy.dp.mode", dp.mode,
+             "'off' for split training (DP across the split is not built; use "
+             "privacy.split_defence there)")
+    if dp.mode == "local":
+        need(cfg.train.amp == "none", "privacy.dp.mode", dp.mode,
+             "'off' with train.amp (Opacus' per-example gradients are not built for "
+             "mixed precision here); set train.amp=none")
+        need(cfg.strategy.proximal_mu == 0, "privacy.dp.mode", dp.mode,
+             "'off' with strategy.proximal_mu > 0 (the proximal term would bypass the "
+             "per-example clipping); set strategy.proximal_mu=0")
     need(pr.label_leakage.max_examples >= 10, "privacy.label_leakage.max_examples",
          pr.label_leakage.max_examples, ">= 10")
     need(pr.split_defence.gradient_noise_std >= 0, "privacy.split_defence.gradient_noise_std",
@@ -401,6 +447,33 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     if d.name in ("cifar10", "stl10"):
         need(d.root is not None, "data.root", d.root,
              f"a local folder holding {d.name} (nothing is downloaded)")
+
+
+# Strategies Flower's DP wrappers cannot wrap, and why: the noise they add (sigma * C / n
+# on the mean of n clipped updates) bounds a mean, and these aggregates are not one.
+CENTRAL_DP_REFUSED = {
+    "svd_lora": "its re-factorised aggregate (an SVD of the summed products B A) is not "
+                "a mean of the clients' updates",
+    "fedmedian_lora": "a coordinate-wise median is not a mean of the clients' updates",
+    "trimmed_avg_lora": "a trimmed mean drops clients by value, so one client can move it "
+                        "by more than C / n",
+    "krum_lora": "Krum selects one client's update instead of averaging them",
+}
+
+
+def _check_central_dp(cfg: ExperimentConfig) -> None:
+    dp, name = cfg.privacy.dp, cfg.strategy.name
+    need(name not in CENTRAL_DP_REFUSED, "strategy.name", name,
+         f"a strategy Flower's DP wrappers can wrap for privacy.dp.mode=central "
+         f"(fedavg_lora, ffa_lora, fedavg, fedprox): {CENTRAL_DP_REFUSED.get(name)}")
+    need(dp.noise_multiplier is not None and dp.epsilon is None, "privacy.dp.epsilon",
+         dp.epsilon, "null with privacy.dp.mode=central: give privacy.dp.noise_multiplier "
+         "(Flower's RDP accountant reports the epsilon spent)")
+    need(dp.max_epsilon is None, "privacy.dp.max_epsilon", dp.max_epsilon,
+         "null with privacy.dp.mode=central (budgets are for mode local so far)")
+    need(cfg.fraction_train == 1, "fraction_train", cfg.fraction_train,
+         "1 with privacy.dp.mode=central (the accountant assumes every client in every "
+         "round: no sampling amplification)")
 
 
 def parse_overrides(items: list[str] | str) -> dict[str, Any]:

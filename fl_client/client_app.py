@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import ExperimentConfig, config_from_dict
@@ -32,6 +33,12 @@ from fl_client.node import (
     saved_state_file,
 )
 from models import get_workload
+from privacy.central_dp import UNIFORM_WEIGHT, clip_if_asked
+from privacy.dp import HISTORY_KEY, BudgetExhausted, ClientDP
+
+log = logging.getLogger("fedsemcom")
+# The error code of a reply from a client that declines to train (its DP budget).
+BUDGET_EXHAUSTED = 4001
 
 
 def experiment_from_message(msg: Message) -> ExperimentConfig:
@@ -62,6 +69,7 @@ def _setup(msg: Message, context: Context):
         saved = {k: v.numpy() for k, v in context.state.array_records[PRIVATE_STATE].items()}
     else:
         saved = load_saved_state(msg, context, cfg, pid)
+    dp_history = None if saved is None else saved.pop(HISTORY_KEY, None)
     if saved is not None:
         params = local_parameters(model)
         with torch.no_grad():
@@ -70,12 +78,15 @@ def _setup(msg: Message, context: Context):
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     workload.load_shared_state(model, arrays)  # the global state wins over the local copy
     train_ds, test_ds = workload.load_data(cfg, pid, n)
-    return cfg, pid, workload, model, train_ds, test_ds
+    return cfg, pid, workload, model, train_ds, test_ds, dp_history
 
 
 def _save_private(model: torch.nn.Module, msg: Message, context: Context,
-                  cfg: ExperimentConfig, pid: int, server_round: int) -> None:
+                  cfg: ExperimentConfig, pid: int, server_round: int,
+                  extra: dict[str, np.ndarray] | None = None) -> None:
+    """The node's private tensors (and `extra`, e.g. its DP accountant) after a round."""
     params = {n: p.detach().cpu().numpy() for n, p in local_parameters(model).items()}
+    params.update(extra or {})
     context.state[PRIVATE_STATE] = ArrayRecord({n: Array(a) for n, a in params.items()})
     save_state_file(params, saved_state_file(cfg, msg, context, pid, server_round))
 
@@ -86,12 +97,27 @@ def _metric_record(metrics: dict[str, float]) -> MetricRecord:
 
 
 def train(msg: Message, context: Context) -> Message:
-    cfg, pid, workload, model, train_ds, _ = _setup(msg, context)
+    cfg, pid, workload, model, train_ds, _, dp_history = _setup(msg, context)
     lora_train = str(msg.content["config"].get("lora-train", "ab"))
     server_round = int(msg.content["config"].get("server-round", 0))
-    metrics = workload.train_local(
-        model, train_ds, cfg, lora_train=lora_train, seed=round_seed(cfg.seed, server_round, pid))
-    _save_private(model, msg, context, cfg, pid, server_round)
+    seed = round_seed(cfg.seed, server_round, pid)
+    dp = None
+    if cfg.privacy.dp.mode == "local":  # DP-SGD, continuing this node's accountant
+        dp = ClientDP(cfg.privacy.dp, cfg.rounds, cfg.train.local_epochs, dp_history)
+    try:
+        metrics = workload.train_local(model, train_ds, cfg, lora_train=lora_train, seed=seed,
+                                       make_private=dp.make_private if dp else None)
+    except BudgetExhausted as err:
+        log.warning("partition %d, round %d: %s", pid, server_round, err)
+        return Message(error=Error(code=BUDGET_EXHAUSTED, reason=f"privacy budget: {err}"),
+                       reply_to=msg)
+    if cfg.privacy.dp.mode == "central":  # the accounted DP mean weighs clients equally
+        metrics[UNIFORM_WEIGHT] = 1
+    extra = None
+    if dp is not None:
+        metrics.update(dp_epsilon=dp.epsilon(), dp_noise_multiplier=dp.noise_multiplier)
+        extra = {HISTORY_KEY: dp.history()}
+    _save_private(model, msg, context, cfg, pid, server_round, extra)
     shared = workload.shared_state(model, lora_train)
     content = RecordDict({
         "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in shared.items()}),
@@ -101,15 +127,18 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, _, workload, model, _, test_ds = _setup(msg, context)
+    cfg, _, workload, model, _, test_ds, _ = _setup(msg, context)
     metrics = workload.evaluate(model, test_ds, cfg)
+    if cfg.privacy.dp.mode == "central":  # the strategy averages by it (see train)
+        metrics[UNIFORM_WEIGHT] = 1
     return Message(content=RecordDict({"metrics": _metric_record(metrics)}), reply_to=msg)
 
 
 def make_app(mods: list | None = None) -> ClientApp:
     """The ClientApp with every handler; `mods` wrap each call (Flower client mods)."""
     client = ClientApp(mods=mods or [])
-    client.train()(train)
+    # Central DP with client-side clipping: Flower's fixedclipping_mod, train only.
+    client.train(mods=[clip_if_asked])(train)
     client.evaluate()(evaluate)
     # U-shaped split training (fl_client/split.py): "train.split_begin" and so on.
     client.train("split_begin")(split.begin)

@@ -16,12 +16,14 @@ from common.config import ConfigError, ExperimentConfig
 from common.records import Panel, RunRecorder
 from fl_server.checkpoint import Checkpoint, load_checkpoint
 from models import get_workload
+from privacy import central_dp
 from strategies import build_strategy
 
 # The engine's own metrics, copied from the aggregated train records into each round's
 # row beside the workload's TRAIN_METRICS / EVAL_METRICS (its room names them).
 ENGINE_TRAIN_METRICS = ("train_loss", "bytes_up", "bytes_down", "clients_accepted",
-                        "clients_rejected")
+                        "clients_rejected", "dp_epsilon_max", "dp_epsilon_mean",
+                        "dp_noise_multiplier")
 ENGINE_PANELS = (Panel("train loss", ("train_loss",)),
                  Panel("bytes per client per round", ("bytes_up", "bytes_down")))
 # Keys that may change between an interrupted run and its resumption.
@@ -29,21 +31,31 @@ RESUMABLE_CHANGES = ("rounds", "round_timeout_s", "output_dir", "client_state_di
 
 
 def make_strategy(cfg: ExperimentConfig):
+    """The configured strategy; with central DP inside Flower's DP wrapper."""
+    central = cfg.privacy.dp.mode == "central"
     min_eval = 0 if cfg.fraction_evaluate == 0 else cfg.min_train_clients
-    return build_strategy(
+    strategy = build_strategy(
         cfg.strategy.name,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_clients,
         min_evaluate_nodes=min_eval,
-        min_available_nodes=cfg.min_train_clients,
+        # Central DP accounts every client in every round: wait for all of them.
+        min_available_nodes=cfg.num_clients if central else cfg.min_train_clients,
         target_rank=cfg.strategy.svd_rank,
         lora_alpha=cfg.lora.alpha,
         proximal_mu=cfg.strategy.proximal_mu,
         max_update_bytes=cfg.strategy.max_update_bytes,
         trim_beta=cfg.strategy.trim_beta,
         num_malicious_nodes=cfg.strategy.krum_malicious,
+        **({"weighted_by_key": central_dp.UNIFORM_WEIGHT} if central else {}),
     )
+    return central_dp.wrap(strategy, cfg) if central else strategy
+
+
+def lora_train_of(strategy) -> str:
+    """Which LoRA factors the clients train ("ab" or "b"), through a DP wrapper."""
+    return getattr(strategy, "strategy", strategy).lora_train
 
 
 def initial_arrays(cfg: ExperimentConfig, lora_train: str) -> ArrayRecord:
@@ -120,7 +132,8 @@ def round_row(workload: ModuleType, rnd: int, train_m, eval_m, n_replies: int,
 
 def round_summary(workload: ModuleType, row: dict[str, Any], rounds: int) -> str:
     """The one line printed when a round ends."""
-    formats = {"train_loss": "loss {:.3f}", **workload.SUMMARY, "bytes_up": "up {:.0f} B"}
+    formats = {"train_loss": "loss {:.3f}", **workload.SUMMARY, "bytes_up": "up {:.0f} B",
+               "dp_epsilon_max": "eps {:.2f}", "dp_central_epsilon": "eps {:.2f}"}
     parts = [f"round {row['round']}/{rounds}"]
     parts += [fmt.format(row[key]) for key, fmt in formats.items() if key in row]
     parts.append(f"{row['seconds']:.1f} s")

@@ -27,6 +27,7 @@ from fl_server.checkpoint import save_checkpoint
 from fl_server.exchange import canonical_order, send_and_receive
 from fl_server.loop import (
     initial_arrays,
+    lora_train_of,
     make_strategy,
     recorder,
     round_row,
@@ -36,6 +37,8 @@ from fl_server.loop import (
 )
 from fl_server.split import run_split
 from models import get_workload
+from privacy import central_dp
+from privacy.dp import PANELS as DP_PANELS
 
 log = logging.getLogger("fedsemcom")
 
@@ -61,11 +64,12 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
     if prepare is not None:
         prepare(cfg)  # workload set-up before round 1 (tosc: its teacher)
     strategy = make_strategy(cfg)
-    arrays = initial_arrays(cfg, strategy.lora_train)
+    arrays = initial_arrays(cfg, lora_train_of(strategy))
     done, rows = 0, []
     if ckpt := start_or_resume(run_dir, cfg, resume):
         arrays, done, rows = ckpt.arrays["global"], ckpt.round, ckpt.metrics
-    records = recorder(run_dir, cfg, rows)
+    panels = {"local": DP_PANELS, "central": central_dp.PANELS}.get(cfg.privacy.dp.mode, ())
+    records = recorder(run_dir, cfg, rows, extra_panels=panels)
     # A stable name for this run that survives resumption: clients key their own
     # saved state by it (see fl_client.node).
     run_key = run_dir.name
@@ -110,6 +114,11 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                 row = round_row(workload, rnd, train_metrics, eval_metrics, len(replies),
                                 time.time() - t0)
                 row["clients_missing"] = len(missing)
+                if cfg.privacy.dp.mode == "central":  # one more release if aggregated
+                    released = records.rounds[-1]["dp_central_releases"] if records.rounds else 0
+                    row["dp_central_releases"] = released + (new_arrays is not None)
+                    row["dp_central_epsilon"] = central_dp.central_epsilon(
+                        cfg, row["dp_central_releases"])
                 records.add_round(row)
                 save_checkpoint(run_dir, rnd, {"global": arrays}, strategy_state(cfg),
                                 records.rounds, cfg.to_dict())

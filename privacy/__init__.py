@@ -1,9 +1,15 @@
 """What a federated semantic-communication run leaks, and defences against it.
 
+    dp.py              DP-SGD on every client (Opacus), one accountant per client kept
+                       on the node across rounds and resumes
+    central_dp.py      central DP: Flower's fixed-clipping wrappers around our strategies
     label_leakage.py   split training: the norm and direction label-inference attacks
                        of Li et al. (ICLR 2022) on the gradients the server receives
     split_defences.py  client-side defences: Gaussian noise on the returned gradient,
                        label DP by randomized response
+    leakage_report.py  label leakage against the defences, with their cost
+    mia_metrics.py     how membership-inference attacks are scored (AUC, TPR at low
+                       FPR, empirical epsilon with Clopper-Pearson bounds)
 
-DP-SGD, central DP and membership-inference audits are not built yet.
+The membership-inference attacks themselves are not built yet.
 """

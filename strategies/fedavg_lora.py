@@ -98,6 +98,13 @@ class FedAvgLoRA(FedAvg):
         metrics["bytes_down"] = self._bytes_down
         metrics["clients_accepted"] = len(accepted)
         metrics["clients_rejected"] = len(replies) - len(accepted)
+        # DP-SGD clients report their cumulative epsilon: the most and the mean of
+        # them (Flower's weighted average would weight privacy by data size).
+        eps = [float(m.content["metrics"]["dp_epsilon"]) for m in accepted
+               if "dp_epsilon" in m.content["metrics"]]
+        if eps:
+            metrics["dp_epsilon_max"] = max(eps)
+            metrics["dp_epsilon_mean"] = sum(eps) / len(eps)
         return arrays, metrics
 
     def _accepted_replies(self, replies: list[Message]) -> list[Message]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from common.config import load_config
+from common.config import config_from_dict, load_config
 from common.data import load_partition
 from fl_client.client_app import app, local_parameters
 from fl_client.node import PRIVATE_STATE
@@ -27,6 +27,9 @@ ALLOWED_METRICS = {
     "vqa_accuracy", "bleu", "psnr", "majority_class_share",
     # tosc: distillation loss terms and the pre-stored teacher outputs' cost (scalars)
     "loss_task", "loss_ib", "loss_kd", "loss_feature", "teacher_seconds", "teacher_store_bytes",
+    # DP-SGD: the client's cumulative epsilon and its noise multiplier (scalars)
+    "dp_epsilon", "dp_noise_multiplier",
+    "uniform-weight",  # central DP: every client weighs the same in the mean
 }
 
 
@@ -49,10 +52,13 @@ def run_client(cfg, lora_train, message_type, context, arrays):
     return reply
 
 
-@pytest.mark.parametrize("lora_train", ["ab", "b"])
+@pytest.mark.parametrize("lora_train, dp", [("ab", False), ("b", False), ("ab", True)])
 def test_no_private_tensor_or_label_leaves_the_client(tiny_cfg, flower_message_context,
-                                                      lora_train):
+                                                      lora_train, dp):
     cfg = tiny_cfg
+    if dp:  # DP-SGD adds its scalars to the reply and nothing else
+        cfg = config_from_dict(cfg.to_dict(), {"privacy.dp.mode": "local",
+                                               "privacy.dp.noise_multiplier": 1.0})
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3},
                       state=RecordDict(), run_config={})
     arrays = initial_arrays(cfg, lora_train)

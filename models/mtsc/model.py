@@ -266,7 +266,26 @@ def build(cfg: ExperimentConfig, device: torch.device | str = "cpu",
     for name, p in model.named_parameters():
         if "lam_" in name and "lora_" not in name:
             p.requires_grad_(False)  # the LAM's base weights stay frozen
+    if cfg.privacy.dp.mode == "local":
+        _prepare_for_dp_sgd(model, cfg)
+    # On its device before any DP wrapping: Opacus wrapping a peft model first and
+    # moving it after leaves the adapters silently untrained.
     return model.to(device)
+
+
+def _prepare_for_dp_sgd(model: MTSCModel, cfg: ExperimentConfig) -> None:
+    """Under DP-SGD the client trains the LoRA adapters and its task decoders only
+    (LAM-MTSC's privacy-relevant tensors): the modality encoders, the JSCC and the
+    receiver's task queries stay at their seeded initial values. Opacus computes
+    per-example gradients of those trainable layers; its GRU stands in for torch's,
+    whose fused kernel gives none (ModuleValidator.fix, seeded like the rest)."""
+    from opacus.validators import ModuleValidator
+
+    with seeded(cfg.seed + 4):
+        model.task_decoders.captioning.gru = ModuleValidator.fix(model.task_decoders.captioning.gru)
+    for name, p in model.named_parameters():
+        if "lora_" not in name and not name.startswith("task_decoders."):
+            p.requires_grad_(False)
 
 
 def set_trainable(model: MTSCModel, lora_train: str) -> None:

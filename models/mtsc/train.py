@@ -39,11 +39,12 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def train_local(model: MTSCModel, data: Dataset, cfg: ExperimentConfig,
-                lora_train: str = "ab", seed: int = 0) -> dict[str, float]:
+                lora_train: str = "ab", seed: int = 0, make_private=None) -> dict[str, float]:
     """Local epochs of AdamW on the weighted sum of task losses.
 
     `seed` fixes the batch order, the per-example SNR draws and the channel noise, so
-    a round is reproducible."""
+    a round is reproducible. `make_private(model, optimizer, loader)` (DP-SGD,
+    privacy/dp.py) wraps the three before the first step."""
     torch.manual_seed(seed)
     set_trainable(model, lora_train)
     device = next(model.parameters()).device
@@ -53,6 +54,9 @@ def train_local(model: MTSCModel, data: Dataset, cfg: ExperimentConfig,
     )
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True, generator=gen)
+    net = model
+    if make_private is not None:
+        net, opt, loader = make_private(model, opt, loader)
     weights = cfg.train.loss_weights
     amp_dtype = autocast_dtype(cfg.train.amp, device)
     # fp16 needs loss scaling against underflowing gradients; bf16 has fp32's range.
@@ -61,9 +65,11 @@ def train_local(model: MTSCModel, data: Dataset, cfg: ExperimentConfig,
     total, per_task, symbols, n_seen = 0.0, {}, 0.0, 0
     for _ in range(cfg.train.local_epochs):
         for batch in loader:
+            if len(batch["image"]) == 0:  # Poisson sampling (DP-SGD) may draw no example
+                continue
             batch = _to(batch, device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                h, tx = model(batch)
+                h, tx = net(batch)
                 losses = model.task_decoders.losses(h, batch)
                 loss = sum(weights.get(t, 1.0) * v for t, v in losses.items())
             opt.zero_grad(set_to_none=True)

@@ -31,10 +31,12 @@ class _Indexed(Dataset):
 
 
 def train_local(model: TOSCModel, data: Dataset, cfg: ExperimentConfig,
-                lora_train: str = "ab", seed: int = 0) -> dict[str, float]:
+                lora_train: str = "ab", seed: int = 0, make_private=None) -> dict[str, float]:
     """Local epochs of AdamW on the IB distillation loss, with the pre-stored teacher
     outputs; FedProx adds (mu/2)||w - w_global||^2 over the shared weights (Li et al.
-    2020), w_global being the weights just loaded from the server."""
+    2020), w_global being the weights just loaded from the server.
+    `make_private(model, optimizer, loader)` (DP-SGD, privacy/dp.py) wraps the three
+    before the first step."""
     torch.manual_seed(seed)
     dc = cfg.distill
     device = next(model.parameters()).device
@@ -49,12 +51,17 @@ def train_local(model: TOSCModel, data: Dataset, cfg: ExperimentConfig,
                             lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     loader = DataLoader(_Indexed(data), batch_size=cfg.train.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
+    net = model
+    if make_private is not None:
+        net, opt, loader = make_private(model, opt, loader)
     n_classes = num_classes(cfg.data)
     model.train()
     sums: dict[str, float] = {}
     n_seen = 0
     for _ in range(cfg.train.local_epochs):
         for batch in loader:
+            if len(batch["label"]) == 0:  # Poisson sampling (DP-SGD) may draw no example
+                continue
             image, label = batch["image"].to(device), batch["label"].to(device)
             probs = feats = None
             if stored is not None:
@@ -64,7 +71,7 @@ def train_local(model: TOSCModel, data: Dataset, cfg: ExperimentConfig,
                                       n_classes, dc.temperature).to(device)
                 if stored.features.shape[1] > 0:
                     feats = torch.from_numpy(stored.features[idx]).to(device)
-            out = model(image)
+            out = net(image)
             losses = distill_losses(out, label, cfg, probs, feats, model.feature_proj)
             loss = sum(weights[k] * v for k, v in losses.items())
             if mu_prox > 0:
