@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, load_config
-from common.records import new_run_dir, plt
+from common.records import new_run_dir, plt, simulation_run
 
 SETTINGS = {
     "no defence": [],
@@ -29,18 +28,6 @@ SETTINGS = {
     "gradient noise, std 0.01": ["privacy.split_defence.gradient_noise_std=0.01"],
     "gradient noise, std 0.05": ["privacy.split_defence.gradient_noise_std=0.05"],
 }
-
-
-def run_setting(config: str, overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file() and json.loads(metrics.read_text()).get("status") == "completed":
-        print(f"reusing the completed run in {run_dir}", flush=True)
-        return json.loads(metrics.read_text())
-    cmd = [sys.executable, "-m", "simulation", "--config", config, "--run-dir", str(run_dir),
-           "privacy.label_leakage.audit=true", *overrides]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True)
-    return json.loads(metrics.read_text())
 
 
 def summarise(name: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -112,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i, (name, extra) in enumerate(SETTINGS.items()):
         print(f"[{i + 1}/{len(SETTINGS)}] {name}", flush=True)
-        rows.append(summarise(name, run_setting(args.config, [*args.overrides, *extra],
-                                                out / f"run-{i}")))
+        rows.append(summarise(name, simulation_run(
+            args.config, ["privacy.label_leakage.audit=true", *args.overrides, *extra],
+            out / f"run-{i}")))
         (out / "leakage_report.json").write_text(json.dumps(rows, indent=2))  # kept as it grows
     plot(rows, out / "leakage_report.png")
     table = markdown_table(rows)

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from common.config import ConfigError, ExperimentConfig, load_config
 from common.data import num_classes
 from common.data.tensor_dataset import TensorDictDataset
-from common.records import new_run_dir
+from common.records import new_run_dir, simulation_run
 from models.tosc import teacher as tosc_teacher
 from models.tosc import workload as tosc
 
@@ -66,20 +65,6 @@ def _at_snr(cfg: ExperimentConfig, snr_db: float) -> ExperimentConfig:
 def _union(parts: list[TensorDictDataset]) -> TensorDictDataset:
     keys = ("image", "label")
     return TensorDictDataset({k: torch.cat([p.tensors[k] for p in parts]) for k in keys})
-
-
-def federated_run(config: str, overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    """One `python -m simulation` run in a fresh process (Ray starts clean each time);
-    a completed run already in `run_dir` is reused (delete it to run again)."""
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file() and json.loads(metrics.read_text()).get("status") == "completed":
-        print(f"reusing the completed run in {run_dir}", flush=True)
-        return json.loads(metrics.read_text())
-    cmd = [sys.executable, "-m", "simulation", "--config", config, "--run-dir", str(run_dir),
-           *overrides]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True)
-    return json.loads(metrics.read_text())
 
 
 def prestored_costs(cfg: ExperimentConfig, trains: list[TensorDictDataset]) -> dict[str, Any]:
@@ -217,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or new_run_dir(cfg.output_dir, "distill_report")
     out.mkdir(parents=True, exist_ok=True)
     tosc_teacher.ensure_teacher(cfg)
-    kd = federated_run(args.config, args.overrides, out / "kd_ib")
-    no_kd = federated_run(args.config, [*args.overrides, "distill.kd_weight=0",
+    kd = simulation_run(args.config, args.overrides, out / "kd_ib")
+    no_kd = simulation_run(args.config, [*args.overrides, "distill.kd_weight=0",
                                         "distill.feature_weight=0"], out / "no_kd")
     report = build_report(cfg, kd, no_kd)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
