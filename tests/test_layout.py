@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("common", "fl_server", "fl_client", "strategies", "models", "simulation",
-            "deploy", "benchmarks")
+            "deploy", "benchmarks", "privacy")
 ABOVE_THE_FOUNDATION = ("fl_server", "fl_client", "models", "simulation", "strategies")
 
 

@@ -142,6 +142,28 @@ def _synthetic_labels(seed: int, num_samples: int, max_objects: int) -> np.ndarr
                     dtype=np.int64)
 
 
+# Scenes from here on are never a client's or the teacher's (they take the first
+# num_samples + public_samples): membership audits draw their held-out examples here.
+HELD_OUT_START = 1_000_000_000
+
+
+def held_out_indices(seed: int, max_objects: int, class_counts: Sequence[int],
+                     start: int = HELD_OUT_START) -> np.ndarray:
+    """Indices of fresh scenes from `start` on, `class_counts[c]` of each class c: held-out
+    examples from the same distribution as a training set with that class histogram
+    (a partition skews only the labels; given its label a scene is drawn the same way)."""
+    need = np.asarray(class_counts, dtype=np.int64).copy()
+    picked: list[int] = []
+    index = start
+    while need.sum() > 0:
+        label = scene_label(scene_spec(seed, index, max_objects))
+        if need[label] > 0:
+            need[label] -= 1
+            picked.append(index)
+        index += 1
+    return np.asarray(picked, dtype=np.int64)
+
+
 # --------------------------------------------------------------------------- rendering
 
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.config import ExperimentConfig
 from common.seeding import seeded
 from models.mtsc.metrics import TaskScorer
-from models.mtsc.model import MTSCModel, set_trainable
+from models.mtsc.model import Q_CLS, MTSCModel, set_trainable
 
 log = logging.getLogger("fedsemcom")
 
@@ -108,3 +108,17 @@ def evaluate(model: MTSCModel, data: Dataset, cfg: ExperimentConfig) -> dict[str
             h, _ = model(batch)
             scorer.add(model.task_decoders, h, batch)
         return scorer.result()
+
+
+@torch.no_grad()
+def class_logits(model: MTSCModel, data: Dataset, cfg: ExperimentConfig) -> Tensor:
+    """The classification head's logits [N, classes] of every example, in order, at the
+    evaluation's seeded channel (membership inference reads them, privacy/audit.py)."""
+    with seeded(cfg.seed):
+        device = next(model.parameters()).device
+        model.eval()
+        out = []
+        for batch in eval_batches(data, cfg):
+            h, _ = model(_to(batch, device))
+            out.append(model.task_decoders.classification(h[:, Q_CLS]).float().cpu())
+        return torch.cat(out)

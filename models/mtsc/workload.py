@@ -17,10 +17,10 @@ from common.data import load_partition
 from models.mtsc.metrics import EVAL_METRICS, PANELS, SUMMARY, TRAIN_METRICS, TaskScorer
 from models.mtsc.model import MTSCModel, build, set_trainable
 from models.mtsc.split import LABEL_ROW, client_parameters, server_forward, server_half
-from models.mtsc.train import autocast_dtype, eval_batches, evaluate, train_local
+from models.mtsc.train import autocast_dtype, class_logits, eval_batches, evaluate, train_local
 
 __all__ = ["build", "shared_state", "load_shared_state", "load_data", "train_local",
-           "evaluate", "TRAIN_METRICS", "EVAL_METRICS", "SUMMARY", "PANELS",
+           "evaluate", "class_logits", "TRAIN_METRICS", "EVAL_METRICS", "SUMMARY", "PANELS",
            # split training (fl_client/split.py, fl_server/split.py)
            "set_trainable", "client_parameters", "server_half", "server_forward",
            "eval_batches", "TaskScorer", "autocast_dtype", "LABEL_ROW"]

@@ -122,3 +122,15 @@ def evaluate(model: TOSCModel, data: Dataset, cfg: ExperimentConfig) -> dict[str
         counts = torch.bincount(torch.cat(labels))
         return {"accuracy": correct / n, "loss": loss / n, "num-examples": n,
                 "majority_class_share": counts.max().item() / n}
+
+
+@torch.no_grad()
+def class_logits(model: TOSCModel, data: Dataset, cfg: ExperimentConfig) -> Tensor:
+    """The head's logits [N, classes] of every example, in order, at the evaluation's
+    seeded channel (membership inference reads them, privacy/audit.py)."""
+    model.channel = WirelessChannel(cfg.channel)
+    with seeded(cfg.seed):
+        model.eval()
+        device = next(model.parameters()).device
+        return torch.cat([model(batch["image"].to(device)).logits.float().cpu()
+                          for batch in DataLoader(data, batch_size=256)])

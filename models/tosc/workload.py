@@ -13,10 +13,11 @@ from common.data import load_partition
 from common.records import Panel
 from models.tosc.model import HEAD, TOSCModel, build
 from models.tosc.teacher import ensure_teacher
-from models.tosc.train import evaluate, train_local
+from models.tosc.train import class_logits, evaluate, train_local
 
 __all__ = ["build", "shared_state", "load_shared_state", "load_data", "train_local",
-           "evaluate", "prepare", "TRAIN_METRICS", "EVAL_METRICS", "SUMMARY", "PANELS"]
+           "evaluate", "class_logits", "prepare", "TRAIN_METRICS", "EVAL_METRICS", "SUMMARY",
+           "PANELS"]
 
 # Recorded from the aggregated client metrics into each round's row.
 TRAIN_METRICS = ("symbols_per_example", "loss_task", "loss_ib", "loss_kd", "loss_feature",

@@ -1,0 +1,440 @@
+"""Membership-inference audit of a finished federated run.
+
+    python -m privacy.audit --run runs/<id> [--target global|client:<partition>]
+        [--attacks loss,lira,rmia] [--references K] [--reference-epochs E]
+        [--non-member-ratio R] [--population Z] [--fixed-variance] [--rmia-a A]
+
+The target is what a client deploys after the last round: the global shared state
+(adapters or student weights) with that client's private modules, read from its state
+folder. `client:<p>` audits partition p's model; `global` audits every client's model
+at once (each candidate scored by its own client's model, one ROC over all of them).
+
+Members are the target's training examples. Non-members are fresh synthetic scenes that
+no client and no teacher ever saw, drawn with the members' class histogram (a partition
+skews only the labels, so they come from the same distribution), R per member. The
+population RMIA compares against is Z more such scenes.
+
+Reference models are trained by the same pipeline (the workload's `train_local`, same
+config, DP-SGD included when the run used it) on paired complementary halves of the
+candidates, so every candidate is IN for exactly K/2 of them. They train centrally for
+E epochs (default rounds x local_epochs, what each client ran); the federated averaging
+with the other clients is not replayed, so they approximate the target's training.
+
+Writes `<run>/audit-<target>/audit.json` (AUC, TPR at each FPR or "n/a" with the reason,
+empirical epsilon with Clopper-Pearson bounds, the train/held-out accuracy gap) and
+`roc.png` (log-log ROC of every attack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.config import ExperimentConfig, config_from_dict
+from common.data import num_classes
+from common.data.scenes import HELD_OUT_START, SyntheticScenes, held_out_indices
+from common.data.tensor_dataset import TensorDictDataset
+from common.device import resolve_device
+from common.records import plt
+from fl_client.client_app import client_lora_rank, local_parameters
+from models import get_workload
+from privacy import mia
+from privacy.dp import HISTORY_KEY, ClientDP, epsilon_of
+from privacy.mia_metrics import TooFewNonMembers, attack_auc, empirical_epsilon, tpr_at_fpr
+
+DEFAULT_FPRS = (0.01, 0.001)
+POPULATION_START = 2 * HELD_OUT_START  # after every non-member the audit could draw
+
+
+class AuditError(ValueError):
+    """The audit cannot run as asked; the message names the value and the fix."""
+
+
+@dataclasses.dataclass
+class Candidates:
+    data: TensorDictDataset
+    is_member: np.ndarray  # bool [N]
+    owner: np.ndarray  # int [N]: the partition whose model scores the example
+
+
+# --------------------------------------------------------------------------- the run
+
+def finished_run(run_dir: Path) -> tuple[ExperimentConfig, dict[str, np.ndarray]]:
+    """The config and the final global state of a completed federated run."""
+    metrics, final = run_dir / "metrics.json", run_dir / "global_adapters.npz"
+    if not metrics.is_file():
+        raise AuditError(f"--run {run_dir}: no metrics.json there; give the folder of a run "
+                         "(python -m simulation prints it)")
+    record = json.loads(metrics.read_text())
+    if record.get("status") != "completed" or not final.is_file():
+        model = "present" if final.is_file() else "missing"
+        raise AuditError(f"--run {run_dir}: the run did not finish (status "
+                         f"{record.get('status')!r}, final model {model}); resume it to the "
+                         "end (python -m simulation --resume) or audit a finished one")
+    cfg = config_from_dict(record["config"])
+    if cfg.split.mode != "off":
+        raise AuditError(f"--run {run_dir}: a split run (split.mode={cfg.split.mode}) keeps "
+                         "half the model on the server; the membership audit covers federated "
+                         "runs (split training's label leakage: privacy.label_leakage.audit)")
+    if cfg.data.name != "synthetic":
+        raise AuditError(f"--run {run_dir}: data.name={cfg.data.name}; the audit draws its "
+                         "held-out examples from the synthetic scene generator, so it needs "
+                         "data.name=synthetic")
+    with np.load(final, allow_pickle=False) as f:
+        return cfg, {k: f[k] for k in f.files}
+
+
+def private_state(cfg: ExperimentConfig, run_dir: Path, pid: int,
+                  state_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+    """Partition `pid`'s private tensors after its last round, from its state folder:
+    `state_dir` (the node's `state-dir`), else where `python -m simulation` keeps them."""
+    if state_dir is not None:
+        roots = {Path(state_dir)}
+    else:
+        roots = {Path(cfg.client_state_dir)} if cfg.client_state_dir else set()
+        roots.add(run_dir / "client-state")
+    files = [f for root in roots if root.is_dir()
+             for f in root.glob(f"**/{run_dir.name}/partition-{pid}/round-*.npz")]
+    if not files:
+        raise AuditError(f"partition {pid}: no saved private state under "
+                         f"{' or '.join(map(str, sorted(roots)))}; audit a run whose clients "
+                         "kept their state there (python -m simulation does), or name the "
+                         "nodes' folder with --state-dir")
+    latest = max(files, key=lambda f: int(f.stem.split("-")[1]))
+    with np.load(latest, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def client_model(cfg: ExperimentConfig, saved: dict[str, np.ndarray],
+                 global_state: dict[str, np.ndarray], pid: int, device: torch.device):
+    """What partition `pid` deploys: its private modules with the global shared state
+    on top (as its ClientApp assembles it)."""
+    workload = get_workload(cfg.workload)
+    model = workload.build(cfg, device, lora_rank=client_lora_rank(cfg, pid))
+    params = local_parameters(model)
+    with torch.no_grad():
+        for name, arr in saved.items():
+            if name != HISTORY_KEY:
+                params[name].copy_(torch.from_numpy(arr))
+    workload.load_shared_state(model, global_state)
+    return model
+
+
+# --------------------------------------------------------------------------- the examples
+
+def _concat(parts: list[TensorDictDataset]) -> TensorDictDataset:
+    return TensorDictDataset({k: torch.cat([p.tensors[k] for p in parts])
+                              for k in parts[0].tensors})
+
+
+def _scenes_like(cfg: ExperimentConfig, like: TensorDictDataset, indices) -> SyntheticScenes:
+    caption_len = like.tensors["caption"].shape[1] if "caption" in like.tensors else 12
+    return SyntheticScenes(cfg.data, indices, caption_len)
+
+
+def candidates(cfg: ExperimentConfig, pids: list[int], ratio: float) -> Candidates:
+    """Each partition's training examples and `ratio` times as many held-out scenes with
+    their class histogram."""
+    workload = get_workload(cfg.workload)
+    parts, member, owner = [], [], []
+    start = HELD_OUT_START
+    for pid in pids:
+        train, _ = workload.load_data(cfg, pid, cfg.num_clients)
+        counts = np.bincount(train.tensors["label"].numpy(), minlength=num_classes(cfg.data))
+        held = held_out_indices(cfg.data.seed, cfg.data.max_objects,
+                                np.round(counts * ratio).astype(int), start)
+        start = int(held.max()) + 1 if held.size else start
+        parts += [train, _scenes_like(cfg, train, held)]
+        member += [np.ones(len(train), bool), np.zeros(len(held), bool)]
+        owner += [np.full(len(train) + len(held), pid)]
+    return Candidates(_concat(parts), np.concatenate(member), np.concatenate(owner))
+
+
+def population(cfg: ExperimentConfig, like: Candidates, size: int) -> SyntheticScenes:
+    counts = np.bincount(like.data.tensors["label"].numpy()[like.is_member],
+                         minlength=num_classes(cfg.data))
+    counts = np.round(counts / counts.sum() * size).astype(int)
+    indices = held_out_indices(cfg.data.seed, cfg.data.max_objects, counts, POPULATION_START)
+    return _scenes_like(cfg, like.data, indices)
+
+
+def _subset(data: TensorDictDataset, index: np.ndarray) -> TensorDictDataset:
+    return TensorDictDataset({k: v[torch.from_numpy(index)] for k, v in data.tensors.items()})
+
+
+# --------------------------------------------------------------------------- the models
+
+def reference_halves(n: int, k: int, seed: int) -> np.ndarray:
+    """[K, N] membership of the reference models: pairs trained on complementary random
+    halves, so every example is IN for exactly K/2 of them."""
+    if k < 2 or k % 2:
+        raise AuditError(f"--references {k}: give an even number >= 2 (pairs of reference "
+                         "models train on complementary halves); 4 or more for per-example "
+                         "LiRA variances and RMIA's fitted a")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(k // 2):
+        inside = np.zeros(n, bool)
+        inside[rng.permutation(n)[: n // 2]] = True
+        rows += [inside, ~inside]
+    return np.stack(rows)
+
+
+def train_reference(cfg: ExperimentConfig, data: TensorDictDataset, epochs: int, seed: int,
+                    device: torch.device):
+    """One reference model: the workload's own local training, `epochs` epochs on `data`,
+    through DP-SGD at the run's noise when the run used it."""
+    workload = get_workload(cfg.workload)
+    ref_cfg = dataclasses.replace(
+        cfg, seed=cfg.seed, train=dataclasses.replace(cfg.train, local_epochs=epochs),
+        strategy=dataclasses.replace(cfg.strategy, proximal_mu=0.0))
+    model = workload.build(ref_cfg, device)
+    make_private = None
+    if cfg.privacy.dp.mode == "local":  # the same total steps as the run's clients
+        dp = dataclasses.replace(cfg.privacy.dp, max_epsilon=None)
+        make_private = ClientDP(dp, 1, epochs).make_private
+    lora_train = "b" if cfg.strategy.name == "ffa_lora" else "ab"
+    workload.train_local(model, data, ref_cfg, lora_train=lora_train, seed=seed,
+                         make_private=make_private)
+    return model
+
+
+def _logits(cfg: ExperimentConfig, model, data) -> torch.Tensor:
+    return get_workload(cfg.workload).class_logits(model, data, cfg)
+
+
+# --------------------------------------------------------------------------- the audit
+
+def parse_target(target: str, num_clients: int) -> list[int]:
+    if target == "global":
+        return list(range(num_clients))
+    if target.startswith("client:") and target[7:].isdigit() and int(target[7:]) < num_clients:
+        return [int(target[7:])]
+    raise AuditError(f"--target {target!r}: use 'global' or 'client:<partition>' with a "
+                     f"partition in 0..{num_clients - 1}")
+
+
+def parse_attacks(text: str) -> list[str]:
+    attacks = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in attacks if a not in mia.ATTACKS]
+    if unknown or not attacks:
+        raise AuditError(f"--attacks {text!r}: unknown {unknown or 'empty list'}; choose "
+                         f"from {','.join(mia.ATTACKS)}")
+    return attacks
+
+
+def audit(run_dir: str | Path, target: str = "global", attacks: str = "loss,lira,rmia",
+          references: int = 4, reference_epochs: int | None = None,
+          non_member_ratio: float = 1.0, population_size: int = 500,
+          fixed_variance: bool = False, rmia_a: float | None = None,
+          fprs: tuple[float, ...] | None = None, device: str | None = None,
+          seed: int = 0, state_dir: str | Path | None = None,
+          console: Console | None = None) -> dict[str, Any]:
+    """Run the audit; write audit.json and roc.png; return the JSON's content.
+
+    `fprs` None reports TPR at 1 % and 0.1 % FPR where the non-members resolve them
+    ("n/a" otherwise); FPRs asked for explicitly must be resolvable."""
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir)
+    cfg, global_state = finished_run(run_dir)
+    pids = parse_target(target, cfg.num_clients)
+    names = parse_attacks(attacks)
+    if not non_member_ratio > 0:
+        raise AuditError(f"--non-member-ratio {non_member_ratio}: give a ratio > 0")
+    needs_refs = any(a in ("lira", "rmia") for a in names)
+    if needs_refs:
+        reference_halves(2, references, 0)  # checks K before any work
+    strict = fprs is not None
+    fprs = tuple(fprs) if fprs is not None else DEFAULT_FPRS
+    epochs = reference_epochs or cfg.rounds * cfg.train.local_epochs
+    dev = resolve_device(device or cfg.device)
+
+    cands = candidates(cfg, pids, non_member_ratio)
+    negatives = int((~cands.is_member).sum())
+    for fpr in fprs:
+        if strict and negatives < math.ceil(10 / fpr):
+            raise AuditError(f"--fpr {fpr:g} needs at least {math.ceil(10 / fpr)} non-members; "
+                             f"this target has {negatives}: raise --non-member-ratio to "
+                             f"{math.ceil(10 / fpr) / max(int(cands.is_member.sum()), 1):.1f} "
+                             "or ask for a larger FPR")
+    labels = cands.data.tensors["label"]
+    pop = population(cfg, cands, population_size) if "rmia" in names else None
+
+    # The target: each candidate through its own client's model.
+    own = {key: np.zeros(len(labels)) for key in ("loss", "p", "phi")}  # target's signals
+    pop_target_p = np.zeros((len(labels), len(pop))) if pop is not None else None
+    correct = np.zeros(len(labels), bool)
+    dp_eps = []
+    for pid in pids:
+        saved = private_state(cfg, run_dir, pid, state_dir)
+        if HISTORY_KEY in saved and saved[HISTORY_KEY].size:
+            dp_eps.append(epsilon_of([tuple(h) for h in saved[HISTORY_KEY]], cfg.privacy.dp.delta))
+        model = client_model(cfg, saved, global_state, pid, dev)
+        mine = np.flatnonzero(cands.owner == pid)
+        logits = _logits(cfg, model, _subset(cands.data, mine))
+        for key, value in mia.signals(logits, labels[mine]).items():
+            own[key][mine] = value
+        correct[mine] = (logits.argmax(-1) == labels[mine]).numpy()
+        if pop is not None:
+            pop_target_p[mine] = mia.signals(_logits(cfg, model, pop),
+                                             pop.tensors["label"])["p"][None, :]
+
+    ref_in = ref_phi = ref_p = pop_ref_p = None
+    if needs_refs:
+        ref_in = reference_halves(len(labels), references, seed)
+        ref_phi, ref_p = np.zeros(ref_in.shape), np.zeros(ref_in.shape)
+        pop_ref_p = np.zeros((references, len(pop))) if pop is not None else None
+        columns = [TextColumn("[bold]reference models"), BarColumn(),
+                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()]
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("train", total=references)
+            for k in range(references):
+                model = train_reference(cfg, _subset(cands.data, np.flatnonzero(ref_in[k])),
+                                        epochs, seed * 1000 + k, dev)
+                sig = mia.signals(_logits(cfg, model, cands.data), labels)
+                ref_phi[k], ref_p[k] = sig["phi"], sig["p"]
+                if pop is not None:
+                    pop_ref_p[k] = mia.signals(_logits(cfg, model, pop), pop.tensors["label"])["p"]
+                progress.advance(task)
+
+    scores: dict[str, np.ndarray] = {}
+    notes: dict[str, str] = {}
+    if "loss" in names:
+        scores["loss"] = mia.loss_scores(own["loss"])
+    if "lira" in names:
+        pooled = fixed_variance or references // 2 < mia.MIN_MODELS_PER_SIDE
+        suffix = " (fixed variance)" if pooled else ""
+        scores["lira-online" + suffix] = mia.lira_scores(own["phi"], ref_phi, ref_in, True, pooled)
+        scores["lira-offline" + suffix] = mia.lira_scores(own["phi"], ref_phi, ref_in, False,
+                                                          pooled)
+        if pooled and not fixed_variance:
+            notes["lira"] = f"{references} reference models: one variance pooled over examples"
+    if "rmia" in names:
+        scores["rmia-online"] = mia.rmia_scores(own["p"], ref_p, ref_in, pop_target_p, pop_ref_p)
+        a = rmia_a if rmia_a is not None else mia.fit_rmia_a(ref_p, ref_in, pop_ref_p)
+        notes["rmia"] = f"offline a = {a:g}" + (" (given)" if rmia_a is not None else
+                                                " (fitted on reference model 0)")
+        scores[f"rmia-offline (a={a:g})"] = mia.rmia_scores(own["p"], ref_p, ref_in,
+                                                            pop_target_p, pop_ref_p, offline_a=a)
+
+    delta = cfg.privacy.dp.delta
+    results = {name: summarise(s, cands.is_member, fprs, delta) for name, s in scores.items()}
+    out_dir = run_dir / f"audit-{target.replace(':', '-')}"
+    out_dir.mkdir(exist_ok=True)
+    report = {
+        "run": run_dir.name, "target": target, "workload": cfg.workload,
+        "members": int(cands.is_member.sum()), "non_members": negatives,
+        "population": 0 if pop is None else len(pop),
+        "reference_models": references if needs_refs else 0, "reference_epochs": epochs,
+        "member_accuracy": float(correct[cands.is_member].mean()),
+        "non_member_accuracy": float(correct[~cands.is_member].mean()),
+        "dp_mode": cfg.privacy.dp.mode,
+        "dp_epsilon": max(dp_eps) if dp_eps else None, "delta": delta,
+        "attacks": results, "notes": notes,
+    }
+    (out_dir / "audit.json").write_text(json.dumps(report, indent=2))
+    plot_roc(scores, cands.is_member, out_dir / "roc.png",
+             f"{run_dir.name}, target {target} "
+             f"({report['members']} members, {negatives} non-members)")
+    print_table(report, console)
+    console.print(f"wrote {out_dir / 'audit.json'} and {out_dir / 'roc.png'}")
+    return report
+
+
+def summarise(scores: np.ndarray, is_member: np.ndarray, fprs, delta: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"auc": attack_auc(scores, is_member)}
+    for fpr in fprs:
+        try:
+            row[f"tpr_at_fpr_{fpr:g}"] = tpr_at_fpr(scores, is_member, fpr)
+        except TooFewNonMembers as err:
+            row[f"tpr_at_fpr_{fpr:g}"] = "n/a"
+            row[f"tpr_at_fpr_{fpr:g}_why"] = str(err)
+    row["empirical_epsilon"] = empirical_epsilon(scores, is_member, delta=delta)
+    return row
+
+
+def plot_roc(scores: dict[str, np.ndarray], is_member: np.ndarray, path: Path, title: str):
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    floor = 1 / max(int((~is_member).sum()), 1)
+    for name, s in scores.items():
+        fpr, tpr, _ = roc_curve(is_member, s)
+        ax.plot(np.maximum(fpr, floor), np.maximum(tpr, floor),
+                label=f"{name}, AUC {attack_auc(s, is_member):.3f}")
+    ax.plot([floor, 1], [floor, 1], "k--", lw=0.8, label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(floor, 1)
+    ax.set_ylim(floor, 1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(report: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"membership inference, target {report['target']}: "
+                  f"{report['members']} members, {report['non_members']} non-members")
+    first = next(iter(report["attacks"].values()))
+    tpr_keys = [k for k in first if k.startswith("tpr_at_fpr_") and not k.endswith("_why")]
+    for col in ["attack", "AUC", *[f"TPR@{k[11:]} FPR" for k in tpr_keys], "empirical eps"]:
+        table.add_column(col)
+    for name, row in report["attacks"].items():
+        tprs = [row[k] if isinstance(row[k], str) else f"{row[k]:.4f}" for k in tpr_keys]
+        table.add_row(name, f"{row['auc']:.3f}", *tprs, f"{row['empirical_epsilon']:.2f}")
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m privacy.audit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="the folder of a finished run")
+    parser.add_argument("--target", default="global", help="global or client:<partition>")
+    parser.add_argument("--attacks", default="loss,lira,rmia")
+    parser.add_argument("--references", type=int, default=4,
+                        help="reference models K (even; pairs train on complementary halves)")
+    parser.add_argument("--reference-epochs", type=int, default=None,
+                        help="epochs per reference model (default: rounds x local_epochs)")
+    parser.add_argument("--non-member-ratio", type=float, default=1.0,
+                        help="held-out scenes per member (TPR at FPR f needs 10/f non-members)")
+    parser.add_argument("--population", type=int, default=500, help="RMIA's population size")
+    parser.add_argument("--fixed-variance", action="store_true", help="LiRA with one variance")
+    parser.add_argument("--rmia-a", type=float, default=None,
+                        help="RMIA's offline a (default: fitted on a reference model)")
+    parser.add_argument("--fpr", type=float, action="append", default=None,
+                        help="report TPR at this FPR (repeatable; default 0.01 and 0.001 "
+                             "where the non-members resolve them)")
+    parser.add_argument("--device", default=None, help="auto, cpu or cuda (default: the run's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--state-dir", default=None,
+                        help="where the clients kept their private state (their node config's "
+                             "state-dir; default: the run's client-state folder)")
+    args = parser.parse_args(argv)
+    try:
+        audit(args.run, args.target, args.attacks, args.references, args.reference_epochs,
+              args.non_member_ratio, args.population, args.fixed_variance, args.rmia_a,
+              tuple(args.fpr) if args.fpr else None, args.device, args.seed, args.state_dir)
+    except AuditError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Membership-inference attacks (privacy/mia.py) and the audit of finished runs
+(privacy/audit.py): calibration on simulated signals, a positive control that must be
+caught, a DP-SGD model whose attacks stay inside the DP bound, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import beta, norm
+from test_server_rounds import LoopbackGrid
+
+from common.config import load_config
+from fl_server.rounds import run_federated
+from privacy import mia
+from privacy.audit import AuditError, audit, parse_attacks, reference_halves
+from privacy.mia_metrics import attack_auc
+
+
+def _simulated(n=4000, k=32, shift=1.0, seed=0):
+    """Per-example difficulty mu_i varies widely; training on an example adds `shift`."""
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(0, 5, n)
+    ref_in = reference_halves(n, k, seed)
+    ref_phi = mu + shift * ref_in + rng.normal(0, 1, (k, n))
+    member = rng.random(n) < 0.5
+    target_phi = mu + shift * member + rng.normal(0, 1, n)
+    return target_phi, ref_phi, ref_in, member
+
+
+def test_lira_calibrates_each_examples_difficulty():
+    target_phi, ref_phi, ref_in, member = _simulated()
+    optimum = norm.cdf(1 / math.sqrt(2))  # AUC of N(1,1) against N(0,1): 0.760
+    assert attack_auc(target_phi, member) < 0.6  # the raw confidence hides the shift
+    for fixed in (False, True):
+        online = mia.lira_scores(target_phi, ref_phi, ref_in, online=True, fixed_variance=fixed)
+        offline = mia.lira_scores(target_phi, ref_phi, ref_in, online=False,
+                                  fixed_variance=fixed)
+        assert abs(attack_auc(online, member) - optimum) < 0.03
+        assert abs(attack_auc(offline, member) - optimum) < 0.03
+
+
+def test_rmia_calibrates_each_examples_difficulty():
+    target_phi, ref_phi, ref_in, member = _simulated(seed=1)
+    p = lambda phi: 1 / (1 + np.exp(-phi))  # noqa: E731 - probability from logit scale
+    rng = np.random.default_rng(2)
+    mu_z = rng.normal(0, 5, 500)
+    pop_target, pop_ref = p(mu_z + rng.normal(0, 1, 500)), p(mu_z + rng.normal(0, 1, (32, 500)))
+    online = mia.rmia_scores(p(target_phi), p(ref_phi), ref_in, pop_target, pop_ref)
+    assert attack_auc(online, member) > 0.7 > attack_auc(p(target_phi), member) + 0.1
+    a = mia.fit_rmia_a(p(ref_phi), ref_in, pop_ref)
+    offline = mia.rmia_scores(p(target_phi), p(ref_phi), ref_in, pop_target, pop_ref,
+                              offline_a=a)
+    assert attack_auc(offline, member) > 0.7
+
+
+def test_reference_models_pair_up_on_complementary_halves():
+    ref_in = reference_halves(101, 6, seed=3)
+    assert (ref_in.sum(0) == 3).all()  # every example IN for exactly K/2 models
+    assert (ref_in[0] ^ ref_in[1]).all()
+    with pytest.raises(AuditError, match="--references 3: give an even number"):
+        reference_halves(10, 3, 0)
+
+
+def _finished_run(root, *overrides):
+    """A tosc run of one client (so the target is exactly what the client trained)."""
+    cfg = load_config("configs/distill_quickstart.yaml", [
+        "num_clients=1", "min_train_clients=1", "rounds=1", "data.num_samples=200",
+        "data.partitioner=iid", "distill.kd_weight=0", "channel.sweep_snr_db=[]",
+        "distill.teacher.public_samples=40", "distill.teacher.epochs=1",
+        f"distill.teacher.checkpoint={root}/teacher.pt", f"output_dir={root}", *overrides])
+    grid = LoopbackGrid(1)
+    for context in grid.contexts.values():
+        context.node_config["state-dir"] = str(root / "node-state")
+    run_federated(grid, cfg, root / "run")
+    return root / "run", root / "node-state"
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    with pytest.MonkeyPatch.context() as mp:  # as the flower_message_context fixture
+        for attr in ("_run_id", "_node_id", "_task_id"):
+            mp.setattr(TaskIdentity, attr, 1)
+        return _finished_run(tmp_path_factory.mktemp("overfit"), "train.local_epochs=80")
+
+
+def test_positive_control_an_overfit_target_is_caught(overfit_run):
+    run, state = overfit_run
+    # 160 members, 240 non-members: TPR at 5 % FPR is about the lowest FPR they resolve.
+    report = audit(run, "global", references=4, non_member_ratio=1.5, population_size=300,
+                   fprs=(0.05,), state_dir=state)
+    assert report["member_accuracy"] > report["non_member_accuracy"] + 0.2  # it did overfit
+    attacks = report["attacks"]
+    assert attacks["loss"]["auc"] > 0.7
+    loss_tpr = attacks["loss"]["tpr_at_fpr_0.05"]
+    lira = attacks["lira-online (fixed variance)"]
+    rmia = attacks["rmia-online"]
+    assert lira["tpr_at_fpr_0.05"] >= loss_tpr and rmia["tpr_at_fpr_0.05"] >= loss_tpr
+    saved = json.loads((run / "audit-global" / "audit.json").read_text())
+    assert saved["attacks"]["loss"]["auc"] == attacks["loss"]["auc"]
+    assert (run / "audit-global" / "roc.png").stat().st_size > 10_000
+
+
+def test_a_dp_sgd_target_stays_inside_the_dp_bound(tmp_path, flower_message_context):
+    run, state = _finished_run(tmp_path, "train.local_epochs=20", "privacy.dp.mode=local",
+                               "privacy.dp.epsilon=1.0")
+    report = audit(run, "global", attacks="loss,lira", references=4, fprs=(0.1,),
+                   state_dir=state)
+    eps, delta = report["dp_epsilon"], report["delta"]
+    assert eps == pytest.approx(1.0, abs=0.02)
+    scores_checked = 0
+    members = non_members = 160
+    for name, row in report["attacks"].items():
+        # TPR <= e^eps FPR + delta at every threshold, up to the confidence intervals:
+        # the Clopper-Pearson lower bound on epsilon never passes the true epsilon...
+        assert row["empirical_epsilon"] <= eps, name
+        # ... and at FPR 10 % the TPR's lower bound stays under the bound at FPR's upper one.
+        k = round(row["tpr_at_fpr_0.1"] * members)
+        tpr_low = beta.ppf(0.025, k, members - k + 1) if k else 0.0
+        fp = round(0.1 * non_members)
+        fpr_high = beta.ppf(0.975, fp + 1, non_members - fp)
+        assert tpr_low <= math.exp(eps) * fpr_high + delta, name
+        scores_checked += 1
+    assert scores_checked == 3
+
+
+def test_bad_requests_are_refused_with_the_fix(tmp_path, overfit_run):
+    run, state = overfit_run
+    with pytest.raises(AuditError, match=r"--attacks 'loss,shokri': unknown \['shokri'\]"):
+        parse_attacks("loss,shokri")
+    with pytest.raises(AuditError, match="no metrics.json"):
+        audit(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "running", "config": {}}))
+    with pytest.raises(AuditError, match="did not finish"):
+        audit(tmp_path)
+    with pytest.raises(AuditError, match=r"--fpr 0.001 needs at least 10000 non-members"):
+        audit(run, attacks="loss", fprs=(0.001,), state_dir=state)
+    with pytest.raises(AuditError, match=r"--target 'client:5'"):
+        audit(run, target="client:5", attacks="loss", state_dir=state)
+    with pytest.raises(AuditError, match="no saved private state"):
+        audit(run, attacks="loss")  # not where this run's node kept it
+
+
+def test_tpr_is_reported_only_where_the_non_members_resolve_it(overfit_run):
+    run, state = overfit_run
+    report = audit(run, "client:0", attacks="loss", state_dir=state)
+    row = report["attacks"]["loss"]
+    assert row["tpr_at_fpr_0.01"] == "n/a" and "non-members" in row["tpr_at_fpr_0.01_why"]
+    assert 0.5 < row["auc"] <= 1.0
