@@ -70,8 +70,10 @@ class Candidates:
 
 # --------------------------------------------------------------------------- the run
 
-def finished_run(run_dir: Path) -> tuple[ExperimentConfig, dict[str, np.ndarray]]:
-    """The config and the final global state of a completed federated run."""
+def finished_run(run_dir: Path, allow_split: bool = False
+                 ) -> tuple[ExperimentConfig, dict[str, np.ndarray]]:
+    """The config and the final global state of a completed federated run (or split run:
+    then the adapters of the clients' half)."""
     metrics, final = run_dir / "metrics.json", run_dir / "global_adapters.npz"
     if not metrics.is_file():
         raise AuditError(f"--run {run_dir}: no metrics.json there; give the folder of a run "
@@ -83,7 +85,7 @@ def finished_run(run_dir: Path) -> tuple[ExperimentConfig, dict[str, np.ndarray]
                          f"{record.get('status')!r}, final model {model}); resume it to the "
                          "end (python -m simulation --resume) or audit a finished one")
     cfg = config_from_dict(record["config"])
-    if cfg.split.mode != "off":
+    if cfg.split.mode != "off" and not allow_split:
         raise AuditError(f"--run {run_dir}: a split run (split.mode={cfg.split.mode}) keeps "
                          "half the model on the server; the membership audit covers federated "
                          "runs (split training's label leakage: privacy.label_leakage.audit)")
