@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -91,6 +92,8 @@ class StrategyConfig:
     max_update_bytes: int | None = None  # replies with larger payloads are dropped
     trim_beta: float = 0.2  # share cut at each end per coordinate (trimmed_avg_lora)
     krum_malicious: int = 0  # malicious clients Krum tolerates (krum_lora)
+    # Flower's SecAgg+ for training rounds: the server sees masked updates and their sum only
+    secure_aggregation: bool = False
 
 
 @dataclass
@@ -175,7 +178,9 @@ class ExperimentConfig:
     output_dir: str = "runs"
     # Where each client keeps its private tensors after every round, so that a
     # resumed run continues them exactly; relative to the client's working
-    # directory. The SuperNode's node config `state-dir` overrides it. None: kept
+    # directory. A node-only key, as are device, data.root and data.download: a
+    # SuperNode uses its node config `state-dir` and ignores the server's value
+    # (fl_client/trust.py); the simulation's virtual nodes use this one. None: kept
     # in memory only (a resumed run restarts the private modules from scratch).
     client_state_dir: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -326,7 +331,16 @@ def need(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"config key '{key}': got {value!r}, allowed: {allowed}")
 
 
+# The run folder is <output_dir>/<name>-<time>, and nodes key their saved state by its
+# name: one plain path component.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MODULE_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+
+
 def _check_ranges(cfg: ExperimentConfig) -> None:
+    need(NAME_PATTERN.fullmatch(cfg.name) is not None, "name", cfg.name,
+         "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (it names "
+         "the run folder)")
     need(cfg.rounds >= 1, "rounds", cfg.rounds, "an integer >= 1")
     need(cfg.num_clients >= 1, "num_clients", cfg.num_clients, "an integer >= 1")
     need(0 < cfg.fraction_train <= 1, "fraction_train", cfg.fraction_train, "0 < x <= 1")
@@ -358,6 +372,9 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "0 < x < 1")
     lo = cfg.lora
     need(lo.rank >= 1, "lora.rank", lo.rank, ">= 1")
+    need(lo.target_modules and all(MODULE_PATTERN.fullmatch(m) for m in lo.target_modules),
+         "lora.target_modules", lo.target_modules,
+         "a non-empty list of module names such as q_proj (dotted names allowed)")
     need(all(r >= 1 for r in lo.client_ranks), "lora.client_ranks", lo.client_ranks,
          "ranks >= 1")
     need(not lo.client_ranks or cfg.strategy.name == "svd_lora", "lora.client_ranks",
@@ -380,6 +397,8 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
          "0 <= x < 0.5")
     need(cfg.strategy.krum_malicious >= 0, "strategy.krum_malicious",
          cfg.strategy.krum_malicious, ">= 0")
+    if cfg.strategy.secure_aggregation:
+        _check_secure_aggregation(cfg)
     sp = cfg.split
     need(sp.steps_per_round is None or sp.steps_per_round >= 1, "split.steps_per_round",
          sp.steps_per_round, "null (local_epochs over the data) or an integer >= 1")
@@ -474,6 +493,28 @@ def _check_central_dp(cfg: ExperimentConfig) -> None:
     need(cfg.fraction_train == 1, "fraction_train", cfg.fraction_train,
          "1 with privacy.dp.mode=central (the accountant assumes every client in every "
          "round: no sampling amplification)")
+
+
+# Strategies SecAgg+ can carry: their aggregate is the weighted mean it computes.
+SECAGG_STRATEGIES = ("fedavg_lora", "ffa_lora", "fedavg", "fedprox")
+
+
+def _check_secure_aggregation(cfg: ExperimentConfig) -> None:
+    st = cfg.strategy
+    need(st.name in SECAGG_STRATEGIES, "strategy.secure_aggregation", True,
+         f"false with strategy.name={st.name!r}: SecAgg+ yields only the weighted mean, and "
+         f"{st.name} needs each client's update; use one of {', '.join(SECAGG_STRATEGIES)}")
+    need(cfg.split.mode == "off", "strategy.secure_aggregation", True,
+         "false with split training (its activations and gradients are per client by "
+         "design); set split.mode=off")
+    need(cfg.privacy.dp.mode != "central", "strategy.secure_aggregation", True,
+         "false with privacy.dp.mode=central (Flower's DP wrappers clip or noise each "
+         "update on the server, which then sees none); use privacy.dp.mode=local")
+    need(st.max_update_bytes is None, "strategy.secure_aggregation", True,
+         "false with strategy.max_update_bytes (the server cannot size a masked update); "
+         "set strategy.max_update_bytes=null")
+    need(cfg.min_train_clients >= 2, "min_train_clients", cfg.min_train_clients,
+         ">= 2 with strategy.secure_aggregation (a sum of one update is that update)")
 
 
 def parse_overrides(items: list[str] | str) -> dict[str, Any]:

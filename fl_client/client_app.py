@@ -1,30 +1,32 @@
 """The ClientApp: Flower message handlers around a workload.
 
 The experiment config arrives from the server with every message (one source of
-truth, the same on the simulation and the deployment engine). Node-specific facts come
-from the SuperNode's node config: `partition-id`, `num-partitions` and optionally
-`device`, `data-root` (the node's local dataset folder) and `state-dir` (where it
-keeps its private tensors between rounds). The client's trainable tensors persist
-between rounds in `context.state`, which stays on the node; the server's shared state
-is loaded on top of them. So what is private (task decoders, modality encoders, the
-JSCC) is simply whatever the workload's `shared_state` does not send.
+truth, the same on the simulation and the deployment engine), except what touches the
+node's disk, network or device: those keys come from the SuperNode's node config
+(`device`, `data-root`, `data-download`, `state-dir`, `model-checkpoint`,
+`teacher-checkpoint`, `teacher-store-dir`; see fl_client/trust.py), beside
+`partition-id` and `num-partitions`. Every message is checked before a handler acts on
+it, and one that fails gets an error reply naming the value. The client's trainable
+tensors persist between rounds in `context.state`, which stays on the node; the
+server's shared state is loaded on top of them. So what is private (task decoders,
+modality encoders, the JSCC) is simply whatever the workload's `shared_state` does not
+send.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
-from common.config import ExperimentConfig, config_from_dict
+from common.config import ExperimentConfig
 from common.device import resolve_device
 from common.seeding import round_seed
-from fl_client import split
+from fl_client import split, trust
 from fl_client.node import (
     PRIVATE_STATE,
     load_saved_state,
@@ -32,6 +34,7 @@ from fl_client.node import (
     save_state_file,
     saved_state_file,
 )
+from fl_client.secagg import secagg_if_asked
 from models import get_workload
 from privacy.central_dp import UNIFORM_WEIGHT, clip_if_asked
 from privacy.dp import HISTORY_KEY, BudgetExhausted, ClientDP
@@ -39,10 +42,6 @@ from privacy.dp import HISTORY_KEY, BudgetExhausted, ClientDP
 log = logging.getLogger("fedsemcom")
 # The error code of a reply from a client that declines to train (its DP budget).
 BUDGET_EXHAUSTED = 4001
-
-
-def experiment_from_message(msg: Message) -> ExperimentConfig:
-    return config_from_dict(json.loads(str(msg.content["config"]["experiment"])))
 
 
 def client_lora_rank(cfg: ExperimentConfig, partition_id: int) -> int:
@@ -57,14 +56,12 @@ def local_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _setup(msg: Message, context: Context):
-    cfg = experiment_from_message(msg)
-    if "data-root" in context.node_config:  # this node's own copy of the dataset
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-            cfg.data, root=str(context.node_config["data-root"])))
+    cfg = trust.node_experiment(msg, context)  # with the node's own paths and device
     pid, n = partition(context)
-    device = resolve_device(str(context.node_config.get("device", cfg.device)))
+    device = resolve_device(cfg.device)
     workload = get_workload(cfg.workload)
     model = workload.build(cfg, device, lora_rank=client_lora_rank(cfg, pid))
+    arrays = trust.global_arrays(workload, model, cfg, msg)  # before anything is loaded
     if PRIVATE_STATE in context.state.array_records:
         saved = {k: v.numpy() for k, v in context.state.array_records[PRIVATE_STATE].items()}
     else:
@@ -75,7 +72,6 @@ def _setup(msg: Message, context: Context):
         with torch.no_grad():
             for name, arr in saved.items():
                 params[name].copy_(torch.from_numpy(arr))
-    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     workload.load_shared_state(model, arrays)  # the global state wins over the local copy
     train_ds, test_ds = workload.load_data(cfg, pid, n)
     return cfg, pid, workload, model, train_ds, test_ds, dp_history
@@ -98,8 +94,8 @@ def _metric_record(metrics: dict[str, float]) -> MetricRecord:
 
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, workload, model, train_ds, _, dp_history = _setup(msg, context)
-    lora_train = str(msg.content["config"].get("lora-train", "ab"))
-    server_round = int(msg.content["config"].get("server-round", 0))
+    lora_train = trust.lora_train(msg)
+    server_round = trust.server_round(msg)
     seed = round_seed(cfg.seed, server_round, pid)
     dp = None
     if cfg.privacy.dp.mode == "local":  # DP-SGD, continuing this node's accountant
@@ -134,18 +130,64 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": _metric_record(metrics)}), reply_to=msg)
 
 
-def make_app(mods: list | None = None) -> ClientApp:
+class NodeApp(ClientApp):
+    """A ClientApp that answers every message it will not act on with an error reply
+    (code trust.REFUSED, the reason naming the value) instead of raising, and one that
+    fails with Flower's CLIENT_APP_RAISED_EXCEPTION (as Flower's runtime would on a
+    SuperNode), so that the node keeps serving in any engine; `node_defaults` fill in
+    node config keys the node lacks (the simulation engine, whose virtual nodes have no
+    node config of their own)."""
+
+    def __init__(self, mods: list | None = None, node_defaults: dict | None = None):
+        super().__init__(mods=mods)
+        self.node_defaults = dict(node_defaults or {})
+        self.message_types: set[str] = set()
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        for key, value in self.node_defaults.items():
+            context.node_config.setdefault(key, value)
+        kind = message.metadata.message_type
+        try:
+            if kind not in self.message_types:
+                raise trust.Refused(f"unknown message type {kind!r}; this node answers "
+                                    f"{', '.join(sorted(self.message_types))}")
+            return super().__call__(message, context)
+        except trust.Refused as err:
+            log.warning("refused a %r message: %s", kind, err)
+            return Message(error=Error(code=trust.REFUSED, reason=f"refused: {err}"),
+                           reply_to=message)
+        except Exception as err:  # noqa: BLE001 - as Flower's runtime answers it, in process too
+            log.exception("a %r message failed", kind)
+            reason = f"{type(err).__name__}: {err}"[:500]
+            return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                           reply_to=message)
+
+
+HANDLERS = {
+    "train": train,
+    "evaluate": evaluate,
+    # U-shaped split training (fl_client/split.py).
+    "train.split_begin": split.begin,
+    "train.split_output": split.output,
+    "train.split_backward": split.backward,
+    "evaluate.split_forward": split.eval_forward,
+    "evaluate.split_score": split.eval_score,
+}
+
+
+def make_app(mods: list | None = None, node_defaults: dict | None = None) -> NodeApp:
     """The ClientApp with every handler; `mods` wrap each call (Flower client mods)."""
-    client = ClientApp(mods=mods or [])
-    # Central DP with client-side clipping: Flower's fixedclipping_mod, train only.
-    client.train(mods=[clip_if_asked])(train)
-    client.evaluate()(evaluate)
-    # U-shaped split training (fl_client/split.py): "train.split_begin" and so on.
-    client.train("split_begin")(split.begin)
-    client.train("split_output")(split.output)
-    client.train("split_backward")(split.backward)
-    client.evaluate("split_forward")(split.eval_forward)
-    client.evaluate("split_score")(split.eval_score)
+    client = NodeApp(mods=mods or [], node_defaults=node_defaults)
+    for kind, handler in HANDLERS.items():
+        category, _, action = kind.partition(".")
+        # Every message is screened (fl_client.trust) before any other mod reads it;
+        # central DP with client-side clipping adds Flower's fixedclipping_mod to train.
+        # SecAgg+ stage messages go to Flower's secaggplus_mod first (fl_client.secagg).
+        handler_mods = [trust.screen] + ([clip_if_asked] if kind == "train" else [])
+        if kind == "train":
+            handler_mods.insert(0, secagg_if_asked)
+        getattr(client, category)(action or "default", mods=handler_mods)(handler)
+        client.message_types.add(kind)
     return client
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from flwr.app import Context, Message
 
 from common.config import ExperimentConfig
+from fl_client import trust
 
 log = logging.getLogger("fedsemcom")
 
@@ -36,21 +37,24 @@ def saved_state_file(cfg: ExperimentConfig, msg: Message, context: Context, pid:
 
     Flower gives every run a fresh `context.state`, so a resumed run (a new Flower
     run) finds its private tensors here: on the node's own disk, never in a message.
-    The server names the run in the message config ("run-key"); the node config's
-    `state-dir` (or the experiment's `client_state_dir`) says where.
+    The folder is the node's (`cfg.client_state_dir` holds the node config `state-dir`,
+    see fl_client.trust); the server only names the run ("run-key"), which must be one
+    safe path component, and the file must resolve inside that folder.
     """
-    state_dir = context.node_config.get("state-dir", cfg.client_state_dir)
-    run_key = str(msg.content["config"].get("run-key", ""))
-    if not state_dir or not run_key:
+    state_dir = cfg.client_state_dir
+    key = trust.run_key(msg)
+    if not state_dir or not key:
         return None
-    return Path(str(state_dir)) / run_key / f"partition-{pid}" / f"round-{server_round}.npz"
+    root = Path(state_dir)
+    path = root / key / f"partition-{pid}" / f"round-{server_round}.npz"
+    return trust.inside(path, root, f"run-key={key!r}")
 
 
 def load_saved_state(msg: Message, context: Context, cfg: ExperimentConfig,
                      pid: int) -> dict[str, np.ndarray] | None:
     """The private tensors this node saved after the last round it trained before
     this one (with partial participation that need not be the previous round)."""
-    server_round = int(msg.content["config"].get("server-round", 0))
+    server_round = trust.server_round(msg)
     path = saved_state_file(cfg, msg, context, pid, server_round)
     earlier = [] if path is None else [
         (r, p) for p in path.parent.glob("round-*.npz")
@@ -61,7 +65,7 @@ def load_saved_state(msg: Message, context: Context, cfg: ExperimentConfig,
     if server_round > 1:
         log.warning("partition %d: no saved private state before round %d (%s); the "
                     "private modules start from their initial weights", pid, server_round,
-                    path.parent if path else "no client_state_dir / node config state-dir")
+                    path.parent if path else "no node config state-dir")
     return None
 
 

@@ -19,7 +19,6 @@ AdamW states, the step counter, running sums) sits in `context.state`, on the no
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -42,6 +41,7 @@ from common.config import ExperimentConfig, config_from_dict
 from common.data import num_classes
 from common.device import resolve_device
 from common.seeding import round_seed
+from fl_client import trust
 from fl_client.node import (
     PRIVATE_STATE,
     load_saved_state,
@@ -51,7 +51,7 @@ from fl_client.node import (
 )
 from models import get_workload
 from models.jscc import sent_positions
-from models.split import batch_plan, decode, encode, pack_symbols, step_generator
+from models.split import batch_plan, encode, pack_symbols, step_generator
 from privacy.split_defences import gaussian_gradient_noise, randomized_response
 
 LIVE_STATE = "split-live"  # parameters and AdamW moments while a round is in progress
@@ -62,20 +62,19 @@ EVAL_LINK = 2  # generator key of evaluation draws (0: uplink steps, 1: downlink
 # --------------------------------------------------------------------------- state
 
 
-@functools.lru_cache(maxsize=4)
-def _experiment(experiment_json: str) -> ExperimentConfig:
-    return config_from_dict(json.loads(experiment_json))
-
-
 @functools.lru_cache(maxsize=2)
 def _skeleton(experiment_json: str, device: str):
     """The built model for a config, kept per process: building it costs more than a
     step. Every message overwrites all client parameters from the node's state."""
-    cfg = _experiment(experiment_json)
+    cfg = config_from_dict(json.loads(experiment_json))
     workload = get_workload(cfg.workload)
     model = workload.build(cfg, device)
     initial = {n: p.detach().clone() for n, p in workload.client_parameters(model).items()}
     return model, initial
+
+
+# The server half's output shape per example, by config: what incoming outputs must have.
+_OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {}
 
 
 class ClientHalf:
@@ -87,13 +86,13 @@ class ClientHalf:
     the node's PRIVATE_STATE by name, as in federated training."""
 
     def __init__(self, msg: Message, context: Context, resume: bool = True):
-        raw = str(msg.content["config"]["experiment"])
-        self.cfg: ExperimentConfig = _experiment(raw)
+        # The experiment with the node's own paths and device (fl_client.trust).
+        self.cfg: ExperimentConfig = trust.node_experiment(msg, context)
         self.workload: ModuleType = get_workload(self.cfg.workload)
         self.context = context
         self.pid, self.num_partitions = partition(context)
-        self.device = resolve_device(str(context.node_config.get("device", self.cfg.device)))
-        self.model, initial = _skeleton(raw, str(self.device))
+        self.device = resolve_device(self.cfg.device)
+        self.model, initial = _skeleton(self.cfg.to_json(), str(self.device))
         self.params = self.workload.client_parameters(self.model)
         live = context.state.array_records.get(LIVE_STATE) if resume else None
         with torch.no_grad():
@@ -122,16 +121,55 @@ class ClientHalf:
 
     # -- training state of the round in progress
 
+    def shared_arrays(self, msg: Message) -> dict[str, np.ndarray]:
+        """The client-half adapters of `msg`, checked against this node's."""
+        return trust.global_arrays(self.workload, self.model, self.cfg, msg,
+                                   client_half_only=True)
+
+    def in_progress(self, msg: Message) -> None:
+        """Refuse a step message without a round in progress, past the round's last
+        step, or for another round than the one in progress."""
+        p = self.progress
+        if "step" not in p:
+            raise trust.Refused(f"{msg.metadata.message_type} without a split round in "
+                                "progress (train.split_begin opens one)")
+        if int(p["step"]) >= int(p["steps"]):
+            raise trust.Refused(f"{msg.metadata.message_type} after the round's last step "
+                                f"({p['steps']})")
+        rnd = trust.server_round(msg)
+        if "server-round" in msg.content["config"] and rnd != int(p["round"]):
+            raise trust.Refused(f"server-round={rnd} but round {p['round']} is in progress")
+
+    def server_output(self, msg: Message, examples: int) -> torch.Tensor:
+        """The server half's output for `examples` examples, checked (fl_client.trust)."""
+        shape = (examples, *self.output_shape())
+        return trust.split_tensors(msg, "output", {"output": shape},
+                                   {"output": self.cfg.split.compression})["output"]
+
+    def output_shape(self) -> tuple[int, ...]:
+        """The skeleton's own forward of one local example (in eval mode: nothing it
+        keeps changes), once per config and process; it follows from the config alone."""
+        key = self.cfg.to_json()
+        if key not in _OUTPUT_SHAPES:
+            train_ds, _ = self.data()
+            batch = _to(default_collate([train_ds[0]]), self.device)
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                h, _ = self.model(batch, generator=torch.Generator().manual_seed(0))
+            self.model.train(was_training)
+            _OUTPUT_SHAPES[key] = tuple(h.shape[1:])
+        return _OUTPUT_SHAPES[key]
+
     def start_round(self, msg: Message) -> None:
-        arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        arrays = self.shared_arrays(msg)
         self.workload.load_shared_state(self.model, arrays)
-        config = msg.content["config"]
         train_ds, _ = self.data()
         steps = self.cfg.split.steps_per_round or self.cfg.train.local_epochs * math.ceil(
             len(train_ds) / self.cfg.train.batch_size)
-        rnd = int(config.get("server-round", 0))
+        rnd = trust.server_round(msg)
         self.progress = ConfigRecord({
-            "round": rnd, "step": 0, "steps": steps, "lora-train": str(config.get("lora-train", "ab")),
+            "round": rnd, "step": 0, "steps": steps, "lora-train": trust.lora_train(msg),
             "loss": 0.0, "symbols": 0.0, "seen": 0,
             **{f"loss_{t}": 0.0 for t in self.cfg.model.tasks},
         })
@@ -188,11 +226,7 @@ class ClientHalf:
     # -- data and the client half's forward
 
     def data(self) -> tuple[Dataset, Dataset]:
-        cfg = self.cfg
-        if "data-root" in self.context.node_config:  # this node's own copy of the dataset
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-                cfg.data, root=str(self.context.node_config["data-root"])))
-        return self.workload.load_data(cfg, self.pid, self.num_partitions)
+        return self.workload.load_data(self.cfg, self.pid, self.num_partitions)
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         train_ds, _ = self.data()
@@ -258,10 +292,11 @@ def begin(msg: Message, context: Context) -> Message:
 def output(msg: Message, context: Context) -> Message:
     """Server output in: loss with the local labels, task decoders step, gradient out."""
     half = ClientHalf(msg, context)
-    _, heads_opt = half.optimisers()
+    half.in_progress(msg)
     step = int(half.progress["step"])
     batch = half.batch(step)
-    h = decode(msg.content["output"], "output").to(half.device).requires_grad_(True)
+    h = half.server_output(msg, batch["image"].shape[0]).to(half.device).requires_grad_(True)
+    _, heads_opt = half.optimisers()
     losses = half.model.task_decoders.losses(h, batch)
     weights = half.cfg.train.loss_weights
     loss = sum(weights.get(t, 1.0) * v for t, v in losses.items())
@@ -285,15 +320,19 @@ def backward(msg: Message, context: Context) -> Message:
     """Gradient w.r.t. the activations in: recompute the forward, backward, step; then
     the next step's activations, or after the last step the adapters and metrics."""
     half = ClientHalf(msg, context)
+    half.in_progress(msg)
     tx_opt, _ = half.optimisers()
     step = int(half.progress["step"])
     tx, received, _ = half.model.uplink(half.batch(step), generator=half.generator(step))
     sent = sent_positions(tx.counts, received.shape[-1])
-    grads = msg.content["gradients"]
+    symbols = pack_symbols(received, sent)
+    grads = trust.split_tensors(
+        msg, "gradients", {"symbols": tuple(symbols.shape), "counts": tuple(tx.counts.shape)},
+        {"symbols": half.cfg.split.compression, "counts": "none"})
     tx_opt.zero_grad(set_to_none=True)
     torch.autograd.backward(
-        [pack_symbols(received, sent), tx.counts],
-        [decode(grads, "symbols").to(half.device), decode(grads, "counts").to(half.device)],
+        [symbols, tx.counts],
+        [grads["symbols"].to(half.device), grads["counts"].to(half.device)],
     )
     tx_opt.step()
     half.progress["step"] = step + 1
@@ -323,8 +362,7 @@ def _final_content(half: ClientHalf) -> RecordDict:
 def eval_forward(msg: Message, context: Context) -> Message:
     """Activations of the whole local test split (seeded: the same draws every time)."""
     half = ClientHalf(msg, context, resume=False)
-    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    half.workload.load_shared_state(half.model, arrays)
+    half.workload.load_shared_state(half.model, half.shared_arrays(msg))
     half.model.eval()
     _, test_ds = half.data()
     gen = step_generator(half.cfg.seed, half.pid, EVAL_LINK)
@@ -345,7 +383,7 @@ def eval_score(msg: Message, context: Context) -> Message:
     half = ClientHalf(msg, context, resume=False)
     half.model.eval()
     _, test_ds = half.data()
-    h = decode(msg.content["output"], "output").to(half.device)
+    h = half.server_output(msg, len(test_ds)).to(half.device)
     scorer = half.workload.TaskScorer(half.cfg)
     start = 0
     for batch in half.workload.eval_batches(test_ds, half.cfg):

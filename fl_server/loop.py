@@ -23,7 +23,7 @@ from strategies import build_strategy
 # row beside the workload's TRAIN_METRICS / EVAL_METRICS (its room names them).
 ENGINE_TRAIN_METRICS = ("train_loss", "bytes_up", "bytes_down", "clients_accepted",
                         "clients_rejected", "dp_epsilon_max", "dp_epsilon_mean",
-                        "dp_noise_multiplier")
+                        "dp_noise_multiplier", "secagg_seconds", "secagg_exchanges")
 ENGINE_PANELS = (Panel("train loss", ("train_loss",)),
                  Panel("bytes per client per round", ("bytes_up", "bytes_down")))
 # Keys that may change between an interrupted run and its resumption.

@@ -35,6 +35,7 @@ from fl_server.loop import (
     start_or_resume,
     strategy_state,
 )
+from fl_server.secagg import secure_train_round
 from fl_server.split import run_split
 from models import get_workload
 from privacy import central_dp
@@ -86,16 +87,22 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
             for rnd in range(done + 1, cfg.rounds + 1):
                 t0 = time.time()
                 config = ConfigRecord({"experiment": cfg.to_json(), "run-key": run_key})
-                messages = list(strategy.configure_train(rnd, arrays, config, grid))
-                replies, sent_to = send_and_receive(grid, messages, cfg.round_timeout_s)
-                replies, missing = _log_missing(rnd, "train", messages, sent_to, replies,
-                                                cfg.round_timeout_s)
-                answered = sum(not r.has_error() for r in replies)  # errors never count
-                new_arrays, train_metrics = None, None
-                if answered >= cfg.min_train_clients:
-                    new_arrays, train_metrics = strategy.aggregate_train(
-                        rnd, canonical_order(replies))
+                new_arrays, train_metrics, missing = None, None, []
+                if cfg.strategy.secure_aggregation:  # the server sees masked updates only
+                    new_arrays, train_metrics, answered, _ = secure_train_round(
+                        grid, strategy, cfg, rnd, arrays, config)
+                    n_replies = answered
                 else:
+                    messages = list(strategy.configure_train(rnd, arrays, config, grid))
+                    replies, sent_to = send_and_receive(grid, messages, cfg.round_timeout_s)
+                    replies, missing = _log_missing(rnd, "train", messages, sent_to, replies,
+                                                    cfg.round_timeout_s)
+                    answered = sum(not r.has_error() for r in replies)  # errors never count
+                    n_replies = len(replies)
+                    if answered >= cfg.min_train_clients:
+                        new_arrays, train_metrics = strategy.aggregate_train(
+                            rnd, canonical_order(replies))
+                if answered < cfg.min_train_clients:
                     log.warning("round %d: %d client(s) answered, fewer than min_train_clients="
                                 "%d; the round's updates are not aggregated", rnd, answered,
                                 cfg.min_train_clients)
@@ -111,7 +118,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                     eval_replies, _ = _log_missing(rnd, "evaluate", messages, sent_to,
                                                    eval_replies, cfg.round_timeout_s)
                     eval_metrics = strategy.aggregate_evaluate(rnd, canonical_order(eval_replies))
-                row = round_row(workload, rnd, train_metrics, eval_metrics, len(replies),
+                row = round_row(workload, rnd, train_metrics, eval_metrics, n_replies,
                                 time.time() - t0)
                 row["clients_missing"] = len(missing)
                 if cfg.privacy.dp.mode == "central":  # one more release if aggregated

@@ -3,6 +3,7 @@ runtime). The ClientApp is the one `flwr run` and the deployment engine use."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from pathlib import Path
@@ -15,7 +16,9 @@ from flwr.simulation import run_simulation
 
 from common.config import ConfigError, ExperimentConfig
 from common.records import new_run_dir
+from fl_client.client_app import NodeApp
 from fl_client.client_app import app as client_app
+from fl_client.trust import node_config_of
 from fl_server.rounds import run_federated
 
 
@@ -51,6 +54,11 @@ def simulate(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = 
         # All virtual clients share this machine: keep their private tensors in the
         # run folder so that --resume continues them exactly.
         cfg = dataclasses.replace(cfg, client_state_dir=str(run_dir / "client-state"))
+    if isinstance(client_app, NodeApp):
+        # The virtual nodes are the experimenter's own, and Flower's simulation gives
+        # them no node config: their paths and device are the experiment's.
+        client_app = copy.copy(client_app)
+        client_app.node_defaults = {**node_config_of(cfg), **client_app.node_defaults}
     results: dict[str, Any] = {}
     server_app = ServerApp()
 

@@ -16,6 +16,7 @@ from common.config import config_from_dict, load_config
 from common.data import load_partition
 from fl_client.client_app import app, local_parameters
 from fl_client.node import PRIVATE_STATE
+from fl_client.trust import node_config_of
 from fl_server.loop import initial_arrays
 from models.mtsc import workload as mtsc
 from models.tosc import teacher as tosc_teacher
@@ -185,8 +186,10 @@ def test_tosc_sends_student_weights_but_no_head_label_image_or_teacher_output(
         "distill.teacher.epochs=1", f"distill.teacher.checkpoint={tmp_path / 'teacher.pt'}",
         f"distill.feature_weight={feature_weight}"])
     tosc_teacher.ensure_teacher(cfg, log=lambda _: None)
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3},
-                      state=RecordDict(), run_config={})
+    # The node's own copy of the teacher file (node config teacher-checkpoint).
+    node_config = {"partition-id": 1, "num-partitions": 3, **node_config_of(cfg)}
+    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                      run_config={})
     arrays = initial_arrays(cfg, "ab")
     train_reply = run_client(cfg, "ab", "train", context, arrays)
     eval_reply = run_client(cfg, "ab", "evaluate", context, arrays)

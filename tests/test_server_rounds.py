@@ -7,12 +7,18 @@ import logging
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, RecordDict
 
+from common.config import config_from_dict
 from fl_client.client_app import app as client_app
+from fl_client.trust import node_config_of
 from fl_server.rounds import run_federated
 
 
 class LoopbackGrid:
-    """Delivers each message to a ClientApp in this process, one Context per node."""
+    """Delivers each message to a ClientApp in this process, one Context per node.
+
+    Its nodes are configured as the simulation engine configures its virtual nodes
+    (one operator runs the server and the nodes): the node-only keys of the experiment
+    they are sent (paths, device) become their node config, unless a test set them."""
 
     def __init__(self, num_nodes, tamper=None):
         self.contexts = {
@@ -28,7 +34,12 @@ class LoopbackGrid:
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for msg in messages:
-            reply = client_app(msg, self.contexts[msg.metadata.dst_node_id])
+            context = self.contexts[msg.metadata.dst_node_id]
+            if "config" in msg.content.config_records:
+                cfg = config_from_dict(json.loads(msg.content["config"]["experiment"]))
+                for key, value in node_config_of(cfg).items():
+                    context.node_config.setdefault(key, value)
+            reply = client_app(msg, context)
             fix = self.tamper.get(msg.metadata.dst_node_id)
             replies.append(fix(reply) if fix and msg.metadata.message_type == "train" else reply)
         return replies
