@@ -5,8 +5,9 @@
 
 Runs the experiment once per setting on Flower's Ray simulation (a fresh
 `python -m simulation` process each; a completed run in the output folder is reused):
-no DP, DP-SGD on every client at epsilon 8 and 1, and central DP with server-side
-clipping. Each finished run is audited for membership inference (privacy/audit.py,
+no DP, DP-SGD on every client at epsilon 8 and 1, central DP with server-side
+clipping, and a pair that memorises (3 rounds of 20 local epochs) without and with
+DP-SGD at epsilon 1. Each finished run is audited for membership inference (privacy/audit.py,
 target `global`: every client's deployed model, members against as many held-out scenes).
 Label leakage is a split-training attack: `--leakage` adds the rows of a
 `python -m privacy.leakage_report` folder. Writes privacy_report.json, privacy_report.md
@@ -25,13 +26,19 @@ from common.config import ConfigError, load_config
 from common.records import new_run_dir, plt, simulation_run
 from privacy.audit import AuditError, audit
 
+OVERFIT = ["rounds=3", "train.local_epochs=20"]
+# Setting -> (overrides, membership target). The last two memorise (60 local epochs);
+# they are audited on one client, which keeps DP-SGD's reference models affordable.
 SETTINGS = {
-    "no DP": [],
-    "DP-SGD, epsilon 8": ["privacy.dp.mode=local", "privacy.dp.epsilon=8"],
-    "DP-SGD, epsilon 1": ["privacy.dp.mode=local", "privacy.dp.epsilon=1"],
-    "central DP, noise 1.0, server clipping": [
+    "no DP": ([], "global"),
+    "DP-SGD, epsilon 8": (["privacy.dp.mode=local", "privacy.dp.epsilon=8"], "global"),
+    "DP-SGD, epsilon 1": (["privacy.dp.mode=local", "privacy.dp.epsilon=1"], "global"),
+    "central DP, noise 1.0, server clipping": ([
         "privacy.dp.mode=central", "privacy.dp.noise_multiplier=1.0",
-        "privacy.dp.clipping=server"],
+        "privacy.dp.clipping=server"], "global"),
+    "no DP, 3 rounds x 20 epochs": (OVERFIT, "client:0"),
+    "DP-SGD, epsilon 1, 3 rounds x 20 epochs": (
+        [*OVERFIT, "privacy.dp.mode=local", "privacy.dp.epsilon=1"], "client:0"),
 }
 
 
@@ -45,7 +52,7 @@ def summarise(name: str, result: dict[str, Any], mia: dict[str, Any]) -> dict[st
     tprs = [a["tpr_at_fpr_0.01"] for a in attacks.values()
             if not isinstance(a["tpr_at_fpr_0.01"], str)]
     return {
-        "setting": name, "rounds": len(result["rounds"]),
+        "setting": name, "rounds": len(result["rounds"]), "mia_target": mia["target"],
         "accuracy": last.get("accuracy"), "majority_class_share": last.get("majority_class_share"),
         "epsilon": _epsilon(last), "epsilon_kind": "client" if last.get("dp_epsilon_max") else
         ("round" if last.get("dp_central_epsilon") else None),
@@ -82,18 +89,20 @@ def _cell(value, fmt: str) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| setting | accuracy (majority share) | epsilon | MIA AUC, best attack | "
-             "MIA TPR at 1% FPR, best | empirical epsilon (95%) | label-leakage AUC |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | accuracy (majority share) | epsilon | MIA target (members) | "
+             "MIA AUC, best attack | MIA TPR at 1% FPR, best | empirical epsilon (95%) | "
+             "label-leakage AUC |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eps = _cell(r["epsilon"], "{:.2f}")
         if r["epsilon_kind"] == "round":
             eps += " (central)"
         best = "-" if r["mia_auc_best"] is None else \
             f"{r['mia_auc_best']:.3f} ({r['mia_best_attack']})"
+        target = "-" if r.get("mia_target") is None else \
+            f"{r['mia_target']} ({r['mia_members']})"
         lines.append(
             f"| {r['setting']} | {r['accuracy']:.3f} ({r['majority_class_share']:.3f}) | {eps} | "
-            f"{best} | {_cell(r['mia_tpr_at_1pct_best'], '{:.4f}')} | "
+            f"{target} | {best} | {_cell(r['mia_tpr_at_1pct_best'], '{:.4f}')} | "
             f"{_cell(r['mia_empirical_epsilon'], '{:.2f}')} | "
             f"{_cell(r['label_leakage_auc'], '{:.3f}')} |")
     return "\n".join(lines)
@@ -128,6 +137,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _audit(run: Path, target: str, references: int) -> dict[str, Any]:
+    """The membership audit of `run`, reused when one with as many references exists."""
+    done = run / f"audit-{target.replace(':', '-')}" / "audit.json"
+    if done.is_file() and json.loads(done.read_text())["reference_models"] == references:
+        print(f"reusing the audit in {done.parent}", flush=True)
+        return json.loads(done.read_text())
+    return audit(run, target, references=references)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m privacy.report",
                                      description=__doc__.split("\n\n")[0])
@@ -148,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or new_run_dir(cfg.output_dir, "privacy_report")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, (name, extra) in enumerate(SETTINGS.items()):
+    for i, (name, (extra, target)) in enumerate(SETTINGS.items()):
         print(f"[{i + 1}/{len(SETTINGS)}] {name}", flush=True)
         result = simulation_run(args.config, [*args.overrides, *extra], out / f"run-{i}")
-        report = audit(out / f"run-{i}", "global", references=args.references)
+        report = _audit(out / f"run-{i}", target, args.references)
         rows.append(summarise(name, result, report))
         (out / "privacy_report.json").write_text(json.dumps(rows, indent=2))  # kept as it grows
     rows += extra_rows

@@ -151,3 +151,19 @@ def test_tpr_is_reported_only_where_the_non_members_resolve_it(overfit_run):
     row = report["attacks"]["loss"]
     assert row["tpr_at_fpr_0.01"] == "n/a" and "non-members" in row["tpr_at_fpr_0.01_why"]
     assert 0.5 < row["auc"] <= 1.0
+
+
+def test_the_privacy_report_row_takes_the_best_attack_and_says_what_it_cannot_measure():
+    from privacy.report import markdown_table, summarise
+
+    result = {"rounds": [{"accuracy": 0.7, "majority_class_share": 0.5,
+                          "dp_central_epsilon": 19.1}]}
+    audit_json = {"target": "global", "members": 100, "non_members": 100,
+                  "member_accuracy": 0.9, "non_member_accuracy": 0.6, "attacks": {
+                      "loss": {"auc": 0.61, "tpr_at_fpr_0.01": "n/a", "empirical_epsilon": 0.2},
+                      "rmia-online": {"auc": 0.64, "tpr_at_fpr_0.01": "n/a",
+                                      "empirical_epsilon": 0.3}}}
+    row = summarise("central DP", result, audit_json)
+    assert row["mia_best_attack"] == "rmia-online" and row["mia_tpr_at_1pct_best"] == "n/a"
+    table = markdown_table([row])
+    assert "| 19.10 (central) | global (100) | 0.640 (rmia-online) | n/a | 0.30 | - |" in table
