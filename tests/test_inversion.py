@@ -33,5 +33,7 @@ def test_the_attacker_sees_what_the_wire_carries():
     int8 = uplink_view(model, images, cfg, noisy=True, codec="int8", seed=3)
     assert torch.equal(exact, uplink_view(model, images, cfg, noisy=True, codec="none", seed=3))
     assert not torch.equal(exact, int8)  # quantised on the wire
-    peak = exact.abs().max()
-    assert (exact - int8).abs().max() <= peak / 127  # within one int8 step
+    diff = (exact - int8).abs()
+    quantised = diff.amax(0) > 0  # the symbol columns; the counts travel as float32
+    peak = exact[:, quantised].abs().max()
+    assert diff.max() <= peak / 127 / 2 + 1e-6  # round to nearest: half an int8 step
