@@ -44,6 +44,10 @@ class DataConfig:
     num_samples: int = 3000  # synthetic scenes across all clients
     image_size: int = 32
     max_objects: int = 3
+    # Synthetic scenes only. "flat": uniform shapes on a dark background (every earlier
+    # result); "textured": a smooth coloured background with grain and striped
+    # objects, hard enough that image codecs pay for detail (labels stay true).
+    texture: Literal["flat", "textured"] = "flat"
     seed: int = 0
     partitioner: Literal["iid", "dirichlet"] = "dirichlet"
     alpha: float = 0.5  # Dirichlet concentration; smaller is more heterogeneous
@@ -369,6 +373,8 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
     need(d.image_size >= 16, "data.image_size", d.image_size, ">= 16")
     need(1 <= d.max_objects <= 4, "data.max_objects", d.max_objects, "1 .. 4")
     need(d.alpha > 0, "data.alpha", d.alpha, "> 0")
+    need(d.texture == "flat" or d.name == "synthetic", "data.texture", d.texture,
+         "'flat' unless data.name is 'synthetic' (textures are painted into the scenes)")
     need(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "0 < x < 1")
     lo = cfg.lora
     need(lo.rank >= 1, "lora.rank", lo.rank, ">= 1")

@@ -1,7 +1,9 @@
 """The synthetic multi-task scenes: the embedded default dataset.
 
 Coloured shapes on a dark background, with a class label, a segmentation map, boxes, a
-caption and a VQA pair per image. They need no download, every sample is a pure
+depth map, a caption and a VQA pair per image. `texture="textured"` paints a smooth
+coloured background with grain and striped objects instead of flat colours, so that an
+image codec must pay for detail; it changes pixels only, never an annotation. They need no download, every sample is a pure
 function of (seed, index), so each Flower client renders only its own samples, and
 every answer is true by construction, which makes task metrics meaningful even for tiny
 models.
@@ -184,14 +186,60 @@ def _shape_mask(obj: SceneObject, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown class_id {obj.class_id!r}: use 0..{len(CLASSES) - 1}")
 
 
+# Depth (in scene units) of the ground plane: far at the top row, near at the bottom.
+GROUND_DEPTH = (10.0, 4.0)
+# Object k in painting order stands at OBJECT_DEPTH - DEPTH_STEP * k + DEPTH_TILT * (1 - y):
+# each later-painted object is nearer than every earlier one (DEPTH_TILT < DEPTH_STEP) and
+# every object is nearer than the ground (3.4 < 4), so the occlusions painted are the ones
+# the depth map implies.
+OBJECT_DEPTH, DEPTH_STEP, DEPTH_TILT = 3.0, 0.6, 0.4
+TEXTURES = ("flat", "textured")
+TEXTURED_NOISE_STD = 0.04  # grain of textured scenes
+STRIPE_CONTRAST = 0.2  # stripes scale an object's colour by 1 +- this
+
+
+def object_depth(obj: SceneObject, k: int) -> float:
+    """The depth of the k-th painted object (see OBJECT_DEPTH)."""
+    return OBJECT_DEPTH - DEPTH_STEP * k + DEPTH_TILT * (1.0 - obj.center[1])
+
+
+def _textured_background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray
+                         ) -> np.ndarray:
+    """A smooth, dark, coloured field: a few low-frequency waves per channel around a
+    random muted base colour, kept in [0.03, 0.45] so that every named colour stays
+    brighter or more saturated than the ground it stands on."""
+    base = rng.uniform(0.08, 0.25, size=3)
+    field = np.empty((3, *x.shape), dtype=np.float64)
+    for c in range(3):
+        wave = np.zeros_like(x)
+        for _ in range(3):
+            fx, fy = rng.uniform(0.5, 3.0, size=2) * rng.choice([-1, 1], size=2)
+            wave += np.sin(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 2 * np.pi))
+        field[c] = base[c] + 0.06 * wave
+    return np.clip(field, 0.03, 0.45).astype(np.float32)
+
+
+def _stripes(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Brightness factor 1 +- STRIPE_CONTRAST: stripes of random period and angle."""
+    period = rng.uniform(0.08, 0.2)  # in image sides: 2.5-6.5 pixels at 32x32
+    angle = rng.uniform(0, np.pi)
+    phase = np.cos(angle) * x + np.sin(angle) * y
+    return (1 + STRIPE_CONTRAST * np.sin(2 * np.pi * phase / period)).astype(np.float32)
+
+
 def render_scene(spec: Sequence[SceneObject], image_size: int,
-                 max_objects: int = MAX_OBJECTS, noise_seed: int | Sequence[int] = 0
+                 max_objects: int = MAX_OBJECTS, noise_seed: int | Sequence[int] = 0,
+                 texture: str = "flat", texture_seed: int | Sequence[int] = 0
                  ) -> dict[str, np.ndarray]:
-    """Paint a scene spec: image, segmentation, boxes and object count as numpy arrays.
+    """Paint a scene spec: image, segmentation, depth, boxes and object count as numpy
+    arrays.
 
     "boxes" has `max_objects` rows (x0, y0, x1, y1 in [0, 1], spec order, zero rows
-    after the last object) so that a batch of scenes stacks into one array.
+    after the last object) so that a batch of scenes stacks into one array. "depth" is
+    the distance of what each pixel shows (GROUND_DEPTH, object_depth).
     """
+    if texture not in TEXTURES:
+        raise ValueError(f"texture={texture!r} is unknown: use one of {', '.join(TEXTURES)}")
     if image_size < _MIN_IMAGE_SIZE:
         raise ValueError(f"image_size={image_size!r} is too small to draw every object "
                          f"visibly: use at least {_MIN_IMAGE_SIZE}")
@@ -200,18 +248,31 @@ def render_scene(spec: Sequence[SceneObject], image_size: int,
                          "raise max_objects to pad the boxes")
     centres = (np.arange(image_size) + 0.5) / image_size
     y, x = np.meshgrid(centres, centres, indexing="ij")
+    textured = texture == "textured"
+    texture_rng = np.random.default_rng(texture_seed)
     image = np.empty((3, image_size, image_size), dtype=np.float32)
-    image[:] = np.asarray(BACKGROUND, dtype=np.float32)[:, None, None]
+    if textured:
+        image[:] = _textured_background(texture_rng, x, y)
+    else:
+        image[:] = np.asarray(BACKGROUND, dtype=np.float32)[:, None, None]
     segmentation = np.zeros((image_size, image_size), dtype=np.int64)
+    near, far = GROUND_DEPTH[1], GROUND_DEPTH[0]
+    depth = (far + (near - far) * y).astype(np.float32)
     boxes = np.zeros((max_objects, 4), dtype=np.float32)
     for k, obj in enumerate(spec):
         mask = _shape_mask(obj, x, y)
         segmentation[mask] = obj.class_id + 1
-        image[:, mask] = np.asarray(COLORS[obj.color], dtype=np.float32)[:, None]
+        depth[mask] = object_depth(obj, k)
+        color = np.asarray(COLORS[obj.color], dtype=np.float32)[:, None]
+        if textured:
+            image[:, mask] = np.clip(color * _stripes(texture_rng, x, y)[mask], 0.0, 1.0)
+        else:
+            image[:, mask] = color
         boxes[k] = np.clip(obj.box, 0.0, 1.0)
-    noise = np.random.default_rng(noise_seed).normal(0.0, NOISE_STD, image.shape)
+    std = TEXTURED_NOISE_STD if textured else NOISE_STD
+    noise = np.random.default_rng(noise_seed).normal(0.0, std, image.shape)
     image = np.clip(image + noise.astype(np.float32), 0.0, 1.0)
-    return {"image": image, "segmentation": segmentation, "boxes": boxes,
+    return {"image": image, "segmentation": segmentation, "depth": depth, "boxes": boxes,
             "num_objects": np.int64(len(spec))}
 
 
@@ -290,10 +351,11 @@ def scene_question(spec: Sequence[SceneObject], rng: np.random.Generator
 
 
 def synthetic_sample(seed: int, index: int, max_objects: int, image_size: int,
-                     caption_len: int = 12) -> dict[str, np.ndarray]:
+                     caption_len: int = 12, texture: str = "flat") -> dict[str, np.ndarray]:
     """Everything about scene `index` as numpy arrays (the item dict of SyntheticScenes)."""
     spec = scene_spec(seed, index, max_objects)
-    sample = render_scene(spec, image_size, max_objects, noise_seed=[seed, index, 2])
+    sample = render_scene(spec, image_size, max_objects, noise_seed=[seed, index, 2],
+                          texture=texture, texture_seed=[seed, index, 3])
     question, answer = scene_question(spec, np.random.default_rng([seed, index, 1]))
     sample["label"] = np.int64(scene_label(spec))
     sample["caption"] = encode_tokens(caption_words(spec, caption_len), caption_len)
@@ -308,18 +370,20 @@ class SyntheticScenes(TensorDictDataset):
     """The synthetic scenes `indices` of `cfg`, rendered once at construction.
 
     Items: image [3,S,S] float32 in [0,1], label int64, segmentation [S,S] int64,
-    boxes [max_objects,4] float32, num_objects int64, caption [caption_len] int64,
+    depth [S,S] float32, boxes [max_objects,4] float32, num_objects int64,
+    caption [caption_len] int64,
     question [QUESTION_LEN] int64, answer int64 (index into ANSWERS).
     """
 
     def __init__(self, cfg: DataConfig, indices: Sequence[int], caption_len: int = 12):
         self.indices = np.asarray(indices, dtype=np.int64)
         samples = [synthetic_sample(cfg.seed, int(i), cfg.max_objects, cfg.image_size,
-                                    caption_len) for i in self.indices]
+                                    caption_len, cfg.texture) for i in self.indices]
         if samples:
             tensors = {k: torch.from_numpy(np.stack([s[k] for s in samples]))
                        for k in samples[0]}
         else:  # an empty dataset still has the right keys and trailing shapes
-            probe = synthetic_sample(cfg.seed, 0, cfg.max_objects, cfg.image_size, caption_len)
+            probe = synthetic_sample(cfg.seed, 0, cfg.max_objects, cfg.image_size, caption_len,
+                                     cfg.texture)
             tensors = {k: torch.from_numpy(np.asarray(v)[None][:0]) for k, v in probe.items()}
         super().__init__(tensors)
