@@ -59,9 +59,14 @@ def lora_train_of(strategy) -> str:
 
 
 def initial_arrays(cfg: ExperimentConfig, lora_train: str) -> ArrayRecord:
-    """The global adapters at round 0: every party builds the same seeded model."""
+    """The global adapters at round 0: every party builds the same seeded model, unless
+    the workload starts its shared weights from a file the server made in `prepare`
+    (`initial_shared_state(cfg)`, taco's pre-trained codec): clients then never read
+    that file, they receive its weights in round 1."""
     workload = get_workload(cfg.workload)
-    shared = workload.shared_state(workload.build(cfg, "cpu"), lora_train)
+    initial = getattr(workload, "initial_shared_state", None)
+    shared = (initial(cfg) if initial is not None
+              else workload.shared_state(workload.build(cfg, "cpu"), lora_train))
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in shared.items()})
 
 
