@@ -165,6 +165,13 @@ class SimulationConfig:
     backend: Literal["ray"] = "ray"
     num_cpus_per_client: float = 1.0
     num_gpus_per_client: float = 0.0
+    # An existing Ray cluster to run the clients on ("HOST:PORT" of its head, as `ray
+    # start --head` prints it, or "auto"); None: the RAY_ADDRESS environment variable if
+    # set, else a Ray instance of this machine started for the run.
+    ray_address: str | None = None
+    # How often the engine hands queued messages to the clients (simulation/dispatch.py);
+    # None keeps Flower's own 0.1 s tick. Only the timing changes, never the results.
+    dispatch_interval_s: float | None = 0.005
 
 
 @dataclass
@@ -468,6 +475,12 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
          s.num_cpus_per_client, "> 0 (and at most the machine's cores)")
     need(s.num_gpus_per_client >= 0, "simulation.num_gpus_per_client",
          s.num_gpus_per_client, ">= 0")
+    need(s.dispatch_interval_s is None or 0 < s.dispatch_interval_s <= 1,
+         "simulation.dispatch_interval_s", s.dispatch_interval_s,
+         "0 < x <= 1 seconds, or null for Flower's own 0.1 s tick")
+    need(s.ray_address is None or re.fullmatch(r"auto|[\w.\-]+:\d{1,5}", s.ray_address)
+         is not None, "simulation.ray_address", s.ray_address,
+         "HOST:PORT of a running Ray head (e.g. 10.0.0.5:6379), 'auto', or null")
     room(cfg.workload, "config").check(cfg)  # its section, its strategies, its data
     if d.name in ("cifar10", "stl10"):
         need(d.root is not None, "data.root", d.root,
