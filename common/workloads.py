@@ -21,6 +21,8 @@ from types import ModuleType
 WORKLOADS: dict[str, str] = {
     "mtsc": "models.mtsc",  # LAM-based multi-task semantic communication
     "tosc": "models.tosc",  # distilled lightweight task-oriented students
+    "taco": "models.taco",  # TACO: VQ context + GradCAM task latents, LSF, task switching
+    "diffusion": "models.diffusion",  # segmentation map -> conditional DDPM, CAM-masked edges
 }
 
 

@@ -1,0 +1,16 @@
+"""The `diffusion` workload: task-adaptive semantic communication with controllable
+diffusion-based regeneration ("Task-Adaptive Semantic Communications with Controllable
+Diffusion-based Data Regeneration", arXiv 2505.07980).
+
+    config.py    its config section `diffusion:` and checks (imports nothing heavy)
+    workload.py  the seam: build, shared_state (the UNet's LoRA adapters), prepare, ...
+    model.py     the conditional UNet (diffusers, peft LoRA) and the client-private nets
+                 (transmitter segmentation net and CAM classifier, receiver task net)
+    codec.py     what crosses the link: the phase-1 class map (run-length coded), the
+                 edge map and its attention-masked patches (phase 3)
+    ddpm.py      conditions, DDPM training loss, DDIM sampling, the one-step decoder
+    pretrain.py  the DDPM pretrained centrally on public scenes (cached under runs/)
+    link.py      the three-phase link over Flower messages (phase 1, feedback, phase 3)
+    train.py     local training and evaluation (the link on the client's test split)
+    report.py    tau sweep and baselines: python -m models.diffusion.report
+"""

@@ -1,0 +1,105 @@
+"""The `diffusion` workload's config section (`diffusion:`) and its checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.config import ExperimentConfig, need
+
+# Linear layers of diffusers' UNet2DModel that peft may adapt (the attention projections
+# and the timestep projections of the ResNet blocks). Only Linear layers: svd_lora
+# re-factorises 2-D factors.
+UNET_LINEAR_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "time_emb_proj", "linear_1",
+                       "linear_2")
+
+
+@dataclass
+class DiffusionConfig:
+    """Segmentation map -> conditional DDPM -> feedback -> CAM-masked edges (the paper's
+    three phases), with the DDPM pretrained on public scenes and fine-tuned with LoRA."""
+
+    # The pretrained DDPM (and the one-step baseline decoder): a local file, trained on
+    # the public scenes num_samples .. num_samples + public_samples - 1 and written
+    # there when missing. A node-only key (node config `diffusion-checkpoint`).
+    checkpoint: str = "runs/diffusion/ddpm.pt"
+    public_samples: int = 1500
+    pretrain_steps: int = 800
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 2e-3
+    baseline_steps: int = 400  # steps of the deterministic one-step decoder (report baseline)
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 48, 64])
+    layers_per_block: int = 1
+    train_timesteps: int = 1000  # DDPM forward process (linear betas)
+    sample_steps: int = 20  # DDIM steps at the receiver
+    guidance_scale: float = 1.0  # classifier-free guidance weight; 1 = off (one pass)
+    cond_drop: float = 0.1  # share of training examples with every condition zeroed (CFG)
+    seg_downsample: int = 4  # the phase-1 class map is image_size / seg_downsample square
+    edge_threshold: float = 0.5  # Sobel magnitude above which a local maximum is an edge
+    edge_patch: int = 4  # phase-3 patches are edge_patch x edge_patch pixels
+    tau: float = 0.5  # M_A = 1[A > tau] on the min-max normalised CAM
+    tau_sweep: list[float] = field(default_factory=lambda: [0.2, 0.35, 0.5, 0.65, 0.8])
+    eval_samples: int = 32  # test scenes per client that evaluate sends over the link
+    private_width: int = 16  # channels of the private nets (segmentation, CAM, task net)
+    private_lr: float = 2e-3
+
+
+SECTIONS = {"diffusion": DiffusionConfig}
+SPLIT = False
+# It shares the UNet's LoRA adapters, which these strategies aggregate.
+STRATEGIES = ("fedavg_lora", "ffa_lora", "svd_lora", "fedmedian_lora", "trimmed_avg_lora",
+              "krum_lora")
+
+
+def check(cfg: ExperimentConfig) -> None:
+    dc, d = cfg.diffusion, cfg.data
+    need(cfg.strategy.name in STRATEGIES, "strategy.name", cfg.strategy.name,
+         f"one of {list(STRATEGIES)} for workload 'diffusion' (it shares LoRA adapters)")
+    need(d.name == "synthetic", "data.name", d.name,
+         "'synthetic' for workload 'diffusion' (it needs segmentation and depth maps, "
+         "which only the synthetic scenes carry)")
+    need(d.image_size % 8 == 0, "data.image_size", d.image_size,
+         "a multiple of 8 (the UNet halves it twice; e.g. 32)")
+    need(len(dc.block_out_channels) == 3 and all(c >= 8 and c % 8 == 0
+                                                  for c in dc.block_out_channels),
+         "diffusion.block_out_channels", dc.block_out_channels,
+         "three multiples of 8 (e.g. [32, 48, 64]; GroupNorm uses 8 groups)")
+    need(dc.layers_per_block >= 1, "diffusion.layers_per_block", dc.layers_per_block, ">= 1")
+    bad = [m for m in cfg.lora.target_modules if m not in UNET_LINEAR_MODULES]
+    need(not bad, "lora.target_modules", cfg.lora.target_modules,
+         f"names drawn from {list(UNET_LINEAR_MODULES)} for workload 'diffusion' (the "
+         "UNet's Linear layers)")
+    need(not cfg.lora.client_ranks, "lora.client_ranks", cfg.lora.client_ranks,
+         "empty for workload 'diffusion' (every client adapts the UNet at lora.rank)")
+    if cfg.strategy.name == "svd_lora":
+        need(cfg.strategy.svd_rank == cfg.lora.rank, "strategy.svd_rank", cfg.strategy.svd_rank,
+             f"lora.rank ({cfg.lora.rank}) for workload 'diffusion'")
+    need(cfg.privacy.dp.mode == "off", "privacy.dp.mode", cfg.privacy.dp.mode,
+         "'off' for workload 'diffusion' (DP training of the DDPM is not built)")
+    need(bool(dc.checkpoint), "diffusion.checkpoint", dc.checkpoint,
+         "a local file path (it is trained and written there when missing)")
+    need(dc.public_samples >= 10, "diffusion.public_samples", dc.public_samples, ">= 10")
+    for key in ("pretrain_steps", "pretrain_batch_size", "baseline_steps", "sample_steps",
+                "eval_samples", "private_width"):
+        need(getattr(dc, key) >= 1, f"diffusion.{key}", getattr(dc, key), ">= 1")
+    need(dc.train_timesteps >= 10, "diffusion.train_timesteps", dc.train_timesteps, ">= 10")
+    need(dc.sample_steps <= dc.train_timesteps, "diffusion.sample_steps", dc.sample_steps,
+         f"<= diffusion.train_timesteps ({dc.train_timesteps})")
+    need(dc.pretrain_lr > 0, "diffusion.pretrain_lr", dc.pretrain_lr, "> 0")
+    need(dc.private_lr > 0, "diffusion.private_lr", dc.private_lr, "> 0")
+    need(dc.guidance_scale >= 1, "diffusion.guidance_scale", dc.guidance_scale,
+         ">= 1 (1: no classifier-free guidance)")
+    need(0 <= dc.cond_drop < 1, "diffusion.cond_drop", dc.cond_drop, "0 <= x < 1")
+    need(dc.guidance_scale == 1 or dc.cond_drop > 0, "diffusion.guidance_scale",
+         dc.guidance_scale, "1 unless diffusion.cond_drop > 0 (guidance needs an "
+         "unconditional model)")
+    need(dc.seg_downsample >= 1 and d.image_size % dc.seg_downsample == 0,
+         "diffusion.seg_downsample", dc.seg_downsample,
+         f"a divisor of data.image_size ({d.image_size})")
+    need(dc.edge_patch >= 1 and d.image_size % dc.edge_patch == 0, "diffusion.edge_patch",
+         dc.edge_patch, f"a divisor of data.image_size ({d.image_size})")
+    need((d.image_size // dc.edge_patch) ** 2 <= 65536, "diffusion.edge_patch", dc.edge_patch,
+         "large enough for at most 65536 patches (locations are 16-bit)")
+    need(dc.edge_threshold > 0, "diffusion.edge_threshold", dc.edge_threshold, "> 0")
+    need(0 <= dc.tau < 1, "diffusion.tau", dc.tau, "0 <= x < 1 (the CAM is normalised to [0, 1])")
+    need(all(0 <= t < 1 for t in dc.tau_sweep), "diffusion.tau_sweep", dc.tau_sweep,
+         "values in [0, 1)")

@@ -1,0 +1,145 @@
+"""The models of the diffusion workload (arXiv 2505.07980, Fig. 1).
+
+- `DiffusionSemCom.unet`: the receiver's conditional DDPM, a diffusers `UNet2DModel`
+  whose input is the noisy image concatenated with the conditions (x_seg one-hot,
+  x_att): it models p_theta(x_0 | x_seg, x_att). Its base weights come from the
+  pretrained checkpoint and stay frozen; peft LoRA adapters on its Linear layers are
+  what the clients fine-tune and share.
+- `seg_net` (transmitter): the segmentation network that produces x_seg, trained on
+  the client's own masks (the paper uses a ResNet backbone; a small U-Net here).
+- `classifier` (transmitter): the client-local classifier whose Grad-CAM is the
+  attention A for the requested class.
+- `task_net` (receiver): its task model on reconstructed images: segmentation (IoU of
+  the requested class), depth and classification heads; it also picks the feedback.
+
+Everything but the adapters stays on the client (`workload.shared_state`).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import Tensor, nn
+
+from common.config import ExperimentConfig
+from common.data import num_classes
+from common.seeding import seeded
+from models.diffusion.codec import SEG_CLASSES
+from models.diffusion.ddpm import COND_CHANNELS, make_unet
+from models.diffusion.pretrain import load_pretrained
+
+LORA = ".lora_"
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                         nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class SmallUNet(nn.Module):
+    """Three-level U-Net (Ronneberger et al. 2015) with per-pixel outputs; `bottleneck`
+    is the deepest feature map (S/4), which the receiver's class head pools."""
+
+    def __init__(self, out_channels: int, width: int):
+        super().__init__()
+        w = width
+        self.enc1, self.enc2, self.enc3 = _block(3, w), _block(w, 2 * w), _block(2 * w, 4 * w)
+        self.dec2, self.dec1 = _block(6 * w, 2 * w), _block(3 * w, w)
+        self.out = nn.Conv2d(w, out_channels, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.pool(e1))
+        e3 = self.enc3(self.pool(e2))
+        d2 = self.dec2(torch.cat([self.up(e3), e2], 1))
+        d1 = self.dec1(torch.cat([self.up(d2), e1], 1))
+        return self.out(d1), e3
+
+
+class SegmentationNet(nn.Module):
+    """Transmitter: image [B,3,S,S] in [0,1] -> class logits [B, 5, S, S]."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.net = SmallUNet(SEG_CLASSES, width)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(image)[0]
+
+
+class CamClassifier(nn.Module):
+    """Transmitter: the classifier whose Grad-CAM (Selvaraju et al. 2017) is the
+    attention map A; `features[-1]` is the layer the CAM reads (S/4 resolution)."""
+
+    def __init__(self, width: int, classes: int):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(_block(3, w), nn.MaxPool2d(2), _block(w, 2 * w),
+                                      nn.MaxPool2d(2), _block(2 * w, 4 * w))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, classes))
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.head(self.features(image))
+
+
+class ReceiverTaskNet(nn.Module):
+    """Receiver: segmentation logits [B,5,S,S], depth [B,S,S] and class logits [B,4] of
+    an image (real while it trains, reconstructed when it is scored)."""
+
+    def __init__(self, width: int, classes: int):
+        super().__init__()
+        self.net = SmallUNet(SEG_CLASSES + 1, width)
+        self.class_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                        nn.Linear(4 * width, classes))
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        maps, bottleneck = self.net(image)
+        # Depth as a positive number through softplus (scenes' depths are about 1..10).
+        depth = nn.functional.softplus(maps[:, SEG_CLASSES]) + 1e-3
+        return maps[:, :SEG_CLASSES], depth, self.class_head(bottleneck)
+
+
+class DiffusionSemCom(nn.Module):
+    def __init__(self, cfg: ExperimentConfig, unet: nn.Module):
+        super().__init__()
+        w, classes = cfg.diffusion.private_width, num_classes(cfg.data)
+        self.unet = unet
+        self.seg_net = SegmentationNet(w)
+        self.classifier = CamClassifier(w, classes)
+        self.task_net = ReceiverTaskNet(w, classes)
+
+
+def lora_unet(cfg: ExperimentConfig, lora_rank: int | None = None) -> nn.Module:
+    """The pretrained conditional UNet, base frozen, with peft LoRA adapters whose A
+    factors come from the shared `lora.init_seed` (B starts at zero: the model starts
+    exactly at the pretrained one)."""
+    unet = make_unet(cfg, 3 + COND_CHANNELS)
+    unet.load_state_dict(load_pretrained(cfg)["unet"])
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    lora = LoraConfig(r=lora_rank or cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+                      lora_dropout=cfg.lora.dropout, target_modules=list(cfg.lora.target_modules))
+    with seeded(cfg.lora.init_seed):
+        inject_adapter_in_model(lora, unet)
+    return unet
+
+
+def build(cfg: ExperimentConfig, device: torch.device | str = "cpu",
+          lora_rank: int | None = None) -> DiffusionSemCom:
+    """The client's whole system: the LoRA-adapted UNet and the private nets (seeded,
+    so every party builds the same starting point). Needs the pretrained checkpoint."""
+    unet = lora_unet(cfg, lora_rank)
+    with seeded(cfg.seed + 5):
+        model = DiffusionSemCom(cfg, unet)
+    return model.to(device)
+
+
+def set_trainable(model: DiffusionSemCom, lora_train: str) -> None:
+    """FFA-LoRA freezes A; every B and every private net stays trainable."""
+    for name, p in model.unet.named_parameters():
+        if "lora_A" in name:
+            p.requires_grad_(lora_train == "ab")
+        elif "lora_B" in name:
+            p.requires_grad_(True)

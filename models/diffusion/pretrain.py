@@ -1,0 +1,155 @@
+"""The DDPM before federated fine-tuning: trained centrally on public scenes.
+
+Fine-tuning a DDPM from scratch with LoRA alone would leave its base weights random,
+so the server first trains the conditional UNet (and the one-step baseline decoder of
+the report) on a public split of synthetic scenes that no client owns (indices
+num_samples .. num_samples + public_samples - 1) and writes both to
+`diffusion.checkpoint`; every client reads that local file (an edge device receives it
+once, like a pretrained model). A checkpoint made for other settings is refused with a
+message that says what differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from common.config import ExperimentConfig, resolve_path
+from common.data.scenes import SyntheticScenes
+from common.device import resolve_device
+from common.seeding import seeded
+
+# Keys of `diffusion:` that change the pretrained weights.
+_PRETRAIN_KEYS = ("public_samples", "pretrain_steps", "pretrain_batch_size", "pretrain_lr",
+                  "baseline_steps", "block_out_channels", "layers_per_block", "train_timesteps",
+                  "cond_drop", "seg_downsample", "edge_threshold")
+
+
+def fingerprint(cfg: ExperimentConfig) -> dict:
+    d = cfg.data
+    return {"diffusion": {k: getattr(cfg.diffusion, k) for k in _PRETRAIN_KEYS},
+            "seed": cfg.seed,
+            "data": {"seed": d.seed, "image_size": d.image_size, "max_objects": d.max_objects,
+                     "texture": d.texture, "public_first_index": d.num_samples}}
+
+
+def checkpoint_path(cfg: ExperimentConfig) -> Path:
+    return resolve_path(cfg.diffusion.checkpoint)
+
+
+def public_split(cfg: ExperimentConfig) -> SyntheticScenes:
+    first = cfg.data.num_samples
+    return SyntheticScenes(cfg.data, range(first, first + cfg.diffusion.public_samples))
+
+
+def _batches(data: SyntheticScenes, batch_size: int, steps: int, generator: torch.Generator):
+    n = len(data)
+    for _ in range(steps):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
+        yield data.tensors["image"][idx], data.tensors["segmentation"][idx]
+
+
+def pretrain(cfg: ExperimentConfig, log=print) -> dict:
+    """Train the conditional DDPM and the one-step decoder on the public split."""
+    from models.diffusion.ddpm import (COND_CHANNELS, denoising_loss, make_unet,
+                                       noise_scheduler, one_step_decode, training_conditions)
+
+    dc = cfg.diffusion
+    device = resolve_device(cfg.device)
+    data = public_split(cfg)
+    with seeded(cfg.seed + 6):
+        unet = make_unet(cfg, 3 + COND_CHANNELS).to(device)
+        decoder = make_unet(cfg, COND_CHANNELS).to(device)
+    scheduler = noise_scheduler(cfg)
+    losses: dict[str, list[float]] = {"denoise": [], "decoder": []}
+    start = time.perf_counter()
+    progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total} steps"),
+                        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn())
+    with progress:
+        for name, model, steps in (("denoise", unet, dc.pretrain_steps),
+                                   ("decoder", decoder, dc.baseline_steps)):
+            g = torch.Generator().manual_seed(cfg.seed + (7 if name == "denoise" else 8))
+            opt = torch.optim.AdamW(model.parameters(), lr=dc.pretrain_lr)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+            task = progress.add_task(f"pretraining the {'DDPM' if name == 'denoise' else 'one-step decoder'}",
+                                     total=steps, loss=float("nan"))
+            model.train()
+            for image, seg in _batches(data, dc.pretrain_batch_size, steps, g):
+                image, seg = image.to(device), seg.to(device)
+                cond = training_conditions(image, seg, cfg, g)
+                if name == "denoise":
+                    loss = denoising_loss(model, image, cond, scheduler, g)
+                else:
+                    loss = F.mse_loss(one_step_decode(model, cond), image)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses[name].append(loss.item())
+                progress.update(task, advance=1, loss=sum(losses[name][-20:]) / len(losses[name][-20:]))
+    seconds = time.perf_counter() - start
+    log(f"pretrained the DDPM ({dc.pretrain_steps} steps) and the one-step decoder "
+        f"({dc.baseline_steps} steps) on {len(data)} public scenes in {seconds:.0f} s")
+    return {"unet": {k: v.cpu() for k, v in unet.state_dict().items()},
+            "decoder": {k: v.cpu() for k, v in decoder.state_dict().items()},
+            "losses": losses, "seconds": seconds}
+
+
+def ensure_pretrained(cfg: ExperimentConfig, log=print) -> Path:
+    """Train and write the checkpoint if missing; refuse one made for other settings."""
+    path = checkpoint_path(cfg)
+    if path.is_file():
+        load_pretrained(cfg)  # raises if it was made for other settings
+        return path
+    state = pretrain(cfg, log)
+    state["fingerprint"] = json.dumps(fingerprint(cfg), sort_keys=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_pretrained(cfg: ExperimentConfig) -> dict:
+    """The checkpoint's state (unet, decoder, losses), checked against `cfg`."""
+    path = checkpoint_path(cfg)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"diffusion.checkpoint={cfg.diffusion.checkpoint!r}: no pretrained DDPM at {path}. "
+            "The server trains it before round 1 (python -m simulation) and python -m "
+            "models.diffusion.report does too; on a separate device, copy the server's file "
+            "to this path (node config diffusion-checkpoint).")
+    saved = _read(str(path), path.stat().st_mtime_ns)
+    want = json.dumps(fingerprint(cfg), sort_keys=True)
+    if saved["fingerprint"] != want:
+        have, want_d = json.loads(saved["fingerprint"]), json.loads(want)
+        diff = sorted(k for k in _flat(want_d) if _flat(have).get(k) != _flat(want_d).get(k))
+        raise ValueError(
+            f"pretrained DDPM {path} was trained for other settings ({', '.join(diff)} differ). "
+            "Delete it to retrain, or set diffusion.checkpoint to a new file.")
+    return saved
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _read(path: str, mtime_ns: int) -> dict:
+    # Cached: the clients of one simulation process read the same file.
+    return torch.load(path, map_location="cpu", weights_only=True)
+

@@ -1,0 +1,164 @@
+"""Local training and evaluation of the diffusion workload.
+
+Local training, one pass per batch: the DDPM loss on the client's own scenes trains the
+UNet's LoRA adapters (the shared part); cross-entropy on its own masks trains the
+segmentation net, on its labels the CAM classifier; the receiver's task net learns
+segmentation, depth and the label from the real images. Evaluation runs the
+three-phase link on the client's test scenes and scores the receiver's tasks on the
+reconstructions (`task_scores`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from common.config import ExperimentConfig
+from common.seeding import seeded
+from models.diffusion.codec import SEG_CLASSES
+from models.diffusion.ddpm import denoising_loss, noise_scheduler, training_conditions
+from models.diffusion.link import FEEDBACK, PHASE1, PHASE3, LinkResult, three_phase_link
+from models.diffusion.model import DiffusionSemCom, set_trainable
+
+
+def receiver_task_loss(model: DiffusionSemCom, image: Tensor, seg: Tensor, depth: Tensor,
+                       label: Tensor) -> Tensor:
+    seg_logits, depth_pred, class_logits = model.task_net(image)
+    return (F.cross_entropy(seg_logits, seg) + F.l1_loss(depth_pred, depth)
+            + F.cross_entropy(class_logits, label))
+
+
+def train_local(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
+                lora_train: str = "ab", seed: int = 0, make_private=None) -> dict[str, float]:
+    """`train.local_epochs` of AdamW: LoRA at train.lr, private nets at diffusion.private_lr."""
+    if make_private is not None:
+        raise ValueError("privacy.dp.mode=local is not built for workload 'diffusion'")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    set_trainable(model, lora_train)
+    device = next(model.parameters()).device
+    lora = [p for p in model.unet.parameters() if p.requires_grad]
+    private = [p for m in (model.seg_net, model.classifier, model.task_net) for p in m.parameters()]
+    opt = torch.optim.AdamW([{"params": lora, "lr": cfg.train.lr},
+                             {"params": private, "lr": cfg.diffusion.private_lr}],
+                            weight_decay=cfg.train.weight_decay)
+    scheduler = noise_scheduler(cfg)
+    loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    model.train()
+    sums: dict[str, float] = {}
+    n_seen = 0
+    for _ in range(cfg.train.local_epochs):
+        for batch in loader:
+            image, seg = batch["image"].to(device), batch["segmentation"].to(device)
+            label, depth = batch["label"].to(device), batch["depth"].to(device)
+            losses = {
+                "loss_denoise": denoising_loss(model.unet, image,
+                                               training_conditions(image, seg, cfg, g), scheduler, g),
+                "loss_segnet": F.cross_entropy(model.seg_net(image), seg),
+                "loss_classifier": F.cross_entropy(model.classifier(image), label),
+                "loss_receiver": receiver_task_loss(model, image, seg, depth, label),
+            }
+            loss = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n = len(label)
+            n_seen += n
+            sums["train_loss"] = sums.get("train_loss", 0.0) + loss.item() * n
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item() * n
+    metrics = {k: v / n_seen for k, v in sums.items()}
+    metrics["num-examples"] = len(data)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def task_scores(model: DiffusionSemCom, recon: Tensor, batch: dict[str, Tensor],
+                requested: Tensor) -> dict[str, float]:
+    """Sums over the batch of what the receiver's tasks score on reconstructions, to be
+    pooled by `pooled_scores`: the requested class's intersection and union (IoU over
+    the whole test set, so scenes without that class count through their false
+    positives), depth errors (RMSE; scale-invariant RMSE of Eigen et al. 2014:
+    sqrt(mean(d^2) - mean(d)^2), d = log pred - log true), classification hits, PSNR
+    and SSIM against the originals."""
+    model.eval()
+    seg_logits, depth_pred, class_logits = model.task_net(recon)
+    pred = seg_logits.argmax(1)
+    target = (batch["segmentation"] == (requested + 1)[:, None, None])
+    got = pred == (requested + 1)[:, None, None]
+    depth = batch["depth"]
+    d = torch.log(depth_pred) - torch.log(depth)
+    si = torch.sqrt((d ** 2).mean((1, 2)) - d.mean((1, 2)) ** 2).clamp_min(0)
+    image = batch["image"]
+    return {
+        "inter": (got & target).sum().item(), "union": (got | target).sum().item(),
+        "sq_depth": ((depth_pred - depth) ** 2).mean((1, 2)).sum().item(),
+        "si_rmse": si.sum().item(),
+        "correct": (class_logits.argmax(1) == batch["label"]).sum().item(),
+        "psnr": sum(peak_signal_noise_ratio(r[None], x[None], data_range=1.0).item()
+                    for r, x in zip(recon, image)),
+        "ssim": structural_similarity_index_measure(recon, image, data_range=1.0,
+                                                    reduction="sum").item(),
+        "n": len(image),
+    }
+
+
+def pooled_scores(parts: list[dict[str, float]]) -> dict[str, float]:
+    tot = {k: sum(p[k] for p in parts) for k in parts[0]}
+    n = tot["n"]
+    return {"iou": tot["inter"] / max(tot["union"], 1), "depth_rmse": math.sqrt(tot["sq_depth"] / n),
+            "depth_si_rmse": tot["si_rmse"] / n, "accuracy": tot["correct"] / n,
+            "psnr": tot["psnr"] / n, "ssim": tot["ssim"] / n}
+
+
+def raw_image_bits(cfg: ExperimentConfig) -> int:
+    """Bits of the raw image the compression rates divide by (8-bit RGB)."""
+    return 3 * cfg.data.image_size ** 2 * 8
+
+
+def link_metrics(results: list[tuple[LinkResult, dict[str, Tensor]]], model: DiffusionSemCom,
+                 cfg: ExperimentConfig) -> dict[str, float]:
+    """Per-phase task scores and bytes of a run of the link over several batches."""
+    n = sum(len(r.requested) for r, _ in results)
+    s1 = pooled_scores([task_scores(model, r.recon1, b, r.requested) for r, b in results])
+    s3 = pooled_scores([task_scores(model, r.recon3, b, r.requested) for r, b in results])
+    bytes1 = sum(r.nbytes(PHASE1) for r, _ in results) / n
+    bytes3 = sum(r.nbytes(PHASE3) for r, _ in results) / n
+    out = {f"{k}_phase1": v for k, v in s1.items()} | {f"{k}_phase3": v for k, v in s3.items()}
+    out.update({
+        "iou_gain": s3["iou"] - s1["iou"],
+        "bytes_phase1": bytes1, "bytes_feedback": sum(r.nbytes(FEEDBACK) for r, _ in results) / n,
+        "bytes_phase3": bytes3,
+        "rate_phase1": 8 * bytes1 / raw_image_bits(cfg),
+        "rate_phase3": 8 * (bytes1 + bytes3) / raw_image_bits(cfg),  # cumulative after phase 3
+        "edge_patches": sum(r.patches() for r, _ in results) / n,
+        "feedback_is_label": sum((r.requested == b["label"]).sum().item() for r, b in results) / n,
+        "num-examples": n,
+    })
+    return out
+
+
+def eval_batches(data: Dataset, cfg: ExperimentConfig, device) -> list[dict[str, Tensor]]:
+    """The first diffusion.eval_samples test scenes, in batches of train.batch_size."""
+    n = min(len(data), cfg.diffusion.eval_samples)
+    loader = DataLoader(torch.utils.data.Subset(data, range(n)), batch_size=cfg.train.batch_size)
+    return [{k: v.to(device) for k, v in b.items()} for b in loader]
+
+
+def evaluate(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig) -> dict[str, float]:
+    """The three-phase link at diffusion.tau on the client's first test scenes."""
+    device = next(model.parameters()).device
+    with seeded(cfg.seed):
+        results = [(three_phase_link(model, b["image"], cfg, cfg.diffusion.tau, "cam",
+                                     seed=cfg.seed + i), b)
+                   for i, b in enumerate(eval_batches(data, cfg, device))]
+        return link_metrics(results, model, cfg)
