@@ -50,6 +50,7 @@ NODE_KEYS = {
     "model.checkpoint": "model-checkpoint",
     "distill.teacher.checkpoint": "teacher-checkpoint",
     "distill.store_dir": "teacher-store-dir",
+    "diffusion.checkpoint": "diffusion-checkpoint",
 }
 # A pre-trained LAM changes every result: a server that asks for one is refused unless
 # the node has its own copy, rather than silently training a randomly built LAM.
