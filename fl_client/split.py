@@ -10,11 +10,18 @@ One step, as Flower messages (the server drives; see fl_server/split.py):
   evaluate.split_forward  adapters in         -> activations of the local test split out
   evaluate.split_score    server output in    -> task metrics out
 
-Labels, inputs and task decoders never leave: the loss is computed here. Autograd graphs
-do not survive between messages, so for `split_backward` the client recomputes its
-forward from the same batch and the same seeded channel noise, which reproduces exactly
-what it sent. The live state of a round (client-half and task-decoder parameters, both
-AdamW states, the step counter, running sums) sits in `context.state`, on the node.
+Labels, inputs and task decoders never leave: the loss is computed here. The live state
+of a round (client-half and task-decoder parameters, both AdamW states, the step
+counter, running sums) sits in `context.state`, on the node, after every message: that
+copy is the one that counts.
+
+A process that serves consecutive messages of the same node keeps more (a `LiveSlot`):
+the parameters stay in the built model, both AdamW optimisers stay alive, and the
+autograd graph of the forward whose activations went out is kept, so `split_backward`
+backpropagates through it. Without the slot (another process or node ran in between,
+the process is new) the handler rebuilds all of it from `context.state` and recomputes
+the forward from the same batch and the same seeded channel noise, which reproduces
+exactly what it sent; both paths give the same parameters.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import uuid
+import weakref
+from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
@@ -77,6 +87,30 @@ def _skeleton(experiment_json: str, device: str):
 _OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {}
 
 
+@dataclass
+class LiveSlot:
+    """A node's split round as this process left it after the node's last message.
+
+    Valid for the next message only if that message is for the same node of the same
+    run (`key` = (context.run_id, context.node_id)) and the node's `context.state` is
+    the one this process wrote (its PROGRESS "live-token" equals `token`; every save
+    draws a new one, so a message that another process served in between invalidates
+    the slot). While valid, the model holds the node's parameters, `optimisers` are
+    its two AdamW optimisers and `graph` is (step, packed symbols, counts) of the
+    forward whose activations the node sent last. `context.state` keeps the full live
+    state all the same: the slot is never the only copy."""
+
+    key: tuple[int, int]
+    token: str
+    optimisers: list[torch.optim.Optimizer]
+    graph: tuple[int, torch.Tensor, torch.Tensor] | None
+
+
+# One slot per built model: the model is shared by every node this process serves, so
+# whichever handler loads parameters into it takes (pops) the slot.
+_SLOTS: weakref.WeakKeyDictionary[torch.nn.Module, LiveSlot] = weakref.WeakKeyDictionary()
+
+
 class ClientHalf:
     """The node's split-training state for one message: model, optimisers, progress.
 
@@ -94,18 +128,25 @@ class ClientHalf:
         self.device = resolve_device(self.cfg.device)
         self.model, initial = _skeleton(self.cfg.to_json(), str(self.device))
         self.params = self.workload.client_parameters(self.model)
+        self.key = (int(context.run_id), int(context.node_id))
         live = context.state.array_records.get(LIVE_STATE) if resume else None
-        with torch.no_grad():
-            if live is not None:
-                for p, value in zip(self.params.values(), self._split(live["params"])):
-                    p.copy_(value)
-            else:
-                saved = self._saved(msg)
-                for name, p in self.params.items():
-                    p.copy_(torch.from_numpy(saved[name]) if name in saved else initial[name])
-        self.live = live
         self.progress = context.state.config_records.get(PROGRESS, ConfigRecord())
+        slot = _SLOTS.pop(self.model, None)
+        self.slot = slot if (live is not None and slot is not None and slot.key == self.key
+                             and slot.token == self.progress.get("live-token")) else None
+        if self.slot is None:
+            with torch.no_grad():
+                if live is not None:
+                    for p, value in zip(self.params.values(), self._split(live["params"])):
+                        p.copy_(value)
+                else:
+                    saved = self._saved(msg)
+                    for name, p in self.params.items():
+                        p.copy_(torch.from_numpy(saved[name]) if name in saved
+                                else initial[name])
+        self.live = live
         self._opts: list[torch.optim.Optimizer] = []
+        self.graph = self.slot.graph if self.slot is not None else None
 
     def _saved(self, msg: Message) -> dict[str, np.ndarray]:
         """The parameters this node kept after its last round: in `context.state`, or
@@ -178,6 +219,9 @@ class ClientHalf:
     def optimisers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
         """AdamW for the client half and for the task decoders (AdamW is per parameter,
         so two optimisers step exactly as one would)."""
+        if self.slot is not None and self.slot.optimisers:  # alive since the last message
+            self._opts = self.slot.optimisers
+            return self._opts[0], self._opts[1]
         self.workload.set_trainable(self.model, str(self.progress["lora-train"]))
         t = self.cfg.train
         self._opts = []
@@ -199,6 +243,8 @@ class ClientHalf:
 
     def save(self, msg: Message, end_of_round: bool = False) -> None:
         state = self.context.state
+        token = uuid.uuid4().hex
+        self.progress["live-token"] = token
         state[PROGRESS] = self.progress
         if end_of_round:
             params = {n: p.detach().cpu().numpy().copy() for n, p in self.params.items()}
@@ -222,6 +268,7 @@ class ClientHalf:
         state[LIVE_STATE] = ArrayRecord({"params": Array(params.numpy()),
                                          **{k: Array(np.ascontiguousarray(v))
                                             for k, v in moments.items()}})
+        _SLOTS[self.model] = LiveSlot(self.key, token, self._opts, self.graph)
 
     # -- data and the client half's forward
 
@@ -243,9 +290,13 @@ class ClientHalf:
         return step_generator(self.cfg.seed, self.pid, int(self.progress["round"]), step, link)
 
     def activations(self, step: int) -> Message | RecordDict:
-        """Forward of step `step`: what goes on the air after the uplink channel."""
-        with torch.no_grad():
-            tx, received, snr_db = self.model.uplink(self.batch(step), generator=self.generator(step))
+        """Forward of step `step`: what goes on the air after the uplink channel. Its
+        graph is kept for the step's backward (LiveSlot), with the trainable set the
+        backward will use."""
+        self.workload.set_trainable(self.model, str(self.progress["lora-train"]))
+        tx, received, snr_db = self.model.uplink(self.batch(step), generator=self.generator(step))
+        sent = sent_positions(tx.counts, received.shape[-1])
+        self.graph = (step, pack_symbols(received, sent), tx.counts)
         self.progress["symbols"] = float(self.progress["symbols"]) + tx.symbols_sent.sum().item()
         return RecordDict({
             "activations": activation_record(tx.counts, received, snr_db,
@@ -323,15 +374,19 @@ def backward(msg: Message, context: Context) -> Message:
     half.in_progress(msg)
     tx_opt, _ = half.optimisers()
     step = int(half.progress["step"])
-    tx, received, _ = half.model.uplink(half.batch(step), generator=half.generator(step))
-    sent = sent_positions(tx.counts, received.shape[-1])
-    symbols = pack_symbols(received, sent)
+    kept = half.graph
+    if kept is not None and kept[0] == step:  # the graph of the forward that was sent
+        _, symbols, counts = kept
+    else:  # recompute it: same batch, same seeded noise, same parameters
+        tx, received, _ = half.model.uplink(half.batch(step), generator=half.generator(step))
+        symbols = pack_symbols(received, sent_positions(tx.counts, received.shape[-1]))
+        counts = tx.counts
     grads = trust.split_tensors(
-        msg, "gradients", {"symbols": tuple(symbols.shape), "counts": tuple(tx.counts.shape)},
+        msg, "gradients", {"symbols": tuple(symbols.shape), "counts": tuple(counts.shape)},
         {"symbols": half.cfg.split.compression, "counts": "none"})
     tx_opt.zero_grad(set_to_none=True)
     torch.autograd.backward(
-        [symbols, tx.counts],
+        [symbols, counts],
         [grads["symbols"].to(half.device), grads["counts"].to(half.device)],
     )
     tx_opt.step()
