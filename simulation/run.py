@@ -1,5 +1,6 @@
-"""Ray-backed simulation of many virtual clients on one machine (Flower's simulation
-runtime). The ClientApp is the one `flwr run` and the deployment engine use."""
+"""Ray-backed simulation of many virtual clients (Flower's simulation runtime), on this
+machine or on an existing Ray cluster (`simulation.ray_address`, or RAY_ADDRESS). The
+ClientApp is the one `flwr run` and the deployment engine use."""
 
 from __future__ import annotations
 
@@ -20,20 +21,35 @@ from fl_client.client_app import NodeApp
 from fl_client.client_app import app as client_app
 from fl_client.trust import node_config_of
 from fl_server.rounds import run_federated
+from simulation.dispatch import dispatch_interval
+
+
+def ray_address(cfg: ExperimentConfig) -> str | None:
+    """The Ray cluster to join: `simulation.ray_address`, else RAY_ADDRESS, else None
+    (a Ray instance of this machine, started and stopped with the run)."""
+    return cfg.simulation.ray_address or os.environ.get("RAY_ADDRESS") or None
 
 
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Size Ray's actor pool: clients share the cores (num_cpus above them empties it)."""
-    cores = os.cpu_count() or 1
+    """Ray's init arguments and each client's resources. Flower sizes the actor pool
+    from them: on each Ray node, as many actors as its CPUs (and GPUs) hold clients."""
     per_client = cfg.simulation.num_cpus_per_client
+    resources: dict[str, float] = {"num_cpus": per_client}
+    if cfg.simulation.num_gpus_per_client > 0:
+        resources["num_gpus"] = cfg.simulation.num_gpus_per_client
+    address = ray_address(cfg)
+    if address is not None:
+        # Joining a cluster: its nodes bring their own CPUs and GPUs (Ray refuses
+        # num_cpus here), and Flower refuses a client no node can hold.
+        return {"client_resources": resources,
+                "init_args": {"address": address, "include_dashboard": False,
+                              "log_to_driver": True}}
+    cores = os.cpu_count() or 1
     if per_client > cores:
         raise ConfigError(
             f"config key 'simulation.num_cpus_per_client': got {per_client}, but this "
             f"machine has {cores} cores; use a value <= {cores} so Ray can start actors"
         )
-    resources: dict[str, float] = {"num_cpus": per_client}
-    if cfg.simulation.num_gpus_per_client > 0:
-        resources["num_gpus"] = cfg.simulation.num_gpus_per_client
     return {
         "client_resources": resources,
         "init_args": {"num_cpus": cores, "include_dashboard": False, "log_to_driver": True},
@@ -66,13 +82,14 @@ def simulate(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = 
     def _main(grid: Grid, context: Context) -> None:
         results.update(run_federated(grid, cfg, run_dir, resume=resume))
 
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.num_clients,
-        backend_name=cfg.simulation.backend,
-        backend_config=backend_config(cfg),
-    )
+    with dispatch_interval(cfg.simulation.dispatch_interval_s):
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.num_clients,
+            backend_name=cfg.simulation.backend,
+            backend_config=backend_config(cfg),
+        )
     if not results:
         raise RuntimeError("the simulation ended without results; see the log above")
     return results
