@@ -1,10 +1,11 @@
 """Split training over Flower messages against the same steps in one process.
 
-    python benchmarks/split_step.py [--batches 16 64 256] [--steps 8] [--out DIR]
+    python benchmarks/split_step.py [--batches 16 64 256] [--steps 16] [--out DIR]
 
-For each batch size: seconds per step of end-to-end training in one process, and of
-the U-shaped split over Flower's simulation runtime (Ray backend, one client) with
-Flower's default 0.1 s reply polling and with `split.poll_interval_s` = 0.01; their
+For each batch size: seconds per step of end-to-end training in one process (the median
+of three runs), and of the U-shaped split over Flower's simulation runtime (Ray backend,
+one client, `split.poll_interval_s` 0.01) with Flower's own 0.1 s dispatch tick
+(`simulation.dispatch_interval_s: null`) and with the default 5 ms tick; their
 throughput ratio (split samples/s over in-process samples/s); and the bytes a step puts
 on the wire for each compression. Writes split_step.json and split_step.png to --out.
 Measured numbers, not a test: nothing here asserts a speed.
@@ -64,26 +65,32 @@ def bytes_per_step(cfg, codec: str) -> tuple[int, int]:
     return record_bytes(acts) + record_bytes(grad_out), record_bytes(out) + record_bytes(grads)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks")
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+# name: (label, config overrides) of the simulation settings compared
+SETTINGS = {
+    "flower_tick": ("split, Flower's 0.1 s dispatch tick", ["simulation.dispatch_interval_s=null"]),
+    "fast_dispatch": ("split, 5 ms dispatch tick", []),
+}
+
+
+def measure(batches: list[int], steps: int, progress=None) -> list[dict]:
+    """One row per batch size: seconds per step in process and split, throughput
+    ratios, bytes per step by codec."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.manual_seed(0)
-    torch.set_num_threads(1)  # like each Ray client actor (simulation.num_cpus_per_client=1)
+    threads = torch.get_num_threads()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for batch in args.batches:
-            cfg = bench_config(batch, args.steps, Path(tmp))
+        for batch in batches:
+            cfg = bench_config(batch, steps, Path(tmp))
+            torch.set_num_threads(1)  # like each Ray client actor (num_cpus_per_client=1)
             end_to_end_steps(cfg, 0, 1, rnd=1, steps=2)  # warm-up (allocations, lazy init)
-            _, local = end_to_end_steps(cfg, 0, 1, rnd=1, steps=args.steps)
-            row = {"batch": batch, "in_process_s_per_step": local}
-            for name, poll in (("flower_default_poll", 0.1), ("tuned_poll", 0.01)):
-                run_cfg = bench_config(batch, args.steps, Path(tmp), f"split.poll_interval_s={poll}")
-                res = simulate(run_cfg, Path(tmp) / f"b{batch}-{name}")
+            local = sorted(end_to_end_steps(cfg, 0, 1, rnd=1, steps=steps)[1]
+                           for _ in range(3))[1]
+            torch.set_num_threads(threads)
+            row = {"batch": batch, "steps": steps, "in_process_s_per_step": local}
+            for name, (_, extra) in SETTINGS.items():
+                res = simulate(bench_config(batch, steps, Path(tmp), *extra),
+                               Path(tmp) / f"b{batch}-{name}")
                 sim = res["rounds"][0]["seconds_per_step"]
                 row[f"simulation_{name}_s_per_step"] = sim
                 row[f"throughput_ratio_{name}"] = local / sim
@@ -91,33 +98,46 @@ def main() -> None:
                 up, down = bytes_per_step(cfg, codec)
                 row[f"bytes_up_{codec}"], row[f"bytes_down_{codec}"] = up, down
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            if progress is not None:
+                progress()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = measure(args.batches, args.steps)
     (args.out / "split_step.json").write_text(json.dumps(rows, indent=2))
-    _plot(rows, args.out / "split_step.png")
-    _table(rows)
+    plot(rows, args.out / "split_step.png")
+    print(table(rows))
 
 
-def _table(rows) -> None:
-    print("\n| batch | in-process ms/step | split ms/step (0.1 s poll) | split ms/step (0.01 s poll)"
-          " | throughput split/in-process | bytes/step fp32 | float16 | bfloat16 | int8 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def table(rows) -> str:
+    lines = ["| batch | in-process ms/step | split ms/step (Flower's 0.1 s tick) | split ms/step "
+             "(5 ms tick) | throughput split/in-process | bytes/step fp32 | float16 | "
+             "bfloat16 | int8 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = {c: r[f"bytes_up_{c}"] + r[f"bytes_down_{c}"] for c in CODECS}
-        print(f"| {r['batch']} | {1e3 * r['in_process_s_per_step']:.0f} | "
-              f"{1e3 * r['simulation_flower_default_poll_s_per_step']:.0f} | "
-              f"{1e3 * r['simulation_tuned_poll_s_per_step']:.0f} | "
-              f"{r['throughput_ratio_flower_default_poll']:.2f} -> "
-              f"{r['throughput_ratio_tuned_poll']:.2f} | "
-              + " | ".join(f"{b[c] / 1024:.0f} KiB" for c in CODECS) + " |")
+        lines.append(
+            f"| {r['batch']} | {1e3 * r['in_process_s_per_step']:.0f} | "
+            f"{1e3 * r['simulation_flower_tick_s_per_step']:.0f} | "
+            f"{1e3 * r['simulation_fast_dispatch_s_per_step']:.0f} | "
+            f"{r['throughput_ratio_flower_tick']:.2f} -> "
+            f"{r['throughput_ratio_fast_dispatch']:.2f} | "
+            + " | ".join(f"{b[c] / 1024:.0f} KiB" for c in CODECS) + " |")
+    return "\n".join(lines)
 
 
-def _plot(rows, path: Path) -> None:
+def plot(rows, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     batches = [r["batch"] for r in rows]
     a.plot(batches, [r["batch"] / r["in_process_s_per_step"] for r in rows], "o-",
            label="in process")
-    for name, label in (("flower_default_poll", "split, 0.1 s poll"),
-                        ("tuned_poll", "split, 0.01 s poll")):
+    for name, (label, _) in SETTINGS.items():
         a.plot(batches, [r["batch"] / r[f"simulation_{name}_s_per_step"] for r in rows], "o-",
                label=label)
     a.set(xscale="log", xlabel="batch", ylabel="samples / s", title="training throughput")
