@@ -10,6 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import load_config
+from deploy.fast_node import shorten_reply_pulls
 from fl_server.rounds import run_federated
 
 app = ServerApp()
@@ -17,6 +18,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    shorten_reply_pulls()  # only on a SuperLink started with `deploy.launch --fast`
     cfg = load_config(str(context.run_config["config"]),
                       str(context.run_config.get("overrides", "")))
     resume = str(context.run_config.get("resume", ""))
