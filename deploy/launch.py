@@ -17,6 +17,10 @@ hand for machines of their own):
    `--devices`, SuperNode k sees only GPU devices[k] (CUDA_VISIBLE_DEVICES);
 6. writes the PIDs and ports to `<workdir>/deployment.json`.
 
+With `--fast`, the SuperNodes and their ClientApp executors come from deploy.fast_node
+(a message in a fraction of a second instead of seconds; see that module); without it,
+Flower's own commands.
+
 Every process is started in its own session and stopped by its PID (its process
 group: Flower's SuperExec and app processes go with it).
 """
@@ -39,6 +43,10 @@ from deploy.certs import make_supernode_keys, make_tls_certificates
 # Seconds the SuperExec that runs a SuperNode's ClientApps waits between asking for
 # new work (Flower's default is 1 s); part of the latency of every message.
 TASK_POLL_INTERVAL_S = 0.1
+# Imported by the fast executor at start, so that the first message does not pay for
+# them: the ClientApp's heavy libraries (not its own modules, which come from the run's
+# FAB).
+FAST_PRELOAD = ["torch", "transformers", "peft"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -81,6 +89,10 @@ class Deployment:
     # "subprocess": each SuperNode runs its own SuperExec; "process": the launcher
     # starts a `flower-superexec` beside each SuperNode (as one would in a container).
     isolation: str = "subprocess"
+    # fast: SuperNodes from deploy.fast_node (shorter fixed sleeps) with its long-lived
+    # executor in place of flower-superexec, so a message costs a fraction of a
+    # second; implies isolation "process". Off by default: Flower's own commands.
+    fast: bool = False
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -96,6 +108,11 @@ class Deployment:
                              f"{self.num_supernodes} SuperNodes; give one per SuperNode")
         if self.auth and not self.tls:
             raise ValueError("SuperNode authentication needs TLS; drop --insecure or --no-auth")
+        if self.fast:
+            from deploy.fast_node import require_supported_flower
+
+            require_supported_flower()  # before any process starts
+            self.isolation = "process"  # the fast executor runs beside the SuperNode
 
     # ---------------------------------------------------------------- environment
     def env(self) -> dict[str, str]:
@@ -151,7 +168,12 @@ class Deployment:
                "--database", str(self.workdir / "superlink.db")]
         if self.auth:
             cmd.append("--enable-supernode-auth")
-        self._spawn("superlink", cmd)
+        env = self.env()
+        if self.fast:  # its ServerApps shorten one retry (fast_node.shorten_reply_pulls)
+            from deploy.fast_node import FAST_SERVER_ENV
+
+            env[FAST_SERVER_ENV] = "1"
+        self._spawn("superlink", cmd, env)
         wait_for_port(self.host, self.port, self.startup_timeout_s)
 
     def _write_connection(self) -> None:
@@ -187,7 +209,9 @@ class Deployment:
     def start_supernode(self, k: int) -> None:
         """Start (or restart) SuperNode k; a restarted node keeps its key and ports."""
         port = self.node_ports.setdefault(k, free_port(self.host))
-        cmd = [_bin("flower-supernode"), "--superlink", f"{self.host}:{self.port}",
+        node = ([sys.executable, "-m", "deploy.fast_node", "supernode"] if self.fast
+                else [_bin("flower-supernode")])
+        cmd = [*node, "--superlink", f"{self.host}:{self.port}",
                "--port", str(port), "--node-config", self.node_config(k)]
         cmd += ["--root-certificates", str(self.certs / "ca.crt")] if self.tls else ["--insecure"]
         if self.auth:
@@ -200,7 +224,10 @@ class Deployment:
         if self.isolation == "process":
             # The SuperNode's Runtime API listens on loopback only, hence --insecure.
             wait_for_port(self.host, port, self.startup_timeout_s)
-            self._spawn(f"superexec-{k}", [_bin("flower-superexec"), "--runtime-api-address",
+            executor = ([sys.executable, "-m", "deploy.fast_node", "executor",
+                         "--preload", *FAST_PRELOAD] if self.fast
+                        else [_bin("flower-superexec")])
+            self._spawn(f"superexec-{k}", [*executor, "--runtime-api-address",
                                            f"{self.host}:{port}", "--insecure"], env)
 
     def wait_for_supernodes(self, nodes, timeout: float | None = None) -> None:
@@ -290,11 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-auth", action="store_true", help="no SuperNode authentication")
     parser.add_argument("--isolation", choices=["subprocess", "process"], default="subprocess",
                         help="process: start a flower-superexec beside each SuperNode")
+    parser.add_argument("--fast", action="store_true",
+                        help="SuperNodes with shorter fixed sleeps and a long-lived ClientApp "
+                             "executor (deploy.fast_node; flwr 1.41.0 only); implies "
+                             "--isolation process")
     args = parser.parse_args(argv)
     dep = Deployment(args.workdir, args.supernodes, tls=not args.insecure,
                      auth=not (args.insecure or args.no_auth), devices=args.devices,
                      data_root=args.data_root, state_dir=args.state_dir,
-                     isolation=args.isolation)
+                     isolation=args.isolation, fast=args.fast)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with dep:
         print(f"SuperLink {dep.host}:{dep.port} with {dep.num_supernodes} SuperNodes "

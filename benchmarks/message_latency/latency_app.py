@@ -10,6 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from deploy.fast_node import shorten_reply_pulls
 from fl_server.exchange import send_and_receive
 
 server = ServerApp()
@@ -27,6 +28,7 @@ def answer(msg: Message, context: Context) -> Message:
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
+    shorten_reply_pulls()  # only on a SuperLink started with `deploy.launch --fast`
     cfg = context.run_config
     while len(nodes := list(grid.get_node_ids())) < 1:
         time.sleep(0.5)
