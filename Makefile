@@ -1,11 +1,12 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# Two commands on a fresh machine: `make demo` and `make test` (and `make bench`, the
+# measured ratios: several minutes).
 # Both create (or reuse) the local virtualenv .venv and install what they need.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test bench install clean-venv
 
 install: $(STAMP)
 
@@ -23,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=10
+
+# Every benchmark, one table; JSON and PNG under runs/benchmarks/. Sizes: BENCH_ARGS,
+# e.g. make bench BENCH_ARGS="--quick" or BENCH_ARGS="--skip deploy memory".
+bench: $(STAMP)
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

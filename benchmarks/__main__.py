@@ -1,0 +1,208 @@
+"""Every benchmark in one run, its ratios in one table (`make bench`).
+
+    python -m benchmarks [--quick] [--skip deploy memory ...] [--out runs/benchmarks]
+
+- split samples/s over in-process samples/s on the simulation engine, by batch size
+  (benchmarks/split_step.py), and seconds per message on the deployment engine
+  (benchmarks/message_latency/run.py: SuperLink + SuperNodes with TLS and
+  authentication; a split step is two such exchanges);
+- a Ray round against the same local training of every client in a sequential loop
+  (benchmarks/scale.py);
+- LoRA upload bytes over full-model bytes, for the quickstart model and a
+  BART-base-sized one built from the config, and int8 split compression: bytes and
+  the change in accuracy after a fixed budget (benchmarks/wire.py);
+- peak memory of a 100- and a 1000-client simulation, summed over every process it
+  starts (benchmarks/scale.py).
+
+Prints the table (Markdown) and writes bench.json and bench.png to --out. Measured
+numbers only: nothing here asserts a speed. The sizes are options; `--quick` shrinks
+them all for a first look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SECTIONS = ("split", "deploy", "ray", "lora", "int8", "memory")
+GB = 1024**3
+
+
+def deploy_latency(supernodes: int, messages: int, timeout_s: float = 1500) -> dict:
+    """benchmarks/message_latency/run.py as it stands (its settings, including any
+    fast path it measures), its printed rows parsed."""
+    cmd = [sys.executable, "benchmarks/message_latency/run.py",
+           f"--supernodes={supernodes}", f"--messages={messages}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    rows = []
+    for line in proc.stdout.splitlines():
+        m = re.match(r"^(.+?)\s+(empty|fedsemcom imports)\s+([\d.]+)\s+([\d.]+)\s*$", line)
+        if m:
+            rows.append({"setting": m[1].strip(), "client_app": m[2],
+                         "s_per_exchange": float(m[3]), "import_s": float(m[4])})
+    return {"supernodes": supernodes, "messages": messages, "rows": rows,
+            "returncode": proc.returncode,
+            "error": "" if rows else (proc.stdout[-1500:] + proc.stderr[-1500:])}
+
+
+def table(res: dict) -> str:
+    lines = ["| measure | value | how |", "|---|---|---|"]
+    for r in res.get("split", []):
+        lines.append(f"| split / in-process samples/s, batch {r['batch']} (simulation) | "
+                     f"{r['throughput_ratio_fast_dispatch']:.2f} | 1 client, Ray; "
+                     f"{1e3 * r['simulation_fast_dispatch_s_per_step']:.0f} ms/step split, "
+                     f"{1e3 * r['in_process_s_per_step']:.0f} ms in process; Flower's 0.1 s "
+                     f"tick: {r['throughput_ratio_flower_tick']:.2f} |")
+    dep = res.get("deploy")
+    if dep:
+        if not dep["rows"]:
+            lines.append(f"| seconds per message (deployment) | failed | "
+                         f"{dep['error'][-200:]!r} |")
+        for r in dep["rows"]:
+            lines.append(f"| seconds per message (deployment), {r['setting']}, "
+                         f"{r['client_app']} ClientApp | {r['s_per_exchange']:.2f} | "
+                         f"median of {dep['messages']} exchanges with {dep['supernodes']} "
+                         f"SuperNode(s), TLS + auth; a split step is two: "
+                         f"~{2 * r['s_per_exchange']:.1f} s |")
+    ray = res.get("ray")
+    if ray:
+        lines.append(f"| Ray round / sequential loop, {ray['clients']} clients (seconds) | "
+                     f"{ray['ray_round_s'] / ray['sequential_s']:.2f} | "
+                     f"{ray['ray_round_s']:.1f} s on Ray ({ray['actors_cpus_per_client']:g} CPU "
+                     f"per actor) vs {ray['sequential_s']:.1f} s in a loop "
+                     f"({ray['torch_threads']} torch threads) |")
+    for r in res.get("lora", []):
+        lines.append(f"| LoRA upload / full-model bytes, {r['model']} | {r['ratio']:.4f} | "
+                     f"{r['lora_upload_bytes'] / 1e6:.2f} MB of {r['full_model_bytes'] / 1e6:.1f}"
+                     f" MB ({r['parameters'] / 1e6:.1f} M parameters, fp32) |")
+    q = res.get("int8")
+    if q:
+        lines.append(f"| int8 / float32 split bytes per step | {q['bytes_ratio']:.3f} | "
+                     f"activations and gradients, {q['clients']} clients |")
+        lines.append(f"| int8 - float32 accuracy after {q['rounds']} rounds x "
+                     f"{q['steps_per_round']} steps | {q['accuracy_change']:+.3f} | "
+                     f"{q['float32']['accuracy']:.3f} -> {q['int8']['accuracy']:.3f}; PSNR "
+                     f"{q['psnr_change_db']:+.2f} dB |")
+    for m in res.get("memory", []):
+        lines.append(f"| peak memory, {m['clients']}-client simulation (GB, PSS summed) | "
+                     f"{m['peak_pss_sum_bytes'] / GB:.2f} | RSS summed "
+                     f"{m['peak_rss_sum_bytes'] / GB:.2f} GB over {m['processes_at_peak']} "
+                     f"processes; {m['wall_s']:.0f} s"
+                     + ("" if m["returncode"] == 0 else f"; exit {m['returncode']}") + " |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    from common.records import plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    a, b, c, d = axes
+    if res.get("split"):
+        batches = [r["batch"] for r in res["split"]]
+        for key, label in (("fast_dispatch", "5 ms dispatch tick"),
+                           ("flower_tick", "Flower's 0.1 s tick")):
+            a.plot(batches, [r[f"throughput_ratio_{key}"] for r in res["split"]], "o-",
+                   label=label)
+        a.axhline(0.5, color="grey", ls=":", label="goal 0.5")
+        a.set(xscale="log", xlabel="batch", ylabel="split / in-process samples/s",
+              title="split throughput (simulation)")
+        a.legend()
+    if res.get("deploy") and res["deploy"]["rows"]:
+        rows = res["deploy"]["rows"]
+        b.barh([f"{r['setting']}\n{r['client_app']}" for r in rows],
+               [r["s_per_exchange"] for r in rows])
+        b.set(xlabel="seconds per message", title="deployment engine")
+    bars = []
+    for r in res.get("lora", []):
+        bars.append((f"LoRA/full\n{r['model']}", r["ratio"]))
+    if res.get("int8"):
+        bars.append(("int8/fp32\nsplit bytes", res["int8"]["bytes_ratio"]))
+    if res.get("ray"):
+        bars.append(("Ray round/\nsequential", res["ray"]["ray_round_s"] / res["ray"]["sequential_s"]))
+    if bars:
+        c.bar([n for n, _ in bars], [v for _, v in bars])
+        c.set(yscale="log", ylabel="ratio", title="ratios")
+        c.tick_params(axis="x", labelsize=7)
+    if res.get("memory"):
+        ns = [str(m["clients"]) for m in res["memory"]]
+        d.bar(ns, [m["peak_pss_sum_bytes"] / GB for m in res["memory"]], label="PSS summed")
+        d.plot(ns, [m["peak_rss_sum_bytes"] / GB for m in res["memory"]], "o", color="k",
+               label="RSS summed")
+        d.axhline(8, color="grey", ls=":", label="8 GB")
+        d.set(xlabel="virtual clients", ylabel="GB", title="peak memory, every process")
+        d.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "benchmarks")
+    p.add_argument("--skip", nargs="*", default=[], choices=SECTIONS)
+    p.add_argument("--quick", action="store_true", help="small sizes everywhere")
+    p.add_argument("--batches", type=int, nargs="+", default=None)
+    p.add_argument("--steps", type=int, default=None, help="split steps per measurement")
+    p.add_argument("--clients", type=int, default=20, help="clients of the Ray round")
+    p.add_argument("--memory-clients", type=int, nargs="+", default=[100, 1000])
+    p.add_argument("--int8-rounds", type=int, default=None)
+    p.add_argument("--int8-steps", type=int, default=8)
+    p.add_argument("--deploy-supernodes", type=int, default=2)
+    p.add_argument("--deploy-messages", type=int, default=None)
+    args = p.parse_args(argv)
+    batches = args.batches or ([16, 64] if args.quick else [16, 64, 256])
+    steps = args.steps or (8 if args.quick else 16)
+    int8_rounds = args.int8_rounds or (2 if args.quick else 4)
+    messages = args.deploy_messages or (2 if args.quick else 3)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from benchmarks import scale, split_step, wire
+
+    jobs = {
+        "split": lambda: split_step.measure(batches, steps),
+        "deploy": lambda: deploy_latency(args.deploy_supernodes, messages),
+        "ray": lambda: scale.ray_vs_sequential(args.clients),
+        "lora": lambda: [wire.lora_bytes("quickstart", []),
+                         wire.lora_bytes("BART-base-sized", wire.BART_BASE)],
+        "int8": lambda: wire.int8_compression(int8_rounds, args.int8_steps),
+        "memory": lambda: [scale.simulation_memory(n) for n in args.memory_clients],
+    }
+    todo = [s for s in SECTIONS if s not in args.skip]
+    console = Console(stderr=True)
+    res: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": {}}
+    t_all = time.perf_counter()
+    with Progress(TextColumn("[bold blue]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=console) as progress:
+        bar = progress.add_task("benchmarks", total=len(todo))
+        for name in todo:
+            progress.update(bar, description=f"benchmark: {name}")
+            t0 = time.perf_counter()
+            res[name] = jobs[name]()
+            res["seconds"][name] = time.perf_counter() - t0
+            (args.out / "bench.json").write_text(json.dumps(res, indent=2))  # keep what ran
+            progress.advance(bar)
+    res["seconds"]["total"] = time.perf_counter() - t_all
+    res["table"] = table(res)
+    (args.out / "bench.json").write_text(json.dumps(res, indent=2))
+    plot(res, args.out / "bench.png")
+    print(res["table"])
+    console.print(f"{args.out / 'bench.json'}, {args.out / 'bench.png'}; "
+                  f"{res['seconds']['total'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
