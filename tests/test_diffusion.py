@@ -9,7 +9,6 @@ from flwr.app import Context, RecordDict
 
 from common.config import ConfigError, load_config
 from common.data import load_partition
-from fl_client.client_app import app
 from fl_client.node import PRIVATE_STATE
 from fl_client.trust import node_config_of
 from fl_server.loop import initial_arrays

@@ -101,7 +101,6 @@ def three_phase_link(model: DiffusionSemCom, image: Tensor, cfg: ExperimentConfi
     if mode not in ("cam", "all", "none"):
         raise ValueError(f"mode={mode!r}: use 'cam', 'all' or 'none'")
     dc, size = cfg.diffusion, image.shape[-1]
-    side = size // dc.seg_downsample
     model.eval()
     if phase1 is None:
         phase1 = run_phase1(model, image, cfg, seed, decoder)

@@ -20,7 +20,6 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from common.config import ExperimentConfig
 from common.seeding import seeded
-from models.diffusion.codec import SEG_CLASSES
 from models.diffusion.ddpm import denoising_loss, noise_scheduler, training_conditions
 from models.diffusion.link import FEEDBACK, PHASE1, PHASE3, LinkResult, three_phase_link
 from models.diffusion.model import DiffusionSemCom, set_trainable
@@ -125,23 +124,26 @@ def raw_image_bits(cfg: ExperimentConfig) -> int:
     return 3 * cfg.data.image_size ** 2 * 8
 
 
-def link_metrics(results: list[tuple[LinkResult, dict[str, Tensor]]], model: DiffusionSemCom,
+def link_metrics(results: list[tuple[LinkResult, dict[str, Tensor], DiffusionSemCom]],
                  cfg: ExperimentConfig) -> dict[str, float]:
-    """Per-phase task scores and bytes of a run of the link over several batches."""
-    n = sum(len(r.requested) for r, _ in results)
-    s1 = pooled_scores([task_scores(model, r.recon1, b, r.requested) for r, b in results])
-    s3 = pooled_scores([task_scores(model, r.recon3, b, r.requested) for r, b in results])
-    bytes1 = sum(r.nbytes(PHASE1) for r, _ in results) / n
-    bytes3 = sum(r.nbytes(PHASE3) for r, _ in results) / n
+    """Per-phase task scores and bytes per image of runs of the link, each scored by the
+    task net of the client that ran it, pooled over all of them."""
+    n = sum(len(r.requested) for r, _, _ in results)
+    s1 = pooled_scores([task_scores(m, r.recon1, b, r.requested) for r, b, m in results])
+    s3 = pooled_scores([task_scores(m, r.recon3, b, r.requested) for r, b, m in results])
+    bytes1 = sum(r.nbytes(PHASE1) for r, _, _ in results) / n
+    bytes3 = sum(r.nbytes(PHASE3) for r, _, _ in results) / n
     out = {f"{k}_phase1": v for k, v in s1.items()} | {f"{k}_phase3": v for k, v in s3.items()}
     out.update({
         "iou_gain": s3["iou"] - s1["iou"],
-        "bytes_phase1": bytes1, "bytes_feedback": sum(r.nbytes(FEEDBACK) for r, _ in results) / n,
+        "bytes_phase1": bytes1,
+        "bytes_feedback": sum(r.nbytes(FEEDBACK) for r, _, _ in results) / n,
         "bytes_phase3": bytes3,
         "rate_phase1": 8 * bytes1 / raw_image_bits(cfg),
         "rate_phase3": 8 * (bytes1 + bytes3) / raw_image_bits(cfg),  # cumulative after phase 3
-        "edge_patches": sum(r.patches() for r, _ in results) / n,
-        "feedback_is_label": sum((r.requested == b["label"]).sum().item() for r, b in results) / n,
+        "edge_patches": sum(r.patches() for r, _, _ in results) / n,
+        "feedback_is_label": sum((r.requested == b["label"]).sum().item()
+                                 for r, b, _ in results) / n,
         "num-examples": n,
     })
     return out
@@ -159,6 +161,6 @@ def evaluate(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig) -> di
     device = next(model.parameters()).device
     with seeded(cfg.seed):
         results = [(three_phase_link(model, b["image"], cfg, cfg.diffusion.tau, "cam",
-                                     seed=cfg.seed + i), b)
+                                     seed=cfg.seed + i), b, model)
                    for i, b in enumerate(eval_batches(data, cfg, device))]
-        return link_metrics(results, model, cfg)
+        return link_metrics(results, cfg)

@@ -1,0 +1,252 @@
+"""The diffusion report (issue 13: the paper's tau sweep and baselines).
+
+    python -m models.diffusion.report --config configs/diffusion_quickstart.yaml [key=value ...]
+
+1. pretrains the DDPM and the one-step decoder if their checkpoint is missing;
+2. runs the federated LoRA fine-tuning on Flower's Ray simulation in a fresh process,
+   every client keeping its private nets on its own disk (the run's client-state/);
+3. rebuilds every client as it ended (its saved private nets, the final global adapters)
+   and runs the three-phase link over its first diffusion.eval_samples test scenes:
+   phase 1 once (seg only), then phase 3 with CAM-masked edges at every tau of
+   diffusion.tau_sweep and with all edges (no attention); the same with the one-step
+   decoder in place of the DDPM;
+4. scores each run with the client's own receiver task net, pools the clients and writes
+   report.json, report.png (task gain against bytes), reconstructions.png (originals
+   beside the phase-1 and phase-3 reconstructions) and a Markdown table.
+
+The goal of the issue: CAM-masked edges reach at least 90% of the all-edges IoU gain at
+no more than half its phase-3 bytes; the report says which tau (if any) reaches it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+
+from common.config import ConfigError, ExperimentConfig, load_config
+from common.device import resolve_device
+from common.records import new_run_dir, simulation_run
+from fl_client.client_app import local_parameters
+from models.diffusion import workload as diffusion
+from models.diffusion.ddpm import COND_CHANNELS, make_unet
+from models.diffusion.link import run_phase1, three_phase_link
+from models.diffusion.pretrain import ensure_pretrained, load_pretrained
+from models.diffusion.train import eval_batches, link_metrics
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLUMNS = (("iou", "IoU req. class"), ("psnr", "PSNR dB"), ("ssim", "SSIM"),
+           ("depth_rmse", "depth RMSE"), ("depth_si_rmse", "SI-RMSE"), ("accuracy", "cls acc"))
+
+
+def client_model(cfg: ExperimentConfig, run_dir: Path, pid: int, device) -> diffusion.DiffusionSemCom:
+    """Client `pid` as it ended the run: the private tensors it saved on its disk (the
+    simulation keeps them in the run folder's client-state/), then the final global
+    adapters on top (as fl_client.client_app._setup loads them)."""
+    model = diffusion.build(cfg, device)
+    folder = run_dir / "client-state" / run_dir.name / f"partition-{pid}"
+    files = sorted(folder.glob("round-*.npz"), key=lambda p: int(p.stem.split("-")[1]))
+    if not files:
+        raise FileNotFoundError(f"no saved state of partition {pid} in {folder}")
+    params = local_parameters(model)
+    with np.load(files[-1]) as saved, torch.no_grad():
+        for name in saved.files:
+            params[name].copy_(torch.from_numpy(saved[name]))
+    with np.load(run_dir / "global_adapters.npz") as g:
+        diffusion.load_shared_state(model, {k: g[k] for k in g.files})
+    return model.eval()
+
+
+def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict], dict]:
+    """Every configuration of the link, pooled over the clients; and client 0's first
+    batch for the figure."""
+    dc = cfg.diffusion
+    decoder = make_unet(cfg, COND_CHANNELS).to(device)
+    decoder.load_state_dict(load_pretrained(cfg)["decoder"])
+    decoder.eval()
+    runs: dict[str, list] = {}
+    figure: dict[str, Any] = {}
+    for pid in range(cfg.num_clients):
+        model = client_model(cfg, run_dir, pid, device)
+        _, test = diffusion.load_data(cfg, pid, cfg.num_clients)
+        for i, batch in enumerate(eval_batches(test, cfg, device)):
+            seed = cfg.seed + i
+            image = batch["image"]
+            first = run_phase1(model, image, cfg, seed)
+            jobs = [(f"CAM edges, tau={t:g}", "cam", t) for t in dc.tau_sweep]
+            jobs.append(("all edges", "all", 0.0))
+            for name, mode, tau in jobs:
+                res = three_phase_link(model, image, cfg, tau, mode, seed, phase1=first)
+                runs.setdefault(name, []).append((res, batch, model))
+                if pid == 0 and i == 0:
+                    figure[name] = res
+            first_d = run_phase1(model, image, cfg, seed, decoder=decoder)
+            for name, mode in ((f"one-step decoder, CAM tau={dc.tau:g}", "cam"),
+                               ("one-step decoder, all edges", "all")):
+                res = three_phase_link(model, image, cfg, dc.tau, mode, seed, decoder=decoder,
+                                       phase1=first_d)
+                runs.setdefault(name, []).append((res, batch, model))
+            if pid == 0 and i == 0:
+                figure["image"] = image.cpu()
+        print(f"client {pid}: {len(test)} test scenes, scored {min(len(test), dc.eval_samples)}",
+              flush=True)
+    return {name: link_metrics(parts, cfg) for name, parts in runs.items()}, figure
+
+
+def rows_of(results: dict[str, dict]) -> list[dict[str, Any]]:
+    """Table rows: phase 1 (seg only) of the DDPM and of the one-step decoder, then
+    every phase-3 configuration."""
+    rows = []
+    ddpm1 = results["all edges"]
+    rows.append({"method": "seg only (phase 1), DDPM", "bytes": ddpm1["bytes_phase1"],
+                 "bytes_phase3": 0.0, "patches": 0.0, "rate": ddpm1["rate_phase1"],
+                 **{k: ddpm1[f"{k}_phase1"] for k, _ in COLUMNS}, "iou_gain": 0.0})
+    d1 = results["one-step decoder, all edges"]
+    rows.append({"method": "seg only (phase 1), one-step decoder", "bytes": d1["bytes_phase1"],
+                 "bytes_phase3": 0.0, "patches": 0.0, "rate": d1["rate_phase1"],
+                 **{k: d1[f"{k}_phase1"] for k, _ in COLUMNS}, "iou_gain": 0.0})
+    for name, m in results.items():
+        rows.append({"method": name, "bytes": m["bytes_phase1"] + m["bytes_phase3"],
+                     "bytes_phase3": m["bytes_phase3"], "patches": m["edge_patches"],
+                     "rate": m["rate_phase3"], **{k: m[f"{k}_phase3"] for k, _ in COLUMNS},
+                     "iou_gain": m["iou_gain"]})
+    return rows
+
+
+def goal(results: dict[str, dict], cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """Per tau: share of the all-edges IoU gain reached, share of its phase-3 bytes."""
+    full = results["all edges"]
+    out = []
+    for t in cfg.diffusion.tau_sweep:
+        m = results[f"CAM edges, tau={t:g}"]
+        gain_share = m["iou_gain"] / full["iou_gain"] if full["iou_gain"] > 0 else float("nan")
+        byte_share = m["bytes_phase3"] / max(full["bytes_phase3"], 1e-9)
+        out.append({"tau": t, "gain_share": gain_share, "bytes_share": byte_share,
+                    "reached": bool(gain_share >= 0.9 and byte_share <= 0.5)})
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], goals: list[dict[str, Any]]) -> str:
+    head = ("| method | " + " | ".join(t for _, t in COLUMNS)
+            + " | IoU gain | phase-3 B | patches | total B | rate |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(f"| {r['method']} | " + " | ".join(
+            f"{r[k]:.2f}" if k == "psnr" else f"{r[k]:.3f}" for k, _ in COLUMNS)
+            + f" | {r['iou_gain']:+.3f} | {r['bytes_phase3']:.1f} | {r['patches']:.1f} | "
+              f"{r['bytes']:.1f} | {100 * r['rate']:.2f}% |")
+    lines.append("")
+    lines.append("| tau | share of the all-edges IoU gain | share of its phase-3 bytes | goal (>= 90%, <= 50%) |")
+    lines.append("|---|---|---|---|")
+    for g in goals:
+        lines.append(f"| {g['tau']:g} | {100 * g['gain_share']:.0f}% | {100 * g['bytes_share']:.0f}% "
+                     f"| {'reached' if g['reached'] else 'not reached'} |")
+    return "\n".join(lines)
+
+
+def plot_tradeoff(results: dict[str, dict], cfg: ExperimentConfig, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    taus = cfg.diffusion.tau_sweep
+    cam = [results[f"CAM edges, tau={t:g}"] for t in taus]
+    full = results["all edges"]
+    for ax, key, label in ((axes[0], "iou", "requested-class IoU"), (axes[1], "psnr", "PSNR (dB)")):
+        ax.plot([m["bytes_phase3"] for m in cam], [m[f"{key}_phase3"] for m in cam], "-o",
+                label="CAM-masked edges (tau sweep)")
+        for t, m in zip(taus, cam):
+            ax.annotate(f"{t:g}", (m["bytes_phase3"], m[f"{key}_phase3"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+        ax.plot([full["bytes_phase3"]], [full[f"{key}_phase3"]], "s", label="all edges")
+        ax.axhline(full[f"{key}_phase1"], ls="--", c="gray", label="phase 1 (seg only)")
+        ax.set_xlabel("phase-3 bytes per image")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reconstructions(figure: dict[str, Any], cfg: ExperimentConfig, path: Path,
+                         n: int = 8) -> None:
+    """Originals, the received class map, phase 1, x_att and phase 3 (CAM at tau),
+    all-edges phase 3: one column per scene."""
+    cam = figure[f"CAM edges, tau={cfg.diffusion.tau:g}"]
+    full = figure["all edges"]
+    n = min(n, len(figure["image"]))
+    rows = [("original", figure["image"]),
+            ("x_seg (phase 1)", cam.seg_small),
+            ("phase 1", cam.recon1),
+            (f"x_att, tau={cfg.diffusion.tau:g}", cam.x_att),
+            ("phase 3, CAM", cam.recon3),
+            ("x_edge (all)", full.x_att),
+            ("phase 3, all edges", full.recon3)]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.35 * len(rows)), squeeze=False)
+    for r, (title, images) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            img = images[c].detach().cpu()
+            if img.dim() == 3:
+                ax.imshow(img.permute(1, 2, 0).numpy().clip(0, 1))
+            elif not img.is_floating_point():  # a class map: one colour per class
+                ax.imshow(img.numpy(), cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+            else:
+                ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--run-dir", help="a report folder to write (or reuse) the run in")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if cfg.workload != "diffusion":
+            raise ConfigError(f"config key 'workload': got {cfg.workload!r}, allowed: "
+                              "'diffusion' for this report")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    out = Path(args.run_dir) if args.run_dir else new_run_dir(cfg.output_dir, f"{cfg.name}-report")
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_pretrained(cfg)
+    run_dir = out / "federated"
+    metrics = simulation_run(args.config, args.overrides, run_dir)
+    device = resolve_device(cfg.device)
+    with torch.no_grad():
+        torch.manual_seed(cfg.seed)
+        results, figure = sweep(cfg, run_dir, device)
+    rows, goals = rows_of(results), goal(results, cfg)
+    plot_tradeoff(results, cfg, out / "report.png")
+    plot_reconstructions(figure, cfg, out / "reconstructions.png")
+    table = markdown(rows, goals)
+    report = {"config": cfg.to_dict(), "rows": rows, "goal": goals, "results": results,
+              "federated_rounds": metrics.get("rounds", []),
+              "pretrain_seconds": load_pretrained(cfg).get("seconds"),
+              "seconds": time.perf_counter() - start}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwritten to {out} ({report['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
