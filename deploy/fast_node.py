@@ -18,15 +18,16 @@ Why: on flwr 1.41 a message to a SuperNode costs seconds whatever its payload.
 Two commands replace Flower's for a SuperNode started with `--isolation process`
 (and `shorten_reply_pulls` shortens one retry in the ServerApp, see there):
 
-    python -m deploy.fast_node supernode [--poll-s S] [--hot-s S] <flower-supernode args>
+    python -m deploy.fast_node supernode [--poll-s S] <flower-supernode args>
     python -m deploy.fast_node executor --runtime-api-address HOST:PORT --insecure
-                                        [--poll-s S] [--hot-s S] [--preload torch ...]
+                                        [--poll-s S] [--preload torch ...]
 
 `supernode` is `flower-supernode` itself with the two fixed sleeps shortened while
-messages are flowing: after a message arrived it pulls again every `--poll-s`
-(default 0.02 s) for `--hot-s` (default 30 s), then falls back to Flower's 3 s when
-idle, and it looks for the ClientApp's reply every 2 ms instead of 0.5 s. Nothing else
-changes: the SuperLink connection, TLS and SuperNode authentication are Flower's.
+messages are flowing: after a message it pulls every `--poll-s` (default 0.02 s) ten
+times, then each further empty pull waits 1.5 times longer, up to Flower's 3 s (see
+`backoff`: an idle node is back at Flower's pace within seconds), and it looks for the
+ClientApp's reply every 2 ms instead of 0.5 s. Nothing else changes: the SuperLink connection, TLS and SuperNode
+authentication are Flower's.
 
 `executor` takes the place of `flower-superexec`: it acquires each ClientApp task
 from the SuperNode's Runtime API with Flower's own request, and runs it with the
@@ -55,6 +56,11 @@ SUPPORTED_FLOWER = "1.41.0"
 # Retries of an object pull that found the object not there yet: Flower waits 1 s,
 # doubling up to 10 s; the objects of a message follow it within milliseconds.
 FAST_PULL_BACKOFF = {"initial_backoff": 0.002, "backoff_cap": 0.05}
+# Polls while messages flow: the first FLAT_POLLS looks after a message wait the
+# shortest time; each further look that finds nothing waits 1.5 times longer.
+FLAT_POLLS = 10
+BACKOFF_GROWTH = 1.5
+EMPTY_POLLS_WHEN_IDLE = 100  # a count that puts backoff() at its longest wait
 
 log = logging.getLogger("fedsemcom")
 
@@ -116,16 +122,20 @@ class NodeClock:
 
     IDLE_PULL_S = 3  # flwr 1.41's sleep after an empty pull
 
-    def __init__(self, poll_s: float, hot_s: float, reply_poll_s: float = 0.002):
-        self.poll_s, self.hot_s, self.reply_poll_s = poll_s, hot_s, reply_poll_s
-        self.last_message = float("-inf")
+    def __init__(self, poll_s: float, reply_poll_s: float = 0.002):
+        self.poll_s, self.reply_poll_s = poll_s, reply_poll_s
+        self.empty_pulls = EMPTY_POLLS_WHEN_IDLE  # Flower's pace until a message comes
+
+    def message_arrived(self) -> None:
+        self.empty_pulls = 0
 
     def sleep(self, seconds: float) -> None:
         if seconds == self.IDLE_PULL_S:
-            # Pull again soon while a run exchanges messages; Flower's pace when idle,
-            # so an idle SuperNode does not load the SuperLink.
-            hot = time.monotonic() - self.last_message < self.hot_s
-            time.sleep(self.poll_s if hot else seconds)
+            # Soon after a message, pull again soon (the next one of a split step follows
+            # within the server's compute); back off to Flower's pace when idle, so
+            # that an idle SuperNode does not load the SuperLink (each pull is signed).
+            time.sleep(backoff(self.poll_s, self.empty_pulls, seconds))
+            self.empty_pulls += 1
         else:  # a local look in the node's state: cheap, so look often
             time.sleep(min(seconds, self.reply_poll_s))
 
@@ -133,7 +143,7 @@ class NodeClock:
         return getattr(time, name)
 
 
-def patch_supernode_sleeps(poll_s: float, hot_s: float) -> NodeClock:
+def patch_supernode_sleeps(poll_s: float) -> NodeClock:
     """Shorten the fixed sleeps of Flower's SuperNode loop (see NodeClock)."""
     from flwr.supernode import start_client_internal as loop
 
@@ -141,13 +151,13 @@ def patch_supernode_sleeps(poll_s: float, hot_s: float) -> NodeClock:
         if not hasattr(loop, name):
             raise FlowerVersionError(f"flwr.supernode.start_client_internal has no {name!r}; "
                                      f"this is not the flwr {SUPPORTED_FLOWER} SuperNode loop")
-    clock = NodeClock(poll_s, hot_s)
+    clock = NodeClock(poll_s)
     pull = loop._pull_and_store_message
 
     def pull_and_note_arrival(*args, **kwargs):
         run_id = pull(*args, **kwargs)
         if run_id is not None:
-            clock.last_message = time.monotonic()
+            clock.message_arrived()
         return run_id
 
     loop.time = clock
@@ -163,23 +173,28 @@ def run_supernode(argv: list[str]) -> None:
         prog="python -m deploy.fast_node supernode", add_help=False,
         description="flower-supernode with shorter fixed sleeps; other arguments go to it")
     parser.add_argument("--poll-s", type=float, default=0.02,
-                        help="seconds between pulls while messages flow (Flower: 3)")
-    parser.add_argument("--hot-s", type=float, default=30.0,
-                        help="how long after a message to keep pulling every --poll-s")
+                        help="seconds before the first pull after a message (Flower: 3)")
     ours, flower_args = parser.parse_known_args(argv)
-    _check_poll(ours.poll_s, ours.hot_s)
-    patch_supernode_sleeps(ours.poll_s, ours.hot_s)
+    _check_poll(ours.poll_s)
+    patch_supernode_sleeps(ours.poll_s)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
 
 
-def _check_poll(poll_s: float, hot_s: float) -> None:
+def _check_poll(poll_s: float) -> None:
     if not 0.001 <= poll_s <= 3:
         raise SystemExit(f"--poll-s: got {poll_s}, allowed: 0.001 to 3 seconds")
-    if hot_s < 0:
-        raise SystemExit(f"--hot-s: got {hot_s}, allowed: 0 or more seconds")
+
+
+def backoff(first_s: float, empty_polls: int, longest_s: float) -> float:
+    """Seconds to wait after `empty_polls` looks that found nothing since the last
+    message: `first_s` for FLAT_POLLS looks, then 1.5 times longer each time, at most
+    `longest_s`. A message that comes T seconds after the last one waits about T/3
+    at most; an idle node is back at `longest_s` within seconds."""
+    grow = min(max(empty_polls - FLAT_POLLS + 1, 0), 64)
+    return min(first_s * BACKOFF_GROWTH ** grow, longest_s)
 
 
 # --------------------------------------------------------------------------- executor
@@ -349,7 +364,7 @@ def serve_tasks(args: argparse.Namespace) -> None:
         importlib.import_module(module)
     log.info("fast executor %d: waiting for ClientApp tasks at %s", os.getpid(),
              args.runtime_api_address)
-    token, last_task = args.first_token, float("-inf")
+    token, empty_polls = args.first_token, EMPTY_POLLS_WHEN_IDLE
     while True:
         if token is None:
             res = client.AcquireTask(AcquireTaskRequest(
@@ -367,10 +382,10 @@ def serve_tasks(args: argparse.Namespace) -> None:
             except Exception:  # noqa: BLE001 - a broken task must not end the node's executor
                 log.exception("fast executor %d: a task failed outside the ClientApp",
                               os.getpid())
-            token, last_task = None, time.monotonic()
+            token, empty_polls = None, 0
             continue  # the next message may be waiting already
-        hot = time.monotonic() - last_task < args.hot_s
-        time.sleep(args.poll_s if hot else args.idle_poll_s)
+        time.sleep(backoff(args.poll_s, empty_polls, args.idle_poll_s))
+        empty_polls += 1
 
 
 def _restart_with(token: str) -> None:
@@ -394,11 +409,10 @@ def executor_parser() -> argparse.ArgumentParser:
                    help="CA certificate of a Runtime API served with TLS")
     p.add_argument("--superexec-auth-secret-file", default=None,
                    help="as flower-superexec's: sign AcquireTask with this secret")
-    p.add_argument("--poll-s", type=float, default=0.005,
-                   help="seconds between looks for a task while messages flow")
+    p.add_argument("--poll-s", type=float, default=0.01,
+                   help="seconds before the first look for a task after a task")
     p.add_argument("--idle-poll-s", type=float, default=0.5,
-                   help="seconds between looks when no task came for --hot-s")
-    p.add_argument("--hot-s", type=float, default=30.0)
+                   help="the longest wait between looks when no task comes")
     p.add_argument("--preload", nargs="*", default=[],
                    help="modules to import at start (e.g. torch), not the app's own")
     p.add_argument("--first-token", default=None, help=argparse.SUPPRESS)
@@ -424,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.insecure and not args.root_certificates:
         raise SystemExit("executor: give --insecure (Runtime API without TLS) or "
                          "--root-certificates PATH")
-    _check_poll(args.poll_s, args.hot_s)
+    _check_poll(args.poll_s)
     serve_tasks(args)
     return 0
 

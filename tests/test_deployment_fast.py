@@ -129,12 +129,18 @@ def test_another_flower_version_is_refused_by_both_commands_and_the_launcher(tmp
 def test_the_supernode_pulls_often_only_while_messages_flow(monkeypatch):
     slept = []
     monkeypatch.setattr(fast_node.time, "sleep", slept.append)
-    clock = fast_node.NodeClock(poll_s=0.02, hot_s=30)
+    clock = fast_node.NodeClock(poll_s=0.02)
     clock.sleep(3)  # no message yet: Flower's idle pace
-    clock.last_message = fast_node.time.monotonic()
-    clock.sleep(3)  # a run is exchanging messages
+    assert slept == [3]
+    clock.message_arrived()  # a run is exchanging messages
+    for _ in range(fast_node.FLAT_POLLS):
+        clock.sleep(3)
+    assert slept[1:] == [0.02] * fast_node.FLAT_POLLS
+    clock.sleep(3)
+    assert slept[-1] == pytest.approx(0.02 * fast_node.BACKOFF_GROWTH)
     clock.sleep(0.5)  # waiting for the ClientApp's reply in the node's own state
-    clock.last_message -= 31
-    clock.sleep(3)  # idle again
-    assert slept == [3, 0.02, 0.002, 3]
+    assert slept[-1] == 0.002
+    for _ in range(30):  # idle again: back at Flower's pace, never slower
+        clock.sleep(3)
+    assert slept[-1] == 3 and max(slept) == 3 and sum(slept[-30:]) < 70
     assert clock.monotonic is fast_node.time.monotonic  # the rest of `time` is Flower's
