@@ -119,6 +119,8 @@ def plot(res: dict, path: Path) -> None:
         a.axhline(0.5, color="grey", ls=":", label="goal 0.5")
         a.set(xscale="log", xlabel="batch", ylabel="split / in-process samples/s",
               title="split throughput (simulation)")
+        a.set_xticks(batches, [str(b) for b in batches])
+        a.minorticks_off()
         a.legend()
     if res.get("deploy") and res["deploy"]["rows"]:
         rows = res["deploy"]["rows"]

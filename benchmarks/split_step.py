@@ -3,7 +3,7 @@
     python benchmarks/split_step.py [--batches 16 64 256] [--steps 16] [--out DIR]
 
 For each batch size: seconds per step of end-to-end training in one process (the median
-of three runs), and of the U-shaped split over Flower's simulation runtime (Ray backend,
+of three runs: before, between and after the split runs), and of the U-shaped split over Flower's simulation runtime (Ray backend,
 one client, `split.poll_interval_s` 0.01) with Flower's own 0.1 s dispatch tick
 (`simulation.dispatch_interval_s: null`) and with the default 5 ms tick; their
 throughput ratio (split samples/s over in-process samples/s); and the bytes a step puts
@@ -82,16 +82,28 @@ def measure(batches: list[int], steps: int, progress=None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for batch in batches:
             cfg = bench_config(batch, steps, Path(tmp))
-            torch.set_num_threads(1)  # like each Ray client actor (num_cpus_per_client=1)
+
+            def in_process() -> float:
+                torch.set_num_threads(1)  # like each Ray client actor (num_cpus_per_client=1)
+                try:
+                    return end_to_end_steps(cfg, 0, 1, rnd=1, steps=steps)[1]
+                finally:
+                    torch.set_num_threads(threads)
+
+            # In process before, between and after the split runs: on a shared machine
+            # the load changes, and the median sees about what the split runs saw.
             end_to_end_steps(cfg, 0, 1, rnd=1, steps=2)  # warm-up (allocations, lazy init)
-            local = sorted(end_to_end_steps(cfg, 0, 1, rnd=1, steps=steps)[1]
-                           for _ in range(3))[1]
-            torch.set_num_threads(threads)
-            row = {"batch": batch, "steps": steps, "in_process_s_per_step": local}
+            local_runs = [in_process()]
+            sims = {}
             for name, (_, extra) in SETTINGS.items():
                 res = simulate(bench_config(batch, steps, Path(tmp), *extra),
                                Path(tmp) / f"b{batch}-{name}")
-                sim = res["rounds"][0]["seconds_per_step"]
+                sims[name] = res["rounds"][0]["seconds_per_step"]
+                local_runs.append(in_process())
+            local = sorted(local_runs)[len(local_runs) // 2]
+            row = {"batch": batch, "steps": steps, "in_process_s_per_step": local,
+                   "in_process_runs_s_per_step": local_runs}
+            for name, sim in sims.items():
                 row[f"simulation_{name}_s_per_step"] = sim
                 row[f"throughput_ratio_{name}"] = local / sim
             for codec in CODECS:
