@@ -1,0 +1,92 @@
+"""The client's task models and TACO's task-specific mask.
+
+The classifier is the downstream model of the first task (the transmitter runs it for
+GradCAM and LSF, the receiver on x_hat); the segmenter is the second task a receiver
+switches to (Sec. IV-C: a new task after a classification-optimised transmission).
+Both are private: they are trained on the client's labels and never leave it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.taco.codec import DOWNSAMPLE
+
+
+class TaskClassifier(nn.Module):
+    """A small CNN; its last conv block works at the latent grid's resolution (1/4), so
+    its GradCAM map has one value per latent position before any resizing."""
+
+    def __init__(self, width: int, classes: int):
+        super().__init__()
+        w = width
+        # GroupNorm for quick learning on a few hundred images: per example (a batch of
+        # one gives what a larger batch gives) and without buffers (the node keeps
+        # trainable parameters between rounds, not running statistics).
+        self.features = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.GroupNorm(4, w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.GroupNorm(4, 2 * w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.GroupNorm(4, 4 * w), nn.ReLU(),
+            nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.GroupNorm(4, 4 * w), nn.ReLU(),
+        )
+        self.head = nn.Linear(4 * w, classes)
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.features[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class Segmenter(nn.Module):
+    """Per-pixel classes (0 = background, class + 1) at full resolution; dilated convs
+    see about 30 pixels, enough to tell the shapes apart."""
+
+    def __init__(self, width: int, classes: int):
+        super().__init__()
+        w = width
+        layers: list[nn.Module] = [nn.Conv2d(3, w, 3, padding=1), nn.GroupNorm(4, w), nn.ReLU()]
+        for d in (1, 2, 4, 8):
+            layers += [nn.Conv2d(w, w, 3, padding=d, dilation=d), nn.GroupNorm(4, w), nn.ReLU()]
+        layers.append(nn.Conv2d(w, classes + 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def gradcam_scores(classifier: TaskClassifier, images: Tensor, classes: Tensor) -> Tensor:
+    """GradCAM (Selvaraju et al. 2017) of `classes` on `images`, pooled to the latent
+    grid: the mean of each 4x4 pixel block, [B, H/4, W/4] (TACO Sec. III-A-2: the
+    pixel-to-latent correspondence of a 4x CNN codec). pytorch-grad-cam min-max
+    normalises every map to [0, 1]."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    classifier.eval()
+    targets = [ClassifierOutputTarget(int(c)) for c in classes]
+    with torch.enable_grad(), GradCAM(model=classifier, target_layers=[classifier.cam_layer]) as cam:
+        maps = cam(input_tensor=images, targets=targets)  # numpy [B, H, W]
+    return F.avg_pool2d(torch.from_numpy(maps).float()[:, None], DOWNSAMPLE)[:, 0]
+
+
+def top_mask(scores: Tensor, rate: int) -> Tensor:
+    """M: the round(rate% of positions) with the highest scores (ties: raster order),
+    as a bool mask of the scores' shape [H, W]."""
+    flat = scores.reshape(-1)
+    k = round(rate / 100 * flat.numel())
+    order = torch.argsort(-flat, stable=True)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.reshape(scores.shape)
+
+
+def random_mask(shape: tuple[int, int], count: int, generator: torch.Generator) -> Tensor:
+    """`count` positions drawn uniformly without replacement (the random-mask baseline)."""
+    n = shape[0] * shape[1]
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=generator)[:count]] = True
+    return mask.reshape(shape)

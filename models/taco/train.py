@@ -1,0 +1,189 @@
+"""The taco system on a client, its local training and its evaluation over the link.
+
+Local training (each round): the shared codec is fine-tuned on the client's images
+(`taco.codec.local_epochs`, the loss of its pre-training), then the private task models
+are trained on the client's labels, on the original images and on their full VQ
+reconstructions D(Q(E(x))) (the receiver sees reconstructions).
+
+Evaluation runs the TACO link on the client's test images: per image the transmitter
+picks p by LSF and sends a real Flower message; the receiver decodes from that
+message alone and classifies x_hat. Then the receiver switches task (segmentation of
+the class it predicted), requests positions and decodes the transmitter's reply.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from common.config import ExperimentConfig
+from common.data import num_classes
+from common.seeding import seeded
+from models.taco.codec import VQCodec, build_codec, codec_loss
+from models.taco.payload import message_bytes
+from models.taco.pipeline import Receiver, Transmitter, switch_request
+from models.taco.task import Segmenter, TaskClassifier, gradcam_scores
+
+# Parameter-name prefixes: the codec is shared, the task models are the client's own.
+CODEC, PRIVATE = "codec.", ("classifier.", "segmenter.")
+
+
+class TacoSystem(nn.Module):
+    def __init__(self, cfg: ExperimentConfig):
+        super().__init__()
+        classes = num_classes(cfg.data)
+        self.codec: VQCodec = build_codec(cfg)
+        with seeded(cfg.seed + 11):
+            self.classifier = TaskClassifier(cfg.taco.task_width, classes)
+            self.segmenter = Segmenter(cfg.taco.seg_width, classes)
+
+
+def build(cfg: ExperimentConfig, device: torch.device | str = "cpu",
+          lora_rank: int | None = None) -> TacoSystem:
+    """Codec and task models, seeded (`lora_rank` belongs to the seam and is unused)."""
+    return TacoSystem(cfg).to(device)
+
+
+@torch.no_grad()
+def reconstruct(codec: VQCodec, images: Tensor, batch_size: int = 128) -> Tensor:
+    """D(Q(E(x))): the full VQ reconstruction."""
+    codec.eval()
+    return torch.cat([codec.decode(codec.indices(images[i:i + batch_size]))
+                      for i in range(0, len(images), batch_size)])
+
+
+def train_local(model: TacoSystem, data: Dataset, cfg: ExperimentConfig, lora_train: str = "ab",
+                seed: int = 0, make_private=None) -> dict[str, float]:
+    if make_private is not None:
+        raise ValueError("privacy.dp.mode must be 'off' for workload 'taco'")
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    c = cfg.taco.codec
+    metrics: dict[str, float] = {}
+    g = torch.Generator().manual_seed(seed)
+    if c.local_epochs > 0:
+        model.codec.train()
+        opt = torch.optim.AdamW(model.codec.parameters(), lr=c.local_lr)
+        sums, n = {}, 0
+        for _ in range(c.local_epochs):
+            for batch in DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True,
+                                    generator=g):
+                loss, parts = codec_loss(model.codec, batch["image"].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(batch["image"])
+                n += len(batch["image"])
+        metrics.update({k: v / n for k, v in sums.items()})
+    images = data.tensors["image"].to(device)
+    recon = reconstruct(model.codec, images)
+    labels, segs = data.tensors["label"].to(device), data.tensors["segmentation"].to(device)
+    inputs = torch.cat([images, recon])
+    params = list(model.classifier.parameters()) + list(model.segmenter.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    model.classifier.train()
+    model.segmenter.train()
+    cls_sum = seg_sum = 0.0
+    seen = 0
+    for _ in range(cfg.train.local_epochs):
+        order = torch.randperm(len(inputs), generator=g)
+        for i in range(0, len(order), cfg.train.batch_size):
+            idx = order[i:i + cfg.train.batch_size]
+            x, y, s = inputs[idx], labels[idx % len(images)], segs[idx % len(images)]
+            cls_loss = F.cross_entropy(model.classifier(x), y)
+            seg_loss = F.cross_entropy(model.segmenter(x), s)
+            opt.zero_grad(set_to_none=True)
+            (cls_loss + seg_loss).backward()
+            opt.step()
+            cls_sum += cls_loss.item() * len(idx)
+            seg_sum += seg_loss.item() * len(idx)
+            seen += len(idx)
+    metrics.update({"train_loss": cls_sum / seen, "segmentation_loss": seg_sum / seen,
+                    "num-examples": len(data)})
+    metrics.setdefault("codec_mse", 0.0)
+    metrics.setdefault("codec_context_mse", 0.0)
+    metrics.setdefault("codec_vq_loss", 0.0)
+    return metrics
+
+
+def _iou_parts(segmenter: Segmenter, image: Tensor, truth: Tensor, cls: int) -> tuple[int, int]:
+    pred = segmenter(image).argmax(1)[0] == cls + 1
+    target = truth == cls + 1
+    return int((pred & target).sum()), int((pred | target).sum())
+
+
+def image_quality(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-image PSNR (dB) and SSIM (torchmetrics), images in [0, 1]."""
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
+
+    psnr = peak_signal_noise_ratio(x_hat, x, data_range=1.0, dim=(1, 2, 3), reduction="none")
+    ssim = structural_similarity_index_measure(x_hat, x, data_range=1.0, reduction="none")
+    return psnr, ssim
+
+
+def evaluation_images(data: Dataset, cfg: ExperimentConfig) -> dict[str, Tensor]:
+    n = len(data) if cfg.taco.eval_images is None else min(len(data), cfg.taco.eval_images)
+    return {k: data.tensors[k][:n] for k in ("image", "label", "segmentation")}
+
+
+@torch.no_grad()
+def evaluate(model: TacoSystem, data: Dataset, cfg: ExperimentConfig) -> dict[str, float]:
+    """Per test image: LSF transmission over a Flower message, the receiver's accuracy,
+    bytes, PSNR and SSIM; context-only and full-latent accuracy; the task switch."""
+    t = cfg.taco
+    K = t.codec.codebook_size
+    model.eval()
+    d = evaluation_images(data, cfg)
+    images, labels, segs = d["image"], d["label"], d["segmentation"]
+    reference = model.classifier(images).argmax(-1)
+    scores = gradcam_scores(model.classifier, images, reference)
+    out: dict[str, list] = {k: [] for k in ("correct", "bytes", "rate", "exact", "context",
+                                            "full", "switch_bytes")}
+    hats, inter_before, union_before, inter_after, union_after = [], 0, 0, 0, 0
+    for i in range(len(images)):
+        x = images[i:i + 1]
+        tx = Transmitter(model.codec, model.classifier, x, scores[i], K)
+        sent = tx.lsf(t.rates, t.lsf_rule, t.lsf_tolerance, t.lsf_fallback)
+        rx = Receiver(model.codec, tx.grid)
+        x_hat = rx.receive_message(sent.message, K)  # from the message's content alone
+        predicted = int(model.classifier(x_hat).argmax())
+        out["correct"].append(predicted == int(labels[i]))
+        out["bytes"].append(message_bytes(sent.message))
+        out["rate"].append(sent.payload.rate)
+        out["exact"].append(torch.equal(x_hat, sent.image))
+        out["context"].append(int(tx.at_rate(0).logits.argmax()) == int(labels[i]))
+        out["full"].append(int(tx.at_rate(100).logits.argmax()) == int(labels[i]))
+        hats.append(x_hat)
+        # Task switch: segment the predicted class; request what it needs.
+        a, b = _iou_parts(model.segmenter, x_hat, segs[i], predicted)
+        inter_before, union_before = inter_before + a, union_before + b
+        request = switch_request(model.segmenter, x_hat, predicted, t.switch_confidence)
+        reply = tx.answer_request(request, rx.sent)
+        x_more = rx.receive_message(reply, K)
+        out["switch_bytes"].append(message_bytes(reply))
+        a, b = _iou_parts(model.segmenter, x_more, segs[i], predicted)
+        inter_after, union_after = inter_after + a, union_after + b
+    psnr, ssim = image_quality(torch.cat(hats), images)
+    mean = lambda v: float(sum(v)) / len(v)  # noqa: E731
+    counts = torch.bincount(labels)
+    return {
+        "accuracy": mean(out["correct"]),
+        "accuracy_original": float((reference == labels).float().mean()),
+        "accuracy_context": mean(out["context"]),
+        "accuracy_full": mean(out["full"]),
+        "kb_per_image": mean(out["bytes"]) / 1000,
+        "lsf_rate": mean(out["rate"]),
+        "receiver_exact": mean(out["exact"]),
+        "psnr": float(psnr.mean()), "ssim": float(ssim.mean()),
+        "switch_iou_before": inter_before / max(union_before, 1),
+        "switch_iou_after": inter_after / max(union_after, 1),
+        "switch_extra_kb": mean(out["switch_bytes"]) / 1000,
+        "majority_class_share": counts.max().item() / len(labels),
+        "num-examples": len(images),
+    }
