@@ -153,12 +153,16 @@ def plot(rows, path: Path) -> None:
         a.plot(batches, [r["batch"] / r[f"simulation_{name}_s_per_step"] for r in rows], "o-",
                label=label)
     a.set(xscale="log", xlabel="batch", ylabel="samples / s", title="training throughput")
+    a.set_xticks(batches, [str(b) for b in batches])
+    a.minorticks_off()
     a.legend()
     for c in CODECS:
         b.plot(batches, [(r[f"bytes_up_{c}"] + r[f"bytes_down_{c}"]) / 1024 for r in rows],
                "o-", label=c)
     b.set(xscale="log", yscale="log", xlabel="batch", ylabel="KiB per step (up + down)",
           title="wire bytes per split step")
+    b.set_xticks(batches, [str(x) for x in batches])
+    b.xaxis.set_minor_locator(plt.NullLocator())
     b.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
