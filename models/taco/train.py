@@ -3,7 +3,7 @@
 Local training (each round): the shared codec is fine-tuned on the client's images
 (`taco.codec.local_epochs`, the loss of its pre-training), then the private task models
 are trained on the client's labels, on the original images and on their full VQ
-reconstructions D(Q(E(x))) (the receiver sees reconstructions).
+reconstructions D(Q(E(x))) (the receiver sees reconstructions), half of them mirrored.
 
 Evaluation runs the TACO link on the client's test images: per image the transmitter
 picks p by LSF and sends a real Flower message; the receiver decodes from that
@@ -93,6 +93,10 @@ def train_local(model: TacoSystem, data: Dataset, cfg: ExperimentConfig, lora_tr
         for i in range(0, len(order), cfg.train.batch_size):
             idx = order[i:i + cfg.train.batch_size]
             x, y, s = inputs[idx], labels[idx % len(images)], segs[idx % len(images)]
+            # Mirror images: every label stays true (a mirrored shape is the same shape).
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x = torch.where(flip[:, None, None, None].to(device), x.flip(3), x)
+            s = torch.where(flip[:, None, None].to(device), s.flip(2), s)
             cls_loss = F.cross_entropy(model.classifier(x), y)
             seg_loss = F.cross_entropy(model.segmenter(x), s)
             opt.zero_grad(set_to_none=True)
