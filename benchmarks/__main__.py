@@ -3,9 +3,10 @@
     python -m benchmarks [--quick] [--skip deploy memory ...] [--out runs/benchmarks]
 
 - split samples/s over in-process samples/s on the simulation engine, by batch size
-  (benchmarks/split_step.py), and seconds per message on the deployment engine
-  (benchmarks/message_latency/run.py: SuperLink + SuperNodes with TLS and
-  authentication; a split step is two such exchanges);
+  (benchmarks/split_step.py), and seconds per message and per split step on the
+  deployment engine, Flower's stock SuperNodes and the fast path
+  (benchmarks/message_latency/split_deploy.py: SuperLink + SuperNodes with TLS and
+  authentication);
 - a Ray round against the same local training of every client in a sequential loop
   (benchmarks/scale.py);
 - LoRA upload bytes over full-model bytes, for the quickstart model and a
@@ -23,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,22 +38,20 @@ SECTIONS = ("split", "deploy", "ray", "lora", "int8", "memory")
 GB = 1024**3
 
 
-def deploy_latency(supernodes: int, messages: int, timeout_s: float = 1500) -> dict:
-    """benchmarks/message_latency/run.py as it stands (its settings, including any
-    fast path it measures), its printed rows parsed."""
-    cmd = [sys.executable, "benchmarks/message_latency/run.py",
-           f"--supernodes={supernodes}", f"--messages={messages}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    rows = []
-    for line in proc.stdout.splitlines():
-        m = re.match(r"^(.+?)\s+(empty|fedsemcom imports)\s+([\d.]+)\s+([\d.]+)\s*$", line)
-        if m:
-            rows.append({"setting": m[1].strip(), "client_app": m[2],
-                         "s_per_exchange": float(m[3]), "import_s": float(m[4])})
-    return {"supernodes": supernodes, "messages": messages, "rows": rows,
-            "returncode": proc.returncode,
-            "error": "" if rows else (proc.stdout[-1500:] + proc.stderr[-1500:])}
+def deploy_latency(supernodes: int, steps: int, messages: int) -> dict:
+    """benchmarks/message_latency/split_deploy.py: seconds per message and per split
+    step on SuperLink + SuperNodes (TLS, authentication), Flower's stock SuperNodes
+    against the fast path (deploy.launch --fast). A failure is recorded, not raised,
+    so that the other benchmarks still report."""
+    try:
+        from benchmarks.message_latency import split_deploy
+
+        rows = split_deploy.measure(supernodes=supernodes, steps=steps, messages=messages)
+        return {"supernodes": supernodes, "steps": steps, "messages": messages, "rows": rows,
+                "table": split_deploy.table(rows), "error": ""}
+    except Exception as err:  # noqa: BLE001 - reported in the table and the JSON
+        return {"supernodes": supernodes, "steps": steps, "messages": messages, "rows": [],
+                "error": f"{type(err).__name__}: {err}"[-1500:]}
 
 
 def table(res: dict) -> str:
@@ -69,14 +65,16 @@ def table(res: dict) -> str:
     dep = res.get("deploy")
     if dep:
         if not dep["rows"]:
-            lines.append(f"| seconds per message (deployment) | failed | "
-                         f"{dep['error'][-200:]!r} |")
+            lines.append(f"| seconds per message (deployment) | failed | {dep['error'][-200:]!r} |")
         for r in dep["rows"]:
-            lines.append(f"| seconds per message (deployment), {r['setting']}, "
-                         f"{r['client_app']} ClientApp | {r['s_per_exchange']:.2f} | "
-                         f"median of {dep['messages']} exchanges with {dep['supernodes']} "
-                         f"SuperNode(s), TLS + auth; a split step is two: "
-                         f"~{2 * r['s_per_exchange']:.1f} s |")
+            how = (f"{dep['supernodes']} SuperNodes, TLS + auth; split run of {dep['steps']} "
+                   f"steps, batch 16")
+            lines.append(f"| seconds per split message (deployment), {r['setting']} SuperNodes | "
+                         f"{r['split_s_per_message']:.2f} | {how}; a query message: "
+                         f"{r['query_s_per_message']:.2f} s (first {r['query_first_s']:.2f} s) |")
+            lines.append(f"| seconds per split step (deployment), {r['setting']} SuperNodes | "
+                         f"{r['split_s_per_step']:.2f} | two exchanges and the server half's "
+                         f"compute |")
     ray = res.get("ray")
     if ray:
         lines.append(f"| Ray round / sequential loop, {ray['clients']} clients (seconds) | "
@@ -124,9 +122,14 @@ def plot(res: dict, path: Path) -> None:
         a.legend()
     if res.get("deploy") and res["deploy"]["rows"]:
         rows = res["deploy"]["rows"]
-        b.barh([f"{r['setting']}\n{r['client_app']}" for r in rows],
-               [r["s_per_exchange"] for r in rows])
-        b.set(xlabel="seconds per message", title="deployment engine")
+        names = [r["setting"] for r in rows]
+        for i, (key, label) in enumerate((("split_s_per_message", "split message"),
+                                          ("split_s_per_step", "split step"))):
+            b.bar([k + 0.4 * i for k in range(len(rows))], [r[key] for r in rows], 0.4,
+                  label=label)
+        b.set_xticks([k + 0.2 for k in range(len(rows))], names)
+        b.set(yscale="log", ylabel="seconds", title="deployment engine (TLS + auth)")
+        b.legend()
     bars = []
     for r in res.get("lora", []):
         bars.append((f"LoRA/full\n{r['model']}", r["ratio"]))
@@ -162,19 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int8-rounds", type=int, default=None)
     p.add_argument("--int8-steps", type=int, default=8)
     p.add_argument("--deploy-supernodes", type=int, default=2)
+    p.add_argument("--deploy-steps", type=int, default=None, help="split steps per setting")
     p.add_argument("--deploy-messages", type=int, default=None)
     args = p.parse_args(argv)
     batches = args.batches or ([16, 64] if args.quick else [16, 64, 256])
     steps = args.steps or (8 if args.quick else 16)
     int8_rounds = args.int8_rounds or (2 if args.quick else 4)
-    messages = args.deploy_messages or (2 if args.quick else 3)
+    messages = args.deploy_messages or (3 if args.quick else 5)
+    deploy_steps = args.deploy_steps or (2 if args.quick else 3)
     args.out.mkdir(parents=True, exist_ok=True)
 
     from benchmarks import scale, split_step, wire
 
     jobs = {
         "split": lambda: split_step.measure(batches, steps),
-        "deploy": lambda: deploy_latency(args.deploy_supernodes, messages),
+        "deploy": lambda: deploy_latency(args.deploy_supernodes, deploy_steps, messages),
         "ray": lambda: scale.ray_vs_sequential(args.clients),
         "lora": lambda: [wire.lora_bytes("quickstart", []),
                          wire.lora_bytes("BART-base-sized", wire.BART_BASE)],
