@@ -36,7 +36,7 @@ from common.records import new_run_dir, simulation_run
 from models.taco import workload as taco
 from models.taco.codec import ensure_codec
 from models.taco.link import payload_over_link
-from models.taco.payload import message_bytes, payload_message, serialise
+from models.taco.payload import deserialise, message_bytes, message_payload
 from models.taco.pipeline import Receiver, Transmitter, switch_request
 from models.taco.task import gradcam_scores, random_mask
 from models.taco.train import evaluation_images, image_quality
@@ -255,8 +255,7 @@ def judge_client(cfg: ExperimentConfig, model: taco.TacoSystem, data, tally: Tal
 
 
 def deserialise_positions(message, grid, codebook_size) -> torch.Tensor:
-    from models.taco.payload import deserialise, message_payload
-
+    """The latent positions a message carries, read from its bytes."""
     return deserialise(message_payload(message), grid, codebook_size).mask
 
 
