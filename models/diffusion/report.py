@@ -44,6 +44,7 @@ from models.diffusion.train import eval_batches, link_metrics
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
 
+MIN_GAIN = 0.01  # an all-edges IoU gain smaller than this has no share worth reporting
 COLUMNS = (("iou", "IoU req. class"), ("psnr", "PSNR dB"), ("ssim", "SSIM"),
            ("depth_rmse", "depth RMSE"), ("depth_si_rmse", "SI-RMSE"), ("accuracy", "cls acc"))
 
@@ -123,12 +124,14 @@ def rows_of(results: dict[str, dict]) -> list[dict[str, Any]]:
 
 
 def goal(results: dict[str, dict], cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """Per tau: share of the all-edges IoU gain reached, share of its phase-3 bytes."""
+    """Per tau: share of the all-edges IoU gain reached, share of its phase-3 bytes. A
+    share of a gain below MIN_GAIN is noise, not a result: it is left out (NaN)."""
     full = results["all edges"]
     out = []
     for t in cfg.diffusion.tau_sweep:
         m = results[f"CAM edges, tau={t:g}"]
-        gain_share = m["iou_gain"] / full["iou_gain"] if full["iou_gain"] > 0 else float("nan")
+        gain_share = (m["iou_gain"] / full["iou_gain"] if full["iou_gain"] >= MIN_GAIN
+                      else float("nan"))
         byte_share = m["bytes_phase3"] / max(full["bytes_phase3"], 1e-9)
         out.append({"tau": t, "gain_share": gain_share, "bytes_share": byte_share,
                     "reached": bool(gain_share >= 0.9 and byte_share <= 0.5)})
