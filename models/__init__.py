@@ -5,6 +5,8 @@
     split.py     what crosses a U-shaped split: packing and wire codecs
     mtsc/        LAM-based multi-task semantic communication (federated split LoRA)
     tosc/        lightweight students distilled from a teacher (IB + KD)
+    taco/        TACO: VQ context + GradCAM task latents, local semantic feedback
+    diffusion/   segmentation map -> conditional DDPM -> attention-masked edges
 
 Each room holds `config.py` (its config section), `workload.py` (the seam of
 DESIGN.md: build, shared_state, load_shared_state, load_data, train_local, evaluate,
