@@ -24,7 +24,7 @@ def tiny_cfg(checkpoint, *extra):
         "num_clients=3", "data.num_samples=240", "data.image_size=16", "train.batch_size=16",
         "diffusion.block_out_channels=[8, 16, 16]", "diffusion.public_samples=64",
         "diffusion.pretrain_steps=4", "diffusion.baseline_steps=2", "diffusion.sample_steps=4",
-        "diffusion.eval_samples=8", "diffusion.private_width=8",
+        "diffusion.eval_samples=8", "diffusion.private_width=8", "diffusion.private_epochs=1",
         f"diffusion.checkpoint={checkpoint}", *extra])
 
 
@@ -105,8 +105,11 @@ def test_x_att_is_zero_outside_the_mask_and_patches_never_rise_with_tau(cfg):
 # ----------------------------------------------------------------------------- DDPM
 
 
-def test_ddpm_training_lowers_the_denoising_loss(cfg):
-    """The same fixed batch, noise and timesteps before and after 60 AdamW steps."""
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_ddpm_training_lowers_the_denoising_loss(cfg, prediction):
+    """The same fixed batch, noise and timesteps before and after 60 AdamW steps, for
+    each prediction target."""
+    cfg = tiny_cfg(cfg.diffusion.checkpoint, f"diffusion.prediction_type={prediction}")
     torch.manual_seed(0)
     unet = ddpm.make_unet(cfg, 3 + ddpm.COND_CHANNELS)
     sched = ddpm.noise_scheduler(cfg)
@@ -205,7 +208,9 @@ def test_config_errors_name_the_key(tmp_path):
     for override, key in (("strategy.name=fedavg", "strategy.name"),
                           ("lora.target_modules=[q_proj]", "lora.target_modules"),
                           ("diffusion.seg_downsample=5", "diffusion.seg_downsample"),
-                          ("diffusion.tau=1.5", "diffusion.tau")):
+                          ("diffusion.tau=1.5", "diffusion.tau"),
+                          ("diffusion.prediction_type=x0", "diffusion.prediction_type"),
+                          ("diffusion.private_epochs=-1", "diffusion.private_epochs")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             tiny_cfg(tmp_path / "x.pt", override)
 
@@ -214,6 +219,31 @@ def test_a_checkpoint_made_for_other_settings_is_refused(cfg):
     other = tiny_cfg(cfg.diffusion.checkpoint, "diffusion.pretrain_steps=5")
     with pytest.raises(ValueError, match="diffusion.pretrain_steps"):
         diffusion.build(other)
+
+
+def _foreground_iou(pred, seg):
+    """Mean IoU over the object classes present (background left out)."""
+    ious = [((pred == c) & (seg == c)).sum().item() / ((pred == c) | (seg == c)).sum().item()
+            for c in range(1, codec.SEG_CLASSES) if ((pred == c) | (seg == c)).any()]
+    return sum(ious) / len(ious)
+
+
+def test_private_epochs_teach_the_segmentation_net_the_objects(cfg):
+    """With only the joint pass the transmitter's net stays near background; the
+    private-net passes lift its object IoU on the client's test scenes well above
+    that (measured here, 16x16: 0.02 -> 0.27 after 30 passes; 32x32 quickstart client
+    0 after 30 epochs: 0.89, all-background 0.0)."""
+    train, test = diffusion.load_data(cfg, 0, cfg.num_clients)
+    image, seg = test.tensors["image"], test.tensors["segmentation"]
+    scores = {}
+    for epochs in (0, 30):
+        c = tiny_cfg(cfg.diffusion.checkpoint, f"diffusion.private_epochs={epochs}")
+        model = diffusion.build(c)
+        diffusion.train_local(model, train, c, seed=0)
+        model.seg_net.eval()
+        with torch.no_grad():
+            scores[epochs] = _foreground_iou(model.seg_net(image).argmax(1), seg)
+    assert scores[30] > scores[0] + 0.2, scores
 
 
 # ----------------------------------------------------------------------------- message audit

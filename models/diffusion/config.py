@@ -32,6 +32,10 @@ class DiffusionConfig:
     train_timesteps: int = 1000  # DDPM forward process (linear betas)
     sample_steps: int = 20  # DDIM steps at the receiver
     guidance_scale: float = 1.0  # classifier-free guidance weight; 1 = off (one pass)
+    # What the UNet predicts: "epsilon" (Ho et al. 2020), "sample" (x_0 itself) or
+    # "v_prediction" (Salimans & Ho 2022). x_0 prediction makes the loss at high noise
+    # depend on the conditions, so a short CPU pretraining learns to follow them.
+    prediction_type: str = "epsilon"
     cond_drop: float = 0.1  # share of training examples with every condition zeroed (CFG)
     seg_downsample: int = 4  # the phase-1 class map is image_size / seg_downsample square
     edge_threshold: float = 0.5  # Sobel magnitude above which a local maximum is an edge
@@ -41,6 +45,10 @@ class DiffusionConfig:
     eval_samples: int = 32  # test scenes per client that evaluate sends over the link
     private_width: int = 16  # channels of the private nets (segmentation, CAM, task net)
     private_lr: float = 2e-3
+    # Extra passes per round over the client's scenes that train only the private nets
+    # (segmentation, CAM classifier, receiver task net): they are cheap next to the
+    # DDPM's LoRA step, and a handful of batches per round leaves them at background.
+    private_epochs: int = 0
 
 
 SECTIONS = {"diffusion": DiffusionConfig}
@@ -85,7 +93,11 @@ def check(cfg: ExperimentConfig) -> None:
     need(dc.sample_steps <= dc.train_timesteps, "diffusion.sample_steps", dc.sample_steps,
          f"<= diffusion.train_timesteps ({dc.train_timesteps})")
     need(dc.pretrain_lr > 0, "diffusion.pretrain_lr", dc.pretrain_lr, "> 0")
+    need(dc.prediction_type in ("epsilon", "sample", "v_prediction"), "diffusion.prediction_type",
+         dc.prediction_type, "'epsilon', 'sample' or 'v_prediction'")
     need(dc.private_lr > 0, "diffusion.private_lr", dc.private_lr, "> 0")
+    need(dc.private_epochs >= 0, "diffusion.private_epochs", dc.private_epochs,
+         ">= 0 (extra private-net passes per round)")
     need(dc.guidance_scale >= 1, "diffusion.guidance_scale", dc.guidance_scale,
          ">= 1 (1: no classifier-free guidance)")
     need(0 <= dc.cond_drop < 1, "diffusion.cond_drop", dc.cond_drop, "0 <= x < 1")

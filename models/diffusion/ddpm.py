@@ -40,7 +40,8 @@ def noise_scheduler(cfg: ExperimentConfig) -> DDPMScheduler:
     # The cosine schedule (Nichol & Dhariwal 2021) keeps small images from being
     # almost pure noise over the last third of the steps, as the linear one does.
     return DDPMScheduler(num_train_timesteps=cfg.diffusion.train_timesteps,
-                         beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+                         beta_schedule="squaredcos_cap_v2",
+                         prediction_type=cfg.diffusion.prediction_type)
 
 
 def conditions(seg_full: Tensor, x_att: Tensor) -> Tensor:
@@ -77,13 +78,18 @@ def training_conditions(image: Tensor, seg: Tensor, cfg: ExperimentConfig,
 
 def denoising_loss(unet: torch.nn.Module, image: Tensor, cond: Tensor,
                    scheduler: DDPMScheduler, generator: torch.Generator) -> Tensor:
-    """The simple DDPM loss (module docstring) on images in [0, 1]."""
+    """The simple DDPM loss (module docstring) on images in [0, 1]; with
+    `diffusion.prediction_type` "sample" the target is x_0, with "v_prediction" it is
+    v = sqrt(a_t) eps - sqrt(1 - a_t) x_0."""
     x0 = image * 2 - 1
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],),
                       generator=generator).to(x0.device)
     noisy = scheduler.add_noise(x0, noise, t)
-    return F.mse_loss(unet(torch.cat([noisy, cond], 1), t).sample, noise)
+    kind = scheduler.config.prediction_type
+    target = (noise if kind == "epsilon" else x0 if kind == "sample"
+              else scheduler.get_velocity(x0, noise, t))
+    return F.mse_loss(unet(torch.cat([noisy, cond], 1), t).sample, target)
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from common.seeding import seeded
 # Keys of `diffusion:` that change the pretrained weights.
 _PRETRAIN_KEYS = ("public_samples", "pretrain_steps", "pretrain_batch_size", "pretrain_lr",
                   "baseline_steps", "block_out_channels", "layers_per_block", "train_timesteps",
-                  "cond_drop", "seg_downsample", "edge_threshold")
+                  "prediction_type", "cond_drop", "seg_downsample", "edge_threshold")
 
 
 def fingerprint(cfg: ExperimentConfig) -> dict:
