@@ -31,9 +31,17 @@ from models.diffusion.pretrain import load_pretrained
 LORA = ".lora_"
 
 
+def _norm(channels: int) -> nn.GroupNorm:
+    # GroupNorm, not BatchNorm: a node keeps only its trainable parameters between
+    # rounds (fl_client.client_app.local_parameters), so BatchNorm's running statistics
+    # came back at their initial values and every private net was scored in eval mode
+    # with mean 0 / variance 1: it predicted one class everywhere.
+    return nn.GroupNorm(4 if channels % 4 == 0 else 1, channels)
+
+
 def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-                         nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), _norm(cout), nn.ReLU(),
+                         nn.Conv2d(cout, cout, 3, padding=1), _norm(cout), nn.ReLU())
 
 
 class SmallUNet(nn.Module):
