@@ -100,16 +100,21 @@ def session_of(pid: int) -> int | None:
     return None if fields[0] == "Z" else int(fields[3])
 
 
-def wait_for_nodes(address: str, count: int, timeout: float = 90) -> list[str]:
+def wait_for_nodes(address: str, count: int, timeout: float = 180) -> list[str]:
     """The ids of the cluster's live nodes once there are `count` (a probe process, so
-    that this one holds no Ray connection when the run starts)."""
+    that this one holds no Ray connection when the run starts). A probe that hangs
+    (ray.init can wait on a head still starting, seen once on a loaded machine) is
+    killed and the next one tries, until the deadline."""
     probe = ("import ray, json; ray.init(address=%r, log_to_driver=False); "
              "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))" % address)
     deadline = time.monotonic() + timeout
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     while time.monotonic() < deadline:
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                             env=env, timeout=60)
+        try:
+            out = subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                                 text=True, env=env, timeout=45)
+        except subprocess.TimeoutExpired:
+            continue
         if out.returncode == 0:
             nodes = json.loads(out.stdout.strip().splitlines()[-1])
             if len(nodes) >= count:
