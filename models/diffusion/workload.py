@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from common.config import ExperimentConfig
 from common.data import load_partition
 from common.records import Panel
+from models.shared_state import copy_into
 from models.diffusion.model import DiffusionSemCom, build
 from models.diffusion.pretrain import ensure_pretrained
 from models.diffusion.train import evaluate, train_local
@@ -63,14 +64,4 @@ def _adapter_params(model: DiffusionSemCom) -> dict[str, torch.nn.Parameter]:
 
 
 def load_shared_state(model: DiffusionSemCom, arrays: dict[str, np.ndarray]) -> None:
-    params = _adapter_params(model)
-    unexpected = sorted(set(arrays) - set(params))
-    if unexpected:
-        raise KeyError(f"shared state has keys this UNet does not: {unexpected[:3]}")
-    with torch.no_grad():
-        for key, value in arrays.items():
-            value = torch.as_tensor(np.asarray(value), dtype=torch.float32)
-            if value.shape != params[key].shape:
-                raise ValueError(f"{key}: got shape {tuple(value.shape)}, the UNet has "
-                                 f"{tuple(params[key].shape)} (lora.rank {params[key].shape})")
-            params[key].copy_(value)
+    copy_into(_adapter_params(model), arrays, "UNet")

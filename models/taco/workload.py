@@ -5,12 +5,12 @@ enough to send whole, so no LoRA); the task models stay on the client."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from common.config import ExperimentConfig
 from common.data import load_partition
 from common.records import Panel
+from models.shared_state import copy_into
 from models.taco.codec import codec_state, ensure_codec, load_codec
 from models.taco.train import CODEC, TacoSystem, build, evaluate, train_local
 
@@ -57,14 +57,5 @@ def shared_state(model: TacoSystem, lora_train: str = "ab") -> dict[str, np.ndar
 
 
 def load_shared_state(model: TacoSystem, arrays: dict[str, np.ndarray]) -> None:
-    params = {n: p for n, p in model.named_parameters() if n.startswith(CODEC)}
-    unexpected = sorted(set(arrays) - set(params))
-    if unexpected:
-        raise KeyError(f"shared state has keys this codec does not: {unexpected[:3]}")
-    with torch.no_grad():
-        for key, value in arrays.items():
-            value = torch.as_tensor(np.asarray(value), dtype=torch.float32)
-            if value.shape != params[key].shape:
-                raise ValueError(f"{key}: got shape {tuple(value.shape)}, the codec has "
-                                 f"{tuple(params[key].shape)}")
-            params[key].copy_(value)
+    codec = {n: p for n, p in model.named_parameters() if n.startswith(CODEC)}
+    copy_into(codec, arrays, "codec")

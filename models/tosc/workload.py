@@ -5,12 +5,12 @@ on the client (`shared_state`)."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from common.config import ExperimentConfig
 from common.data import load_partition
 from common.records import Panel
+from models.shared_state import copy_into
 from models.tosc.model import HEAD, TOSCModel, build
 from models.tosc.teacher import ensure_teacher
 from models.tosc.train import class_logits, evaluate, train_local
@@ -45,14 +45,5 @@ def shared_state(model: TOSCModel, lora_train: str = "ab") -> dict[str, np.ndarr
 
 
 def load_shared_state(model: TOSCModel, arrays: dict[str, np.ndarray]) -> None:
-    params = {n: p for n, p in model.named_parameters() if not n.startswith(HEAD)}
-    unexpected = sorted(set(arrays) - set(params))
-    if unexpected:
-        raise KeyError(f"shared state has keys this student does not: {unexpected[:3]}")
-    with torch.no_grad():
-        for key, value in arrays.items():
-            value = torch.as_tensor(np.asarray(value), dtype=torch.float32)
-            if value.shape != params[key].shape:
-                raise ValueError(f"{key}: got shape {tuple(value.shape)}, student has "
-                                 f"{tuple(params[key].shape)}")
-            params[key].copy_(value)
+    student = {n: p for n, p in model.named_parameters() if not n.startswith(HEAD)}
+    copy_into(student, arrays, "student")
