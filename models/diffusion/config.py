@@ -49,6 +49,16 @@ class DiffusionConfig:
     # (segmentation, CAM classifier, receiver task net): they are cheap next to the
     # DDPM's LoRA step, and a handful of batches per round leaves them at background.
     private_epochs: int = 0
+    # Phase 2's feedback: "class" (the requested class id, one byte) or "text" (a short
+    # English prompt such as "a red circle", UTF-8). Phase 3's attention: "cam" (Grad-CAM
+    # of the transmitter's classifier) or "clip" (Grad-CAM of a CLIP vision encoder for
+    # the prompt). Free text and CLIP need a local CLIP checkpoint.
+    feedback: str = "class"
+    attention: str = "cam"
+    # A local directory holding a transformers CLIPModel with its tokenizer and image
+    # processor (save_pretrained); "" = none. Loaded offline only, never downloaded. A
+    # node-only key (node config `diffusion-clip-checkpoint`).
+    clip_checkpoint: str = ""
 
 
 SECTIONS = {"diffusion": DiffusionConfig}
@@ -115,3 +125,25 @@ def check(cfg: ExperimentConfig) -> None:
     need(0 <= dc.tau < 1, "diffusion.tau", dc.tau, "0 <= x < 1 (the CAM is normalised to [0, 1])")
     need(all(0 <= t < 1 for t in dc.tau_sweep), "diffusion.tau_sweep", dc.tau_sweep,
          "values in [0, 1)")
+    _check_clip(dc)
+
+
+def _check_clip(dc: DiffusionConfig) -> None:
+    """The CLIP path's keys. Whether the directory holds a CLIP is checked where it is
+    loaded (models/diffusion/clip_attention.py): the key is the node's, and the server
+    need not have the node's files."""
+    need(dc.feedback in ("class", "text"), "diffusion.feedback", dc.feedback, "'class' or 'text'")
+    need(dc.attention in ("cam", "clip"), "diffusion.attention", dc.attention, "'cam' or 'clip'")
+    need(isinstance(dc.clip_checkpoint, str), "diffusion.clip_checkpoint", dc.clip_checkpoint,
+         "a local directory path, or '' for none")
+    for key, value, wants in (("diffusion.attention", dc.attention, "clip"),
+                              ("diffusion.feedback", dc.feedback, "text")):
+        need(value != wants or dc.clip_checkpoint, key, value,
+             f"'{wants}' only with a local CLIP: set 'diffusion.clip_checkpoint' to a directory "
+             "holding a transformers CLIPModel with its tokenizer and image processor "
+             "(save_pretrained), or use "
+             + ("'cam'" if wants == "clip" else "'class'"))
+    # Grad-CAM scores a class of the transmitter's classifier, which a prompt does not name.
+    need(dc.feedback == "class" or dc.attention == "clip", "diffusion.feedback", dc.feedback,
+         "'class' with diffusion.attention='cam' (Grad-CAM needs a class; free text needs "
+         "diffusion.attention='clip')")
