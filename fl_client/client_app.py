@@ -4,7 +4,8 @@ The experiment config arrives from the server with every message (one source of
 truth, the same on the simulation and the deployment engine), except what touches the
 node's disk, network or device: those keys come from the SuperNode's node config
 (`device`, `data-root`, `data-download`, `state-dir`, `model-checkpoint`,
-`teacher-checkpoint`, `teacher-store-dir`, `diffusion-checkpoint`; see fl_client/trust.py),
+`teacher-checkpoint`, `teacher-store-dir`, `diffusion-checkpoint`,
+`diffusion-clip-checkpoint`; see fl_client/trust.py),
 beside
 `partition-id` and `num-partitions`. Every message is checked before a handler acts on
 it, and one that fails gets an error reply naming the value. The client's trainable

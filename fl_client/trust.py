@@ -51,6 +51,7 @@ NODE_KEYS = {
     "distill.teacher.checkpoint": "teacher-checkpoint",
     "distill.store_dir": "teacher-store-dir",
     "diffusion.checkpoint": "diffusion-checkpoint",
+    "diffusion.clip_checkpoint": "diffusion-clip-checkpoint",
 }
 # A pre-trained LAM changes every result: a server that asks for one is refused unless
 # the node has its own copy, rather than silently training a randomly built LAM.
@@ -117,7 +118,9 @@ def node_config_of(cfg: ExperimentConfig) -> dict[str, Any]:
     engine, in-process tests): the experiment's own values of the node-only keys."""
     raw = cfg.to_dict()
     out = {key: _get(raw, dotted) for dotted, key in NODE_KEYS.items()}
-    return {k: v for k, v in out.items() if v is not None}  # node config has no null
+    # Node config has no null, and an empty value is refused (node_value): a key that is
+    # off ("" for diffusion.clip_checkpoint) is left out, so the node's default applies.
+    return {k: v for k, v in out.items() if v is not None and v != ""}
 
 
 _warned: set[tuple[str, str]] = set()

@@ -108,13 +108,14 @@ def test_without_a_node_state_dir_the_servers_client_state_dir_writes_nothing(
 def test_the_node_config_sets_the_node_only_keys(tiny_cfg, tmp_path):
     node = {"state-dir": "s", "data-root": "d", "data-download": "true", "device": "cpu",
             "model-checkpoint": "lam", "teacher-checkpoint": "t.pt", "teacher-store-dir": "o",
-            "diffusion-checkpoint": "ddpm.pt"}
+            "diffusion-checkpoint": "ddpm.pt", "diffusion-clip-checkpoint": "clip"}
     assert set(node) == set(NODE_KEYS.values())
     cfg = node_experiment(message(tiny_cfg), node_context(node))
     assert (cfg.client_state_dir, cfg.data.root, cfg.data.download, cfg.device) == \
         ("s", "d", True, "cpu")
     assert (cfg.model.checkpoint, cfg.distill.teacher.checkpoint, cfg.distill.store_dir,
-            cfg.diffusion.checkpoint) == ("lam", "t.pt", "o", "ddpm.pt")
+            cfg.diffusion.checkpoint, cfg.diffusion.clip_checkpoint) == \
+        ("lam", "t.pt", "o", "ddpm.pt", "clip")
 
 
 def test_a_server_that_asks_for_a_pretrained_lam_the_node_lacks_is_refused(
