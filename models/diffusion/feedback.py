@@ -1,0 +1,77 @@
+"""Phase 2's task-oriented feedback (arXiv 2505.07980, Sec. III-C): what the receiver's
+task model asks the transmitter for, and how it crosses the link.
+
+- "class": the requested class id, one byte.
+- "text": a short English prompt naming the object the receiver wants, with its colour
+  where the reconstruction shows one ("a red circle"), UTF-8. It is what a text-image
+  model (CLIP) at the transmitter turns into an attention map; the transmitter reads
+  only these bytes.
+
+With class feedback and CLIP attention the transmitter writes the prompt itself from
+the class name (`prompt`), so both ends phrase a class the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from common.data.scenes import CLASSES, COLORS
+from models.diffusion.model import DiffusionSemCom
+
+# Fewer pixels than this of the requested class in the reconstruction: its colour is
+# left out of the prompt (a handful of pixels is mostly the class boundary's blur).
+MIN_COLOUR_PIXELS = 4
+MAX_TEXT_BYTES = 255  # a prompt is a few words; more is a malformed message
+
+
+def prompt(class_id: int, colour: str | None = None) -> str:
+    """The English prompt for a scene class, e.g. "a red circle" or "a circle"."""
+    return f"a {colour} {CLASSES[class_id]}" if colour else f"a {CLASSES[class_id]}"
+
+
+def nearest_colour(rgb: Tensor) -> str:
+    """The scene colour name nearest (Euclidean, RGB) to a mean colour [3]."""
+    names = list(COLORS)
+    palette = torch.tensor([COLORS[n] for n in names], device=rgb.device)
+    return names[int(((palette - rgb) ** 2).sum(1).argmin())]
+
+
+@torch.no_grad()
+def receiver_request(model: DiffusionSemCom, recon: Tensor) -> tuple[Tensor, list[str]]:
+    """What the receiver's task net wants from a reconstruction [B, 3, S, S]: the class
+    it sees as the main object [B], and a prompt for it with the mean colour of the
+    pixels it segments as that class."""
+    seg_logits, _, class_logits = model.task_net(recon)
+    requested = class_logits.argmax(1)
+    region = seg_logits.argmax(1) == (requested + 1)[:, None, None]  # seg id = class + 1
+    texts = []
+    for c, img, where in zip(requested.tolist(), recon, region):
+        colour = (nearest_colour(img[:, where].mean(1))
+                  if int(where.sum()) >= MIN_COLOUR_PIXELS else None)
+        texts.append(prompt(c, colour))
+    return requested, texts
+
+
+def encode_class(class_id: int) -> bytes:
+    return bytes([class_id])
+
+
+def decode_class(payload: bytes) -> int:
+    if len(payload) != 1 or payload[0] >= len(CLASSES):
+        raise ValueError(f"class feedback must be one byte below {len(CLASSES)}, got "
+                         f"{payload[:8]!r} ({len(payload)} bytes)")
+    return payload[0]
+
+
+def encode_text(text: str) -> bytes:
+    payload = text.encode("utf-8")
+    if not 0 < len(payload) <= MAX_TEXT_BYTES:
+        raise ValueError(f"a text feedback of {len(payload)} bytes: expected 1..{MAX_TEXT_BYTES}")
+    return payload
+
+
+def decode_text(payload: bytes) -> str:
+    if not 0 < len(payload) <= MAX_TEXT_BYTES:
+        raise ValueError(f"a text feedback of {len(payload)} bytes: expected 1..{MAX_TEXT_BYTES}")
+    return payload.decode("utf-8")  # strict: malformed bytes are an error, not a guess
