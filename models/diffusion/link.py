@@ -4,24 +4,28 @@ Flower messages.
 1. Transmitter: x_seg from its segmentation net, downsampled and run-length coded,
    sent in a `query.diffusion_phase1` Message.
 2. Receiver: decodes x_seg from that message alone, samples x_hat_1 ~ p(x | x_seg,
-   x_att = 0) by DDIM, lets its task net classify x_hat_1 and asks for that class in a
-   `query.diffusion_feedback` Message (the class label: one byte).
-3. Transmitter: Grad-CAM A of its classifier for the requested class, M_A = 1[A > tau],
-   x_att = M_A * x_edge; only the non-zero patches and their locations are sent
-   (`query.diffusion_phase3`).
+   x_att = 0) by DDIM, lets its task net look at x_hat_1 and asks for what it needs in
+   a `query.diffusion_feedback` Message: the class (one byte) or, with
+   `diffusion.feedback: text`, a prompt such as "a red circle" (UTF-8; feedback.py).
+3. Transmitter: the attention A for the feedback, Grad-CAM of its classifier for the
+   requested class ("cam") or of a local CLIP for the prompt ("clip",
+   clip_attention.py); M_A = 1[A > tau], x_att = M_A * x_edge; only the non-zero
+   patches and their locations are sent (`query.diffusion_phase3`).
 4. Receiver: decodes x_att from that message and samples x_hat_3 ~ p(x | x_seg, x_att)
    from the same initial noise.
 
 Every payload travels as bytes in a ConfigRecord of a real Flower `Message`, and the
 byte counts are read back from those messages. Transmitter and receiver both run on
 the client (the link is evaluated where the private nets live); `mode` gives the
-paper's baselines: "cam" (the method), "all" (all edges, no attention), "none" (seg only).
+attention ("cam", "clip") or the paper's baselines: "all" (all edges, no attention),
+"none" (seg only).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,13 +35,15 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor
 
 from common.config import ExperimentConfig
-from models.diffusion import codec
+from models.diffusion import codec, feedback
+from models.diffusion.clip_attention import clip_attention, load_clip
 from models.diffusion.ddpm import conditions, ddim_sample, one_step_decode
 from models.diffusion.model import DiffusionSemCom
 
 TRANSMITTER, RECEIVER = 1, 2  # node ids of the two ends inside one client
 PAYLOAD = "payload"
 PHASE1, FEEDBACK, PHASE3 = "query.diffusion_phase1", "query.diffusion_feedback", "query.diffusion_phase3"
+MODES = ("cam", "clip", "all", "none")
 
 
 def link_message(kind: str, payload: bytes, src: int, dst: int) -> Message:
@@ -61,11 +67,12 @@ def message_bytes(messages: list[Message]) -> int:
 @dataclass
 class LinkResult:
     seg_small: Tensor  # [B, s, s]: x_seg as decoded by the receiver
-    requested: Tensor  # [B]: the class the receiver asked for (its feedback)
+    requested: Tensor  # [B]: the class the receiver asked for (what its tasks score)
     x_att: Tensor  # [B, S, S]: x_att as decoded by the receiver
     recon1: Tensor  # [B, 3, S, S] phase-1 reconstruction
     recon3: Tensor  # [B, 3, S, S] phase-3 reconstruction
     messages: dict[str, list[Message]] = field(default_factory=dict)
+    prompts: list[str] | None = None  # the prompts CLIP attended to (mode "clip")
 
     def nbytes(self, kind: str) -> int:
         return message_bytes(self.messages.get(kind, []))
@@ -91,25 +98,54 @@ def _decode(model: DiffusionSemCom, cond: Tensor, cfg: ExperimentConfig, seed: i
     return ddim_sample(model.unet, cond, cfg, seed)
 
 
+class Phase1(NamedTuple):
+    """Phases 1 and 2 at the receiver: what it decoded, its reconstruction, the
+    messages, and the class it asked for (it knows its own request; the transmitter
+    reads only the feedback messages)."""
+    seg_small: Tensor  # [B, s, s]
+    recon1: Tensor  # [B, 3, S, S]
+    messages: list[Message]  # phase 1
+    feedback: list[Message]
+    requested: Tensor  # [B]
+
+
+def transmitter_attention(model: DiffusionSemCom, image: Tensor, fb: list[Message],
+                          cfg: ExperimentConfig, mode: str) -> tuple[Tensor, list[str] | None]:
+    """A [B, S, S] in [0, 1] for the feedback messages, decoded from their bytes alone
+    as `diffusion.feedback` says they are written; and the prompts CLIP attended to."""
+    payloads = [message_payload(m) for m in fb]
+    if cfg.diffusion.feedback == "text":
+        if mode == "cam":
+            raise ValueError("mode 'cam' needs class feedback (Grad-CAM scores a class); "
+                             "free text needs mode 'clip'")
+        texts = [feedback.decode_text(p) for p in payloads]
+    else:
+        classes = [feedback.decode_class(p) for p in payloads]
+        if mode == "cam":
+            return cam_attention(model.classifier, image, torch.tensor(classes)), None
+        texts = [feedback.prompt(c) for c in classes]  # the class name as CLIP's prompt
+    return clip_attention(load_clip(cfg.diffusion.clip_checkpoint), image, texts), texts
+
+
 @torch.no_grad()
 def three_phase_link(model: DiffusionSemCom, image: Tensor, cfg: ExperimentConfig, tau: float,
                      mode: str = "cam", seed: int = 0, decoder: torch.nn.Module | None = None,
-                     phase1: tuple[Tensor, Tensor, list[Message], list[Message]] | None = None
-                     ) -> LinkResult:
+                     phase1: Phase1 | None = None) -> LinkResult:
     """Run the link on a batch of images; `decoder` replaces the DDPM by the one-step
     decoder; `phase1` reuses phases 1-2 of an earlier call (the tau sweep shares them)."""
-    if mode not in ("cam", "all", "none"):
-        raise ValueError(f"mode={mode!r}: use 'cam', 'all' or 'none'")
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: use one of {list(MODES)}")
     dc, size = cfg.diffusion, image.shape[-1]
     model.eval()
     if phase1 is None:
         phase1 = run_phase1(model, image, cfg, seed, decoder)
-    seg_small, recon1, msgs1, fb = phase1
-    # Transmitter: the feedback message tells it which class to attend to.
-    requested = torch.tensor([message_payload(m)[0] for m in fb], device=image.device)
+    seg_small, recon1, msgs1, fb, requested = phase1
     edges = codec.edge_map(image, dc.edge_threshold)
-    if mode == "cam":
-        x_att_tx = codec.attention_mask(cam_attention(model.classifier, image, requested), tau) * edges
+    prompts = None
+    if mode in ("cam", "clip"):
+        # Transmitter: the feedback message tells it what to attend to.
+        attention, prompts = transmitter_attention(model, image, fb, cfg, mode)
+        x_att_tx = codec.attention_mask(attention, tau) * edges
     elif mode == "all":
         x_att_tx = edges
     else:
@@ -122,14 +158,30 @@ def three_phase_link(model: DiffusionSemCom, image: Tensor, cfg: ExperimentConfi
     seg_full = codec.upsample_classes(seg_small, size)
     recon3 = _decode(model, conditions(seg_full, x_att), cfg, seed, decoder)
     return LinkResult(seg_small, requested, x_att, recon1, recon3,
-                      {PHASE1: msgs1, FEEDBACK: fb, PHASE3: msgs3})
+                      {PHASE1: msgs1, FEEDBACK: fb, PHASE3: msgs3}, prompts)
+
+
+def feedback_messages(model: DiffusionSemCom, recon1: Tensor, kind: str
+                      ) -> tuple[list[Message], Tensor]:
+    """Phase 2 at the receiver: its task net decides what it needs from x_hat_1 and
+    says so as a class byte ("class") or a prompt ("text") per image."""
+    requested, texts = feedback.receiver_request(model, recon1)
+    payloads = ([feedback.encode_class(int(c)) for c in requested] if kind == "class"
+                else [feedback.encode_text(t) for t in texts])
+    return [link_message(FEEDBACK, p, RECEIVER, TRANSMITTER) for p in payloads], requested
+
+
+def with_feedback(model: DiffusionSemCom, phase1: Phase1, kind: str) -> Phase1:
+    """The same phase 1 with the other kind of feedback (the report compares them)."""
+    fb, requested = feedback_messages(model, phase1.recon1, kind)
+    return phase1._replace(feedback=fb, requested=requested)
 
 
 @torch.no_grad()
 def run_phase1(model: DiffusionSemCom, image: Tensor, cfg: ExperimentConfig, seed: int,
-               decoder: torch.nn.Module | None = None
-               ) -> tuple[Tensor, Tensor, list[Message], list[Message]]:
-    """Phases 1 and 2: x_seg over the link, the receiver's reconstruction and feedback."""
+               decoder: torch.nn.Module | None = None) -> Phase1:
+    """Phases 1 and 2: x_seg over the link, the receiver's reconstruction and feedback
+    (of the kind `diffusion.feedback` names)."""
     dc, size = cfg.diffusion, image.shape[-1]
     side = size // dc.seg_downsample
     model.eval()
@@ -141,7 +193,5 @@ def run_phase1(model: DiffusionSemCom, image: Tensor, cfg: ExperimentConfig, see
     cond = conditions(codec.upsample_classes(seg_small, size), torch.zeros(
         seg_small.shape[0], size, size, device=image.device))
     recon1 = _decode(model, cond, cfg, seed, decoder)
-    # The receiver's task net decides what it needs: the class it sees as the main object.
-    requested = model.task_net(recon1)[2].argmax(1)
-    fb = [link_message(FEEDBACK, bytes([int(c)]), RECEIVER, TRANSMITTER) for c in requested]
-    return seg_small, recon1, msgs1, fb
+    fb, requested = feedback_messages(model, recon1, dc.feedback)
+    return Phase1(seg_small, recon1, msgs1, fb, requested)

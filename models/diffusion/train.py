@@ -187,10 +187,11 @@ def eval_batches(data: Dataset, cfg: ExperimentConfig, device) -> list[dict[str,
 
 
 def evaluate(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig) -> dict[str, float]:
-    """The three-phase link at diffusion.tau on the client's first test scenes."""
+    """The three-phase link at diffusion.tau with diffusion.attention on the client's
+    first test scenes."""
     device = next(model.parameters()).device
     with seeded(cfg.seed):
-        results = [(three_phase_link(model, b["image"], cfg, cfg.diffusion.tau, "cam",
-                                     seed=cfg.seed + i), b, model)
+        results = [(three_phase_link(model, b["image"], cfg, cfg.diffusion.tau,
+                                     cfg.diffusion.attention, seed=cfg.seed + i), b, model)
                    for i, b in enumerate(eval_batches(data, cfg, device))]
         return link_metrics(results, cfg)
