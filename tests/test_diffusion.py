@@ -295,6 +295,13 @@ def test_phase3_edges_raise_the_requested_class_iou_over_phase1(tmp_path):
 @pytest.mark.parametrize("lora_train", ["ab", "b"])
 def test_diffusion_sends_adapters_but_no_label_mask_depth_image_or_private_net(
         cfg, flower_message_context, lora_train):
+    audit_client_replies(cfg, lora_train)
+
+
+def audit_client_replies(cfg, lora_train, node_private=None):
+    """Train and evaluate one client through the ClientApp; no reply may carry a label,
+    mask, depth map, image or private tensor (also `node_private`: the node's other
+    tensors, such as a local CLIP), only the UNet's adapters and allowed metrics."""
     node_config = {"partition-id": 1, "num-partitions": 3, **node_config_of(cfg)}
     context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
                       run_config={})
@@ -305,6 +312,7 @@ def test_diffusion_sends_adapters_but_no_label_mask_depth_image_or_private_net(
     saved = context.state.array_records[PRIVATE_STATE]
     private = {n: a.numpy() for n, a in saved.items() if ".lora_" not in n}
     assert {n.split(".")[0] for n in private} == {"seg_net", "classifier", "task_net"}
+    private.update(node_private or {})
     train_ds, test_ds = load_partition(cfg.data, 1, 3)
     secrets = {f"{s}.{k}": ds.tensors[k].numpy().astype(np.float32)
                for s, ds in (("train", train_ds), ("test", test_ds))
