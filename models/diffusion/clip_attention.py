@@ -93,7 +93,8 @@ def text_embeddings(clip: LocalClip, texts: list[str], device) -> Tensor:
     max_len = clip.model.config.text_config.max_position_embeddings
     tokens = clip.tokenizer(texts, padding=True, truncation=True, max_length=max_len,
                             return_tensors="pt").to(device)
-    out = clip.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    out = clip.model.text_model(input_ids=tokens["input_ids"],
+                                attention_mask=tokens["attention_mask"])
     return F.normalize(clip.model.text_projection(out.pooler_output), dim=-1)
 
 
