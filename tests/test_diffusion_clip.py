@@ -232,3 +232,38 @@ def test_the_clip_directory_is_the_nodes_to_choose(ddpm_file, clip_dir, flower_m
     assert cfg.diffusion.clip_checkpoint == str(clip_dir)
     with pytest.raises(Refused, match="diffusion-clip-checkpoint"):
         node_experiment(sent(clip_cfg(ddpm_file, "/server/clip")), node({}))
+
+
+def test_the_report_adds_clip_rows_beside_the_cam_sweep(ddpm_file, clip_dir, tmp_path,
+                                                        flower_message_context):
+    """The report's sweep on clients saved as a run leaves them: with a local CLIP and
+    text feedback it adds one CLIP row per tau, whose feedback is the prompts' bytes,
+    while the CAM rows still get the class byte."""
+    import numpy as np
+
+    from fl_client.client_app import local_parameters
+    from models.diffusion import report
+
+    cfg = clip_cfg(ddpm_file, clip_dir, "diffusion.feedback=text", "diffusion.tau_sweep=[0.3, 0.6]",
+                   "diffusion.tau=0.3", "diffusion.eval_samples=4")
+    run_dir = tmp_path / "run"
+    model = diffusion.build(cfg)
+    for pid in range(cfg.num_clients):
+        folder = run_dir / "client-state" / run_dir.name / f"partition-{pid}"
+        folder.mkdir(parents=True)
+        np.savez(folder / "round-1.npz",
+                 **{n: p.detach().numpy() for n, p in local_parameters(model).items()})
+    np.savez(run_dir / "global_adapters.npz", **diffusion.shared_state(model))
+    with torch.no_grad():
+        results, _ = report.sweep(cfg, run_dir, "cpu")
+    names = [r["method"] for r in report.rows_of(results)]
+    assert "CLIP attention, text feedback, tau=0.3" in names
+    assert "CLIP attention, text feedback, tau=0.6" in names
+    clip_row, cam_row = (results["CLIP attention, text feedback, tau=0.3"],
+                         results["CAM edges, tau=0.3"])
+    assert cam_row["bytes_feedback"] == 1.0
+    assert clip_row["bytes_feedback"] >= len("a cross")
+    assert clip_row["iou_phase1"] == cam_row["iou_phase1"]  # the same phase 1
+    assert "CLIP attention, text feedback, tau=0.3" in report.markdown(
+        report.rows_of(results), report.goal(results, cfg))
+    report.plot_tradeoff(results, cfg, tmp_path / "report.png")

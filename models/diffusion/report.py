@@ -9,7 +9,9 @@
    and runs the three-phase link over its first diffusion.eval_samples test scenes:
    phase 1 once (seg only), then phase 3 with CAM-masked edges at every tau of
    diffusion.tau_sweep and with all edges (no attention); the same with the one-step
-   decoder in place of the DDPM;
+   decoder in place of the DDPM; with a local CLIP (diffusion.clip_checkpoint), phase 3
+   with CLIP attention at every tau as well (the feedback diffusion.feedback names; the
+   CAM rows always take the class);
 4. scores each run with the client's own receiver task net, pools the clients and writes
    report.json, report.png (task gain against bytes), reconstructions.png (originals
    beside the phase-1 and phase-3 reconstructions) and a Markdown table.
@@ -31,13 +33,14 @@ import matplotlib
 import numpy as np
 import torch
 
-from common.config import ConfigError, ExperimentConfig, load_config
+from common.config import ConfigError, ExperimentConfig, config_from_dict, load_config
 from common.device import resolve_device
 from common.records import new_run_dir, simulation_run
 from fl_client.client_app import local_parameters
 from models.diffusion import workload as diffusion
 from models.diffusion.ddpm import COND_CHANNELS, make_unet
-from models.diffusion.link import run_phase1, three_phase_link
+from models.diffusion.clip_attention import load_clip
+from models.diffusion.link import run_phase1, three_phase_link, with_feedback
 from models.diffusion.pretrain import ensure_pretrained, load_pretrained
 from models.diffusion.train import eval_batches, link_metrics
 
@@ -76,6 +79,7 @@ def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict]
     decoder.eval()
     runs: dict[str, list] = {}
     figure: dict[str, Any] = {}
+    cam_cfg = config_from_dict(cfg.to_dict(), {"diffusion.feedback": "class"})
     for pid in range(cfg.num_clients):
         model = client_model(cfg, run_dir, pid, device)
         _, test = diffusion.load_data(cfg, pid, cfg.num_clients)
@@ -83,17 +87,24 @@ def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict]
             seed = cfg.seed + i
             image = batch["image"]
             first = run_phase1(model, image, cfg, seed)
-            jobs = [(f"CAM edges, tau={t:g}", "cam", t) for t in dc.tau_sweep]
-            jobs.append(("all edges", "all", 0.0))
-            for name, mode, tau in jobs:
-                res = three_phase_link(model, image, cfg, tau, mode, seed, phase1=first)
+            # Grad-CAM scores a class: with text feedback the CAM rows get the class the
+            # receiver asked for, from the same phase 1 (both ends on class feedback).
+            cam_first = first if dc.feedback == "class" else with_feedback(model, first, "class")
+            jobs = [(f"CAM edges, tau={t:g}", "cam", t, cam_first, cam_cfg) for t in dc.tau_sweep]
+            jobs.append(("all edges", "all", 0.0, cam_first, cam_cfg))
+            if dc.clip_checkpoint:
+                jobs += [(clip_row(cfg, t), "clip", t, first, cfg) for t in dc.tau_sweep]
+            for name, mode, tau, phase1, link_cfg in jobs:
+                res = three_phase_link(model, image, link_cfg, tau, mode, seed, phase1=phase1)
                 runs.setdefault(name, []).append((res, batch, model))
                 if pid == 0 and i == 0:
                     figure[name] = res
             first_d = run_phase1(model, image, cfg, seed, decoder=decoder)
+            if dc.feedback != "class":
+                first_d = with_feedback(model, first_d, "class")
             for name, mode in ((f"one-step decoder, CAM tau={dc.tau:g}", "cam"),
                                ("one-step decoder, all edges", "all")):
-                res = three_phase_link(model, image, cfg, dc.tau, mode, seed, decoder=decoder,
+                res = three_phase_link(model, image, cam_cfg, dc.tau, mode, seed, decoder=decoder,
                                        phase1=first_d)
                 runs.setdefault(name, []).append((res, batch, model))
             if pid == 0 and i == 0:
@@ -101,6 +112,11 @@ def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict]
         print(f"client {pid}: {len(test)} test scenes, scored {min(len(test), dc.eval_samples)}",
               flush=True)
     return {name: link_metrics(parts, cfg) for name, parts in runs.items()}, figure
+
+
+def clip_row(cfg: ExperimentConfig, tau: float) -> str:
+    text = ", text feedback" if cfg.diffusion.feedback == "text" else ""
+    return f"CLIP attention{text}, tau={tau:g}"
 
 
 def rows_of(results: dict[str, dict]) -> list[dict[str, Any]]:
@@ -167,6 +183,10 @@ def plot_tradeoff(results: dict[str, dict], cfg: ExperimentConfig, path: Path) -
         for t, m in zip(taus, cam):
             ax.annotate(f"{t:g}", (m["bytes_phase3"], m[f"{key}_phase3"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
+        clip = [results[n] for n in (clip_row(cfg, t) for t in taus) if n in results]
+        if clip:
+            ax.plot([m["bytes_phase3"] for m in clip], [m[f"{key}_phase3"] for m in clip], "-^",
+                    label="CLIP-masked edges (tau sweep)")
         ax.plot([full["bytes_phase3"]], [full[f"{key}_phase3"]], "s", label="all edges")
         ax.axhline(full[f"{key}_phase1"], ls="--", c="gray", label="phase 1 (seg only)")
         ax.set_xlabel("phase-3 bytes per image")
@@ -230,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.run_dir) if args.run_dir else new_run_dir(cfg.output_dir, f"{cfg.name}-report")
     out.mkdir(parents=True, exist_ok=True)
     ensure_pretrained(cfg)
+    if cfg.diffusion.clip_checkpoint:
+        load_clip(cfg.diffusion.clip_checkpoint)  # a missing CLIP fails now, not after the run
     run_dir = out / "federated"
     metrics = simulation_run(args.config, args.overrides, run_dir)
     device = resolve_device(cfg.device)
