@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from common.config import ConfigError
 from common.data.scenes import CLASSES, COLORS
-from fl_client.trust import Refused, node_experiment
+from fl_client.trust import NODE_KEYS, Refused, node_experiment
 from models.diffusion import clip_attention as ca
 from models.diffusion import codec, feedback, link
 from models.diffusion import workload as diffusion
@@ -226,6 +226,7 @@ def test_the_clip_directory_is_the_nodes_to_choose(ddpm_file, clip_dir, flower_m
     def node(config):
         return Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
 
+    assert NODE_KEYS["diffusion.clip_checkpoint"] == ca.NODE_KEY  # the key errors name
     plain = tiny_cfg(ddpm_file, "diffusion.clip_checkpoint=/server/clip")
     assert node_experiment(sent(plain), node({})).diffusion.clip_checkpoint == ""
     cfg = node_experiment(sent(plain), node({"diffusion-clip-checkpoint": str(clip_dir)}))

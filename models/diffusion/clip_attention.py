@@ -60,7 +60,8 @@ def _load(folder: str) -> LocalClip:
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
     try:
-        model = CLIPModel.from_pretrained(folder, local_files_only=True)
+        # fp32 whatever the saved dtype: the scenes and Grad-CAM's gradients are fp32.
+        model = CLIPModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
