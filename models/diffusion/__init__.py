@@ -10,6 +10,9 @@ Diffusion-based Data Regeneration", arXiv 2505.07980).
                  edge map and its attention-masked patches (phase 3)
     ddpm.py      conditions, DDPM training loss, DDIM sampling, the one-step decoder
     pretrain.py  the DDPM pretrained centrally on public scenes (cached under runs/)
+    feedback.py  phase 2's feedback: the requested class (one byte) or a prompt (UTF-8)
+    clip_attention.py  CLIP attention for a prompt (Grad-CAM of a local CLIP's vision
+                 encoder), the alternative to the classifier's CAM
     link.py      the three-phase link over Flower messages (phase 1, feedback, phase 3)
     train.py     local training and evaluation (the link on the client's test split)
     report.py    tau sweep and baselines: python -m models.diffusion.report
