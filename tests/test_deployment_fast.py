@@ -17,7 +17,7 @@ import pytest
 
 from common.config import load_config
 from deploy import fast_node
-from deploy.launch import Deployment
+from deploy.launch import Deployment, threads_per_app
 from models.mtsc import workload as mtsc
 from models.mtsc.split import end_to_end_steps
 
@@ -59,6 +59,7 @@ def test_split_steps_through_the_fast_supernode_equal_end_to_end_training(tmp_pa
         link, node, executor = (cmdline(pids[n]) for n in ("superlink", "supernode-0",
                                                             "superexec-0"))
         assert "--enable-supernode-auth" in link and "--ssl-certfile" in link
+        assert "--database" not in link  # the fast path keeps the SuperLink's state in memory
         assert "deploy.fast_node supernode" in node and "--isolation process" in node
         assert "--auth-supernode-private-key" in node and "--root-certificates" in node
         assert "deploy.fast_node executor" in executor
@@ -144,3 +145,24 @@ def test_the_supernode_pulls_often_only_while_messages_flow(monkeypatch):
         clock.sleep(3)
     assert slept[-1] == 3 and max(slept) == 3 and sum(slept[-30:]) < 70
     assert clock.monotonic is fast_node.time.monotonic  # the rest of `time` is Flower's
+
+
+def test_the_launcher_shares_the_cores_and_puts_the_superlink_state_where_asked(tmp_path,
+                                                                               monkeypatch):
+    # Torch threads per app: a ServerApp and N ClientApps share the machine's cores.
+    assert [threads_per_app(n, cpus=c) for n, c in ((2, 2), (2, 16), (1, 1), (7, 4))] == \
+        [1, 5, 1, 1]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    stock = Deployment(tmp_path / "a", num_supernodes=2)
+    assert stock.env()["OMP_NUM_THREADS"] == str(threads_per_app(2))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
+    assert stock.env()["OMP_NUM_THREADS"] == "3"
+    # The SuperLink's state: SQLite under the workdir by default, memory on the fast path
+    # unless asked otherwise; anything else is refused, naming the value.
+    db = str(tmp_path / "a" / "superlink.db")
+    assert stock.superlink_command()[-3:] == ["--database", db, "--enable-supernode-auth"]
+    assert "--database" not in Deployment(tmp_path / "b", fast=True).superlink_command()
+    assert "--database" in Deployment(tmp_path / "c", fast=True,
+                                      superlink_state="file").superlink_command()
+    with pytest.raises(ValueError, match="superlink_state='disk'"):
+        Deployment(tmp_path / "d", superlink_state="disk")
