@@ -109,9 +109,15 @@ def measure_setting(name: str, workdir: Path, supernodes: int, steps: int,
 
 
 def in_process_s_per_step(supernodes: int, steps: int) -> float:
-    """Seconds per step of the same training in one process (no messages)."""
+    """Seconds per step of the same training in one process (no messages), with the
+    torch threads one app of the deployment gets (deploy.launch.threads_per_app)."""
+    import torch
+
     from common.config import load_config
+    from deploy.launch import threads_per_app
     from models.mtsc.split import end_to_end_steps
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or threads_per_app(supernodes)))
 
     cfg = load_config(ROOT / "configs/quickstart.yaml", split_overrides(steps))
     end_to_end_steps(cfg, 0, supernodes, rnd=1, steps=1)  # warm-up
