@@ -53,8 +53,19 @@ def client_lora_rank(cfg: ExperimentConfig, partition_id: int) -> int:
 
 
 def local_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors this node keeps between rounds: every trainable parameter."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    """The tensors this node keeps between rounds: every trainable parameter, and the
+    running statistics of the batch-norm layers it trains. Those are buffers, not
+    parameters, but learned from the node's data like them: without them a BatchNorm
+    layer would start every round at mean 0 / variance 1 and score with statistics it
+    never saw."""
+    tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for prefix, module in model.named_modules():
+        if (isinstance(module, torch.nn.modules.batchnorm._NormBase)
+                and module.track_running_stats
+                and any(p.requires_grad for p in module.parameters())):
+            for name, buf in module.named_buffers(recurse=False):
+                tensors[f"{prefix}.{name}" if prefix else name] = buf
+    return tensors
 
 
 def _setup(msg: Message, context: Context):

@@ -115,6 +115,32 @@ def test_private_modules_persist_between_rounds_on_the_node(tiny_cfg, flower_mes
     assert not np.allclose(second[head].numpy(), first[head])
 
 
+def test_a_node_keeps_the_running_statistics_of_the_batch_norms_it_trains():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3),
+                              torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)))
+    for p in net[2].parameters():  # a frozen block: its statistics are not the node's
+        p.requires_grad_(False)
+    net.train()
+    net(torch.randn(64, 4) * 5 + 2)  # round 1 moves the running statistics
+    kept = {n: t.detach().clone() for n, t in local_parameters(net).items()}
+    assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= set(kept)
+    assert not any(n.startswith("2.") for n in kept)
+    # Round 2 on the node: a freshly built model loads what was kept, as _setup does.
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3),
+                                torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)))
+    for p in fresh[2].parameters():
+        p.requires_grad_(False)
+    assert not torch.allclose(fresh[1].running_var, kept["1.running_var"])
+    params = local_parameters(fresh)
+    with torch.no_grad():
+        for name, value in kept.items():
+            params[name].copy_(value)
+    fresh.eval(), net.eval()
+    x = torch.randn(8, 4)
+    assert torch.equal(fresh[1](fresh[0](x)), net[1](net[0](x)))
+
+
 SPLIT_TENSORS = {
     "activations": {"symbols", "counts", "snr_db"},  # after the uplink channel
     "gradients": {"output"},  # gradient w.r.t. the server half's output
