@@ -1,6 +1,6 @@
 """The diffusion report (issue 13: the paper's tau sweep and baselines).
 
-    python -m models.diffusion.report --config configs/diffusion_quickstart.yaml [key=value ...]
+    python -m models.diffusion.report --config configs/diffusion_quickstart.yaml [--out DIR] [key=value ...]
 
 1. pretrains the DDPM and the one-step decoder if their checkpoint is missing;
 2. runs the federated LoRA fine-tuning on Flower's Ray simulation in a fresh process,
@@ -215,7 +215,9 @@ def plot_reconstructions(figure: dict[str, Any], cfg: ExperimentConfig, path: Pa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--run-dir", help="a report folder to write (or reuse) the run in")
+    # --out as in the other reports (models/taco/report.py); --run-dir is kept as an alias.
+    parser.add_argument("--out", "--run-dir", dest="out",
+                        help="a report folder to write (or reuse) the run in")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     try:
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    out = Path(args.run_dir) if args.run_dir else new_run_dir(cfg.output_dir, f"{cfg.name}-report")
+    out = Path(args.out) if args.out else new_run_dir(cfg.output_dir, f"{cfg.name}-report")
     out.mkdir(parents=True, exist_ok=True)
     ensure_pretrained(cfg)
     run_dir = out / "federated"
