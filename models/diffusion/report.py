@@ -30,14 +30,19 @@ from typing import Any
 import matplotlib
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from common.config import ConfigError, ExperimentConfig, load_config
 from common.device import resolve_device
 from common.records import new_run_dir, simulation_run
 from fl_client.client_app import local_parameters
+from models.diffusion import codec
 from models.diffusion import workload as diffusion
-from models.diffusion.ddpm import COND_CHANNELS, make_unet
-from models.diffusion.link import run_phase1, three_phase_link
+from models.diffusion.ddpm import COND_CHANNELS, conditions, ddim_sample, make_unet
+from models.diffusion.link import (FEEDBACK, PHASE1, PHASE3, RECEIVER, TRANSMITTER, LinkResult,
+                                   cam_attention, link_message, message_payload, run_phase1,
+                                   three_phase_link)
 from models.diffusion.pretrain import ensure_pretrained, load_pretrained
 from models.diffusion.train import eval_batches, link_metrics
 
@@ -67,7 +72,83 @@ def client_model(cfg: ExperimentConfig, run_dir: Path, pid: int, device) -> diff
     return model.eval()
 
 
-def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict], dict]:
+ORACLE = "oracle attention (true mask)"
+
+
+def class_region(seg: Tensor, classes: Tensor, patch: int) -> Tensor:
+    """[B, S, S]: each scene's true mask of its class `classes` (0-based, so segmentation
+    id + 1), dilated by one edge patch: the attention an oracle would give."""
+    region = (seg == (classes + 1)[:, None, None]).float()[:, None]
+    return F.max_pool2d(region, 2 * patch + 1, stride=1, padding=patch)[:, 0]
+
+
+@torch.no_grad()
+def oracle_link(model: diffusion.DiffusionSemCom, batch: dict[str, Tensor], cfg: ExperimentConfig,
+                seed: int, phase1) -> LinkResult:
+    """Phase 3 with M_A = the transmitter's true mask of the requested class (dilated by
+    one patch) instead of its CAM: what attention could reach at best, through the same
+    messages and DDPM as `three_phase_link`."""
+    dc, image = cfg.diffusion, batch["image"]
+    seg_small, recon1, msgs1, fb = phase1
+    requested = torch.tensor([message_payload(m)[0] for m in fb], device=image.device)
+    x_att_tx = (class_region(batch["segmentation"], requested, dc.edge_patch)
+                * codec.edge_map(image, dc.edge_threshold))
+    msgs3 = [link_message(PHASE3, codec.encode_edge_patches(x.cpu().numpy(), dc.edge_patch),
+                          TRANSMITTER, RECEIVER) for x in x_att_tx]
+    size = image.shape[-1]
+    x_att = torch.stack([torch.from_numpy(codec.decode_edge_patches(
+        message_payload(m), size, dc.edge_patch)) for m in msgs3]).to(image.device)
+    recon3 = ddim_sample(model.unet, conditions(codec.upsample_classes(seg_small, size), x_att),
+                         cfg, seed)
+    return LinkResult(seg_small, requested, x_att, recon1, recon3,
+                      {PHASE1: msgs1, FEEDBACK: fb, PHASE3: msgs3})
+
+
+@torch.no_grad()
+def probe_private_nets(model: diffusion.DiffusionSemCom, batch: dict[str, Tensor],
+                       requested: Tensor, cfg: ExperimentConfig) -> dict[str, float]:
+    """Sums over a batch of what the private nets do on the originals (pooled by
+    `probe_scores`): the segmentation nets' object IoU, the classifiers' accuracy, the
+    receiver's requests, and how well the CAM localises a class: its energy inside the
+    class's dilated true mask (the energy-based pointing game of Score-CAM, Wang et al.
+    2020) against that mask's area share (what a CAM blind to the class scores)."""
+    dc, image, seg = cfg.diffusion, batch["image"], batch["segmentation"]
+    present = F.one_hot(seg.long(), codec.SEG_CLASSES).flatten(1, 2).amax(1)[:, 1:].bool()
+    out: dict[str, float] = {"n": len(image)}
+    for name, pred in (("seg", model.seg_net(image).argmax(1)),
+                       ("task", model.task_net(image)[0].argmax(1))):
+        for c in range(1, codec.SEG_CLASSES):
+            out[f"{name}_inter{c}"] = ((pred == c) & (seg == c)).sum().item()
+            out[f"{name}_union{c}"] = ((pred == c) | (seg == c)).sum().item()
+    top = model.classifier(image).argmax(1)
+    out["cls_label"] = (top == batch["label"]).sum().item()
+    out["cls_present"] = present.gather(1, top[:, None]).sum().item()
+    out["request_present"] = present.gather(1, requested[:, None]).sum().item()
+    out["request_label"] = (requested == batch["label"]).sum().item()
+    for name, classes in (("label", batch["label"]), ("request", requested)):
+        cam = cam_attention(model.classifier, image, classes)
+        region = class_region(seg, classes, dc.edge_patch)
+        mask = codec.attention_mask(cam, dc.tau)
+        out[f"cam_{name}_energy_in"] = ((cam * region).sum((1, 2)) / cam.sum((1, 2)).clamp_min(1e-9)).sum().item()
+        out[f"cam_{name}_region_share"] = region.mean((1, 2)).sum().item()
+        out[f"cam_{name}_mask_precision"] = ((mask * region).sum((1, 2))
+                                             / mask.sum((1, 2)).clamp_min(1)).sum().item()
+    return out
+
+
+def probe_scores(parts: list[dict[str, float]]) -> dict[str, float]:
+    tot = {k: sum(p[k] for p in parts) for k in parts[0]}
+    n = tot.pop("n")
+    out = {}
+    for name in ("seg", "task"):
+        ious = [tot[f"{name}_inter{c}"] / max(tot[f"{name}_union{c}"], 1)
+                for c in range(1, codec.SEG_CLASSES)]
+        out[f"{name}_object_iou"] = sum(ious) / len(ious)
+    out.update({k: v / n for k, v in tot.items() if "_inter" not in k and "_union" not in k})
+    return out
+
+
+def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict], dict, dict]:
     """Every configuration of the link, pooled over the clients; and client 0's first
     batch for the figure."""
     dc = cfg.diffusion
@@ -76,6 +157,7 @@ def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict]
     decoder.eval()
     runs: dict[str, list] = {}
     figure: dict[str, Any] = {}
+    probes: list[dict[str, float]] = []
     for pid in range(cfg.num_clients):
         model = client_model(cfg, run_dir, pid, device)
         _, test = diffusion.load_data(cfg, pid, cfg.num_clients)
@@ -90,6 +172,9 @@ def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict]
                 runs.setdefault(name, []).append((res, batch, model))
                 if pid == 0 and i == 0:
                     figure[name] = res
+            runs.setdefault(ORACLE, []).append((oracle_link(model, batch, cfg, seed, first),
+                                                batch, model))
+            probes.append(probe_private_nets(model, batch, res.requested, cfg))
             first_d = run_phase1(model, image, cfg, seed, decoder=decoder)
             for name, mode in ((f"one-step decoder, CAM tau={dc.tau:g}", "cam"),
                                ("one-step decoder, all edges", "all")):
@@ -100,7 +185,8 @@ def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict]
                 figure["image"] = image.cpu()
         print(f"client {pid}: {len(test)} test scenes, scored {min(len(test), dc.eval_samples)}",
               flush=True)
-    return {name: link_metrics(parts, cfg) for name, parts in runs.items()}, figure
+    return ({name: link_metrics(parts, cfg) for name, parts in runs.items()}, figure,
+            probe_scores(probes))
 
 
 def rows_of(results: dict[str, dict]) -> list[dict[str, Any]]:
@@ -124,12 +210,13 @@ def rows_of(results: dict[str, dict]) -> list[dict[str, Any]]:
 
 
 def goal(results: dict[str, dict], cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """Per tau: share of the all-edges IoU gain reached, share of its phase-3 bytes. A
-    share of a gain below MIN_GAIN is noise, not a result: it is left out (NaN)."""
+    """Per tau (and for the oracle attention, tau None): share of the all-edges IoU gain
+    reached, share of its phase-3 bytes. A share of a gain below MIN_GAIN is noise, not
+    a result: it is left out (NaN)."""
     full = results["all edges"]
     out = []
-    for t in cfg.diffusion.tau_sweep:
-        m = results[f"CAM edges, tau={t:g}"]
+    for t, name in [(t, f"CAM edges, tau={t:g}") for t in cfg.diffusion.tau_sweep] + [(None, ORACLE)]:
+        m = results[name]
         gain_share = (m["iou_gain"] / full["iou_gain"] if full["iou_gain"] >= MIN_GAIN
                       else float("nan"))
         byte_share = m["bytes_phase3"] / max(full["bytes_phase3"], 1e-9)
@@ -138,7 +225,8 @@ def goal(results: dict[str, dict], cfg: ExperimentConfig) -> list[dict[str, Any]
     return out
 
 
-def markdown(rows: list[dict[str, Any]], goals: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], goals: list[dict[str, Any]],
+             probe: dict[str, float]) -> str:
     head = ("| method | " + " | ".join(t for _, t in COLUMNS)
             + " | IoU gain | phase-3 B | patches | total B | rate |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -151,8 +239,14 @@ def markdown(rows: list[dict[str, Any]], goals: list[dict[str, Any]]) -> str:
     lines.append("| tau | share of the all-edges IoU gain | share of its phase-3 bytes | goal (>= 90%, <= 50%) |")
     lines.append("|---|---|---|---|")
     for g in goals:
-        lines.append(f"| {g['tau']:g} | {100 * g['gain_share']:.0f}% | {100 * g['bytes_share']:.0f}% "
+        tau = "oracle" if g["tau"] is None else f"{g['tau']:g}"
+        lines.append(f"| {tau} | {100 * g['gain_share']:.0f}% | {100 * g['bytes_share']:.0f}% "
                      f"| {'reached' if g['reached'] else 'not reached'} |")
+    lines.append("")
+    lines.append("| private nets on the originals | value |")
+    lines.append("|---|---|")
+    for k, v in probe.items():
+        lines.append(f"| {k} | {v:.3f} |")
     return "\n".join(lines)
 
 
@@ -168,6 +262,8 @@ def plot_tradeoff(results: dict[str, dict], cfg: ExperimentConfig, path: Path) -
             ax.annotate(f"{t:g}", (m["bytes_phase3"], m[f"{key}_phase3"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
         ax.plot([full["bytes_phase3"]], [full[f"{key}_phase3"]], "s", label="all edges")
+        oracle = results[ORACLE]
+        ax.plot([oracle["bytes_phase3"]], [oracle[f"{key}_phase3"]], "^", label=ORACLE)
         ax.axhline(full[f"{key}_phase1"], ls="--", c="gray", label="phase 1 (seg only)")
         ax.set_xlabel("phase-3 bytes per image")
         ax.set_title(label)
@@ -237,12 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(cfg.device)
     with torch.no_grad():
         torch.manual_seed(cfg.seed)
-        results, figure = sweep(cfg, run_dir, device)
+        results, figure, probe = sweep(cfg, run_dir, device)
     rows, goals = rows_of(results), goal(results, cfg)
     plot_tradeoff(results, cfg, out / "report.png")
     plot_reconstructions(figure, cfg, out / "reconstructions.png")
-    table = markdown(rows, goals)
+    table = markdown(rows, goals, probe)
     report = {"config": cfg.to_dict(), "rows": rows, "goal": goals, "results": results,
+              "private_nets": probe,
               "federated_rounds": metrics.get("rounds", []),
               "pretrain_seconds": load_pretrained(cfg).get("seconds"),
               "seconds": time.perf_counter() - start}
