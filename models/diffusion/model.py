@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.config import ExperimentConfig
@@ -78,18 +79,35 @@ class SegmentationNet(nn.Module):
 
 
 class CamClassifier(nn.Module):
-    """Transmitter: the classifier whose Grad-CAM (Selvaraju et al. 2017) is the
-    attention map A; `features[-1]` is the layer the CAM reads (S/4 resolution)."""
+    """Transmitter: the multi-label classifier whose Grad-CAM (Selvaraju et al. 2017) is
+    the attention map A. One logit per class, trained with BCE on the classes present
+    in the scene (`presence`): a scene holds up to three objects, and a softmax over one
+    label per scene teaches the other objects to count against their own class.
+    The layer the CAM reads (`cam_layer`) is at S/2 (16x16 for 32x32 scenes): the S/4
+    features upsampled and merged with the S/2 ones, as in a feature pyramid (Lin et al.
+    2017), so the map keeps the deep layer's view of a whole shape at twice the
+    resolution (an 8x8 CAM, upsampled, spreads over a small object's neighbours)."""
 
     def __init__(self, width: int, classes: int):
         super().__init__()
         w = width
-        self.features = nn.Sequential(_block(3, w), nn.MaxPool2d(2), _block(w, 2 * w),
-                                      nn.MaxPool2d(2), _block(2 * w, 4 * w))
+        self.enc1, self.enc2, self.enc3 = _block(3, w), _block(w, 2 * w), _block(2 * w, 4 * w)
+        self.cam_layer = _block(6 * w, 4 * w)
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, classes))
 
     def forward(self, image: Tensor) -> Tensor:
-        return self.head(self.features(image))
+        e2 = self.enc2(self.pool(self.enc1(image)))
+        e3 = self.enc3(self.pool(e2))
+        return self.head(self.cam_layer(torch.cat([self.up(e3), e2], 1)))
+
+
+def presence(seg: Tensor, classes: int) -> Tensor:
+    """[B, S, S] segmentation ids -> [B, classes] multi-hot of the object classes
+    present (segmentation id = class + 1; background left out): the CAM classifier's
+    target."""
+    return F.one_hot(seg.long(), classes + 1).flatten(1, 2).amax(1)[:, 1:].float()
 
 
 class ReceiverTaskNet(nn.Module):
