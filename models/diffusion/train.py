@@ -22,7 +22,7 @@ from common.config import ExperimentConfig
 from common.seeding import seeded
 from models.diffusion.ddpm import denoising_loss, noise_scheduler, training_conditions
 from models.diffusion.link import FEEDBACK, PHASE1, PHASE3, LinkResult, three_phase_link
-from models.diffusion.model import DiffusionSemCom, presence, set_trainable
+from models.diffusion.model import DiffusionSemCom, presence, private_parameters, set_trainable
 
 
 def receiver_task_loss(model: DiffusionSemCom, image: Tensor, seg: Tensor, depth: Tensor,
@@ -48,7 +48,7 @@ def train_local(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
     set_trainable(model, lora_train)
     device = next(model.parameters()).device
     lora = [p for p in model.unet.parameters() if p.requires_grad]
-    private = [p for m in (model.seg_net, model.classifier, model.task_net) for p in m.parameters()]
+    private = private_parameters(model)
     opt = torch.optim.AdamW([{"params": lora, "lr": cfg.train.lr},
                              {"params": private, "lr": cfg.diffusion.private_lr}],
                             weight_decay=cfg.train.weight_decay)
@@ -95,7 +95,7 @@ def _train_private(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
         return
     device = next(model.parameters()).device
     nets = (model.seg_net, model.classifier, model.task_net)
-    opt = torch.optim.AdamW([p for m in nets for p in m.parameters()],
+    opt = torch.optim.AdamW(private_parameters(model),
                             lr=cfg.diffusion.private_lr, weight_decay=cfg.train.weight_decay)
     loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed + 1))
