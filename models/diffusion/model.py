@@ -7,8 +7,8 @@
   what the clients fine-tune and share.
 - `seg_net` (transmitter): the segmentation network that produces x_seg, trained on
   the client's own masks (the paper uses a ResNet backbone; a small U-Net here).
-- `classifier` (transmitter): the client-local classifier whose Grad-CAM is the
-  attention A for the requested class.
+- `classifier` (transmitter): the client-local multi-label classifier (a head on the
+  segmentation net's backbone) whose Grad-CAM is the attention A for the requested class.
 - `task_net` (receiver): its task model on reconstructed images: segmentation (IoU of
   the requested class), depth and classification heads; it also picks the feedback.
 
@@ -92,9 +92,10 @@ class CamClassifier(nn.Module):
     It is a head (global average pooling, one linear layer) on the transmitter's
     segmentation backbone, as the paper's transmitter shares one ResNet backbone: the
     layer the CAM reads (`cam_layer`) is that U-Net's decoder at S/2 (16x16 for 32x32
-    scenes), whose features already separate the classes pixel by pixel. On a trunk of
-    its own, trained on one label per scene of a client's ~160 scenes, the CAM put 58%
-    of its energy inside the class's dilated mask where a class-blind map puts 37%."""
+    scenes), whose features the masks train pixel by pixel. With a trunk of its own
+    learnt from a client's ~160 scenes, its top class was in the scene for 72% of the
+    test scenes and 53% of the CAM mask at tau 0.5 lay on the requested class (dilated
+    by a patch); on the shared backbone, 95% and 72% (quickstart, seed 0)."""
 
     def __init__(self, backbone: SmallUNet, width: int, classes: int):
         super().__init__()
