@@ -10,7 +10,8 @@
 - `classifier` (transmitter): the client-local multi-label classifier (a head on the
   segmentation net's backbone) whose Grad-CAM is the attention A for the requested class.
 - `task_net` (receiver): its task model on reconstructed images: segmentation (IoU of
-  the requested class), depth and classification heads; it also picks the feedback.
+  the requested class), depth and classification heads (its class head picks the
+  feedback only when the received class map holds no object).
 
 Everything but the adapters stays on the client (`workload.shared_state`).
 """
