@@ -71,7 +71,7 @@ def test_text_feedback_round_trips_through_the_message_and_counts_its_utf8_bytes
     _, test = diffusion.load_data(cfg, 0, cfg.num_clients)
     image = test.tensors["image"][:6]
     first = link.run_phase1(model, image, cfg, seed=0)
-    requested, texts = feedback.receiver_request(model, first.recon1)
+    requested, texts = feedback.receiver_request(model, first.recon1, first.seg_small)
     assert torch.equal(first.requested, requested)
     assert all(PROMPT.fullmatch(t) for t in texts), texts
     assert [f"a {CLASSES[c]}" for c in requested.tolist()] == [re.sub(r" \w+ ", " ", t)
@@ -103,23 +103,25 @@ def test_prompts_name_the_class_and_the_nearest_scene_colour():
         feedback.decode_class(bytes([len(CLASSES)]))
 
 
-def test_the_receiver_asks_for_its_predicted_class_in_the_colour_it_sees():
-    """A task net that sees a circle in the top-left quarter and a square nowhere: the
-    prompt names the circle with the colour of those pixels, the square without one."""
+def test_the_receiver_asks_for_the_main_class_of_its_map_in_the_colour_it_sees():
+    """Image 0's received map holds a circle over 3 cells and a cross over 1: the receiver
+    asks for the circle, in the colour of those pixels of its reconstruction. Image 1's
+    map holds no object: it asks for its task net's class (a square), without a colour
+    (the map puts no pixel there)."""
     class TaskNet(torch.nn.Module):
         def forward(self, recon):
             b, _, s, _ = recon.shape
-            seg = torch.zeros(b, codec.SEG_CLASSES, s, s)
-            seg[:, 0] = 1
-            seg[0, 1, : s // 2, : s // 2] = 2  # class 0 (seg id 1) in image 0 only
-            logits = torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0]])
-            return seg, torch.ones(b, s, s), logits
+            logits = torch.tensor([[0, 0, 0, 5.0], [0, 5.0, 0, 0]])
+            return torch.zeros(b, codec.SEG_CLASSES, s, s), torch.ones(b, s, s), logits
 
     model = torch.nn.Module()
     model.task_net = TaskNet()
+    seg_small = torch.zeros(2, 4, 4, dtype=torch.long)
+    seg_small[0, 0, :3] = 1  # class 0 (seg id 1): three cells
+    seg_small[0, 3, 3] = 4  # class 3: one cell
     recon = torch.zeros(2, 3, 8, 8)
-    recon[0, :, :4, :4] = torch.tensor(COLORS["green"])[:, None, None]
-    requested, texts = feedback.receiver_request(model, recon)
+    recon[0, :, :2, :6] = torch.tensor(COLORS["green"])[:, None, None]
+    requested, texts = feedback.receiver_request(model, recon, seg_small)
     assert requested.tolist() == [0, 1] and texts == ["a green circle", "a square"]
 
 
@@ -256,7 +258,7 @@ def test_the_report_adds_clip_rows_beside_the_cam_sweep(ddpm_file, clip_dir, tmp
                  **{n: p.detach().numpy() for n, p in local_parameters(model).items()})
     np.savez(run_dir / "global_adapters.npz", **diffusion.shared_state(model))
     with torch.no_grad():
-        results, _ = report.sweep(cfg, run_dir, "cpu")
+        results, _, probes = report.sweep(cfg, run_dir, "cpu")
     names = [r["method"] for r in report.rows_of(results)]
     assert "CLIP attention, text feedback, tau=0.3" in names
     assert "CLIP attention, text feedback, tau=0.6" in names
@@ -266,5 +268,5 @@ def test_the_report_adds_clip_rows_beside_the_cam_sweep(ddpm_file, clip_dir, tmp
     assert clip_row["bytes_feedback"] >= len("a cross")
     assert clip_row["iou_phase1"] == cam_row["iou_phase1"]  # the same phase 1
     assert "CLIP attention, text feedback, tau=0.3" in report.markdown(
-        report.rows_of(results), report.goal(results, cfg))
+        report.rows_of(results), report.goal(results, cfg), probes)
     report.plot_tradeoff(results, cfg, tmp_path / "report.png")

@@ -4,8 +4,9 @@ Flower messages.
 1. Transmitter: x_seg from its segmentation net, downsampled and run-length coded,
    sent in a `query.diffusion_phase1` Message.
 2. Receiver: decodes x_seg from that message alone, samples x_hat_1 ~ p(x | x_seg,
-   x_att = 0) by DDIM, lets its task net look at x_hat_1 and asks for what it needs in
-   a `query.diffusion_feedback` Message: the class (one byte) or, with
+   x_att = 0) by DDIM and asks for what it needs (the main object class of the map it
+   received; feedback.receiver_request) in a `query.diffusion_feedback` Message: the
+   class (one byte) or, with
    `diffusion.feedback: text`, a prompt such as "a red circle" (UTF-8; feedback.py).
 3. Transmitter: the attention A for the feedback, Grad-CAM of its classifier for the
    requested class ("cam") or of a local CLIP for the prompt ("clip",
@@ -82,10 +83,11 @@ class LinkResult:
 
 
 def cam_attention(classifier: torch.nn.Module, image: Tensor, requested: Tensor) -> Tensor:
-    """A for the requested classes: Grad-CAM of the transmitter's classifier, at the
-    image size, min-max normalised per image by pytorch-grad-cam ([B, S, S] in [0, 1])."""
+    """A for the requested classes: Grad-CAM of the transmitter's classifier on its
+    `cam_layer`, at the image size, min-max normalised per image by pytorch-grad-cam
+    ([B, S, S] in [0, 1])."""
     classifier.eval()
-    with torch.enable_grad(), GradCAM(model=classifier, target_layers=[classifier.features[-1]]) as cam:
+    with torch.enable_grad(), GradCAM(model=classifier, target_layers=[classifier.cam_layer]) as cam:
         maps = cam(input_tensor=image, targets=[ClassifierOutputTarget(int(c)) for c in requested])
     return torch.from_numpy(np.ascontiguousarray(maps)).float().to(image.device)
 
@@ -161,11 +163,11 @@ def three_phase_link(model: DiffusionSemCom, image: Tensor, cfg: ExperimentConfi
                       {PHASE1: msgs1, FEEDBACK: fb, PHASE3: msgs3}, prompts)
 
 
-def feedback_messages(model: DiffusionSemCom, recon1: Tensor, kind: str
+def feedback_messages(model: DiffusionSemCom, recon1: Tensor, seg_small: Tensor, kind: str
                       ) -> tuple[list[Message], Tensor]:
-    """Phase 2 at the receiver: its task net decides what it needs from x_hat_1 and
+    """Phase 2 at the receiver: it decides what it needs (feedback.receiver_request) and
     says so as a class byte ("class") or a prompt ("text") per image."""
-    requested, texts = feedback.receiver_request(model, recon1)
+    requested, texts = feedback.receiver_request(model, recon1, seg_small)
     payloads = ([feedback.encode_class(int(c)) for c in requested] if kind == "class"
                 else [feedback.encode_text(t) for t in texts])
     return [link_message(FEEDBACK, p, RECEIVER, TRANSMITTER) for p in payloads], requested
@@ -173,7 +175,7 @@ def feedback_messages(model: DiffusionSemCom, recon1: Tensor, kind: str
 
 def with_feedback(model: DiffusionSemCom, phase1: Phase1, kind: str) -> Phase1:
     """The same phase 1 with the other kind of feedback (the report compares them)."""
-    fb, requested = feedback_messages(model, phase1.recon1, kind)
+    fb, requested = feedback_messages(model, phase1.recon1, phase1.seg_small, kind)
     return phase1._replace(feedback=fb, requested=requested)
 
 
@@ -193,5 +195,5 @@ def run_phase1(model: DiffusionSemCom, image: Tensor, cfg: ExperimentConfig, see
     cond = conditions(codec.upsample_classes(seg_small, size), torch.zeros(
         seg_small.shape[0], size, size, device=image.device))
     recon1 = _decode(model, cond, cfg, seed, decoder)
-    fb, requested = feedback_messages(model, recon1, dc.feedback)
+    fb, requested = feedback_messages(model, recon1, seg_small, dc.feedback)
     return Phase1(seg_small, recon1, msgs1, fb, requested)

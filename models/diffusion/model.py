@@ -7,10 +7,11 @@
   what the clients fine-tune and share.
 - `seg_net` (transmitter): the segmentation network that produces x_seg, trained on
   the client's own masks (the paper uses a ResNet backbone; a small U-Net here).
-- `classifier` (transmitter): the client-local classifier whose Grad-CAM is the
-  attention A for the requested class.
+- `classifier` (transmitter): the client-local multi-label classifier (a head on the
+  segmentation net's backbone) whose Grad-CAM is the attention A for the requested class.
 - `task_net` (receiver): its task model on reconstructed images: segmentation (IoU of
-  the requested class), depth and classification heads; it also picks the feedback.
+  the requested class), depth and classification heads (its class head picks the
+  feedback only when the received class map holds no object).
 
 Everything but the adapters stays on the client (`workload.shared_state`).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.config import ExperimentConfig
@@ -32,10 +34,10 @@ LORA = ".lora_"
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    # GroupNorm, not BatchNorm: a node keeps only its trainable parameters between
-    # rounds (fl_client.client_app.local_parameters), so BatchNorm's running statistics
-    # came back at their initial values and every private net was scored in eval mode
-    # with mean 0 / variance 1: it predicted one class everywhere.
+    # GroupNorm: per example, no running statistics to carry between rounds. (With
+    # BatchNorm, before nodes kept running statistics (local_parameters), every private
+    # net was scored at mean 0 / variance 1 and predicted one class everywhere; with
+    # ~160 scenes per client, per-example statistics are also the steadier choice.)
     return nn.GroupNorm(4 if channels % 4 == 0 else 1, channels)
 
 
@@ -57,12 +59,17 @@ class SmallUNet(nn.Module):
         self.pool = nn.MaxPool2d(2)
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The decoder's maps at S and S/2 (d1, d2) and the bottleneck e3 (S/4)."""
         e1 = self.enc1(x)
         e2 = self.enc2(self.pool(e1))
         e3 = self.enc3(self.pool(e2))
         d2 = self.dec2(torch.cat([self.up(e3), e2], 1))
         d1 = self.dec1(torch.cat([self.up(d2), e1], 1))
+        return d1, d2, e3
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        d1, _, e3 = self.features(x)
         return self.out(d1), e3
 
 
@@ -78,18 +85,37 @@ class SegmentationNet(nn.Module):
 
 
 class CamClassifier(nn.Module):
-    """Transmitter: the classifier whose Grad-CAM (Selvaraju et al. 2017) is the
-    attention map A; `features[-1]` is the layer the CAM reads (S/4 resolution)."""
+    """Transmitter: the multi-label classifier whose Grad-CAM (Selvaraju et al. 2017) is
+    the attention map A. One logit per class, trained with BCE on the classes present
+    in the scene (`presence`): a scene holds up to three objects, and a softmax over one
+    label per scene teaches the other objects to count against their own class.
 
-    def __init__(self, width: int, classes: int):
+    It is a head (global average pooling, one linear layer) on the transmitter's
+    segmentation backbone, as the paper's transmitter shares one ResNet backbone: the
+    layer the CAM reads (`cam_layer`) is that U-Net's decoder at S/2 (16x16 for 32x32
+    scenes), whose features the masks train pixel by pixel. With a trunk of its own
+    learnt from a client's ~160 scenes, its top class was in the scene for 72% of the
+    test scenes and 53% of the CAM mask at tau 0.5 lay on the requested class (dilated
+    by a patch); on the shared backbone, 95% and 72% (quickstart, seed 0)."""
+
+    def __init__(self, backbone: SmallUNet, width: int, classes: int):
         super().__init__()
-        w = width
-        self.features = nn.Sequential(_block(3, w), nn.MaxPool2d(2), _block(w, 2 * w),
-                                      nn.MaxPool2d(2), _block(2 * w, 4 * w))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, classes))
+        self.backbone = backbone  # shared with the segmentation net
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes))
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.backbone.dec2
 
     def forward(self, image: Tensor) -> Tensor:
-        return self.head(self.features(image))
+        return self.head(self.backbone.features(image)[1])
+
+
+def presence(seg: Tensor, classes: int) -> Tensor:
+    """[B, S, S] segmentation ids -> [B, classes] multi-hot of the object classes
+    present (segmentation id = class + 1; background left out): the CAM classifier's
+    target."""
+    return F.one_hot(seg.long(), classes + 1).flatten(1, 2).amax(1)[:, 1:].float()
 
 
 class ReceiverTaskNet(nn.Module):
@@ -115,8 +141,15 @@ class DiffusionSemCom(nn.Module):
         w, classes = cfg.diffusion.private_width, num_classes(cfg.data)
         self.unet = unet
         self.seg_net = SegmentationNet(w)
-        self.classifier = CamClassifier(w, classes)
+        self.classifier = CamClassifier(self.seg_net.net, w, classes)
         self.task_net = ReceiverTaskNet(w, classes)
+
+
+def private_parameters(model: DiffusionSemCom) -> list[nn.Parameter]:
+    """The private nets' parameters, each once (the classifier shares the segmentation
+    net's backbone)."""
+    return list({id(p): p for m in (model.seg_net, model.classifier, model.task_net)
+                 for p in m.parameters()}.values())
 
 
 def lora_unet(cfg: ExperimentConfig, lora_rank: int | None = None) -> nn.Module:

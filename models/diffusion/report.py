@@ -1,6 +1,6 @@
 """The diffusion report (issue 13: the paper's tau sweep and baselines).
 
-    python -m models.diffusion.report --config configs/diffusion_quickstart.yaml [key=value ...]
+    python -m models.diffusion.report --config configs/diffusion_quickstart.yaml [--out DIR] [key=value ...]
 
 1. pretrains the DDPM and the one-step decoder if their checkpoint is missing;
 2. runs the federated LoRA fine-tuning on Flower's Ray simulation in a fresh process,
@@ -8,10 +8,12 @@
 3. rebuilds every client as it ended (its saved private nets, the final global adapters)
    and runs the three-phase link over its first diffusion.eval_samples test scenes:
    phase 1 once (seg only), then phase 3 with CAM-masked edges at every tau of
-   diffusion.tau_sweep and with all edges (no attention); the same with the one-step
-   decoder in place of the DDPM; with a local CLIP (diffusion.clip_checkpoint), phase 3
-   with CLIP attention at every tau as well (the feedback diffusion.feedback names; the
-   CAM rows always take the class);
+   diffusion.tau_sweep, with all edges (no attention) and with an oracle attention
+   (the true mask of the requested class, dilated by one patch and not dilated: what
+   attention could reach); the same with the one-step decoder in place of the DDPM;
+   with a local CLIP (diffusion.clip_checkpoint), phase 3 with CLIP attention at every
+   tau as well (the feedback diffusion.feedback names; the CAM rows always take the
+   class); and probes the private nets on the originals (`probe_private_nets`);
 4. scores each run with the client's own receiver task net, pools the clients and writes
    report.json, report.png (task gain against bytes), reconstructions.png (originals
    beside the phase-1 and phase-3 reconstructions) and a Markdown table.
@@ -32,15 +34,20 @@ from typing import Any
 import matplotlib
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from common.config import ConfigError, ExperimentConfig, config_from_dict, load_config
 from common.device import resolve_device
 from common.records import new_run_dir, simulation_run
 from fl_client.client_app import local_parameters
+from models.diffusion import codec, feedback
 from models.diffusion import workload as diffusion
-from models.diffusion.ddpm import COND_CHANNELS, make_unet
 from models.diffusion.clip_attention import load_clip
-from models.diffusion.link import run_phase1, three_phase_link, with_feedback
+from models.diffusion.ddpm import COND_CHANNELS, conditions, ddim_sample, make_unet
+from models.diffusion.link import (FEEDBACK, PHASE1, PHASE3, RECEIVER, TRANSMITTER, LinkResult,
+                                   cam_attention, link_message, message_payload, run_phase1,
+                                   three_phase_link, with_feedback)
 from models.diffusion.pretrain import ensure_pretrained, load_pretrained
 from models.diffusion.train import eval_batches, link_metrics
 
@@ -70,7 +77,85 @@ def client_model(cfg: ExperimentConfig, run_dir: Path, pid: int, device) -> diff
     return model.eval()
 
 
-def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict], dict]:
+ORACLE = "oracle attention (true mask)"
+ORACLE_TIGHT = "oracle attention, no dilation"
+
+
+def class_region(seg: Tensor, classes: Tensor, dilation: int) -> Tensor:
+    """[B, S, S]: each scene's true mask of its class `classes` (0-based, so segmentation
+    id + 1), dilated by `dilation` pixels: the attention an oracle would give."""
+    region = (seg == (classes + 1)[:, None, None]).float()[:, None]
+    return F.max_pool2d(region, 2 * dilation + 1, stride=1, padding=dilation)[:, 0]
+
+
+@torch.no_grad()
+def oracle_link(model: diffusion.DiffusionSemCom, batch: dict[str, Tensor], cfg: ExperimentConfig,
+                seed: int, phase1, dilation: int) -> LinkResult:
+    """Phase 3 with M_A = the transmitter's true mask of the requested class (dilated by
+    `dilation` pixels) instead of its CAM: what attention could reach, through the same
+    messages and DDPM as `three_phase_link`."""
+    dc, image = cfg.diffusion, batch["image"]
+    seg_small, recon1, msgs1, fb = phase1.seg_small, phase1.recon1, phase1.messages, phase1.feedback
+    requested = torch.tensor([feedback.decode_class(message_payload(m)) for m in fb],
+                             device=image.device)
+    x_att_tx = (class_region(batch["segmentation"], requested, dilation)
+                * codec.edge_map(image, dc.edge_threshold))
+    msgs3 = [link_message(PHASE3, codec.encode_edge_patches(x.cpu().numpy(), dc.edge_patch),
+                          TRANSMITTER, RECEIVER) for x in x_att_tx]
+    size = image.shape[-1]
+    x_att = torch.stack([torch.from_numpy(codec.decode_edge_patches(
+        message_payload(m), size, dc.edge_patch)) for m in msgs3]).to(image.device)
+    recon3 = ddim_sample(model.unet, conditions(codec.upsample_classes(seg_small, size), x_att),
+                         cfg, seed)
+    return LinkResult(seg_small, requested, x_att, recon1, recon3,
+                      {PHASE1: msgs1, FEEDBACK: fb, PHASE3: msgs3})
+
+
+@torch.no_grad()
+def probe_private_nets(model: diffusion.DiffusionSemCom, batch: dict[str, Tensor],
+                       requested: Tensor, cfg: ExperimentConfig) -> dict[str, float]:
+    """Sums over a batch of what the private nets do on the originals (pooled by
+    `probe_scores`): the segmentation nets' object IoU, the classifiers' accuracy, the
+    receiver's requests, and how well the CAM localises a class: its energy inside the
+    class's dilated true mask (the energy-based pointing game of Score-CAM, Wang et al.
+    2020) against that mask's area share (what a CAM blind to the class scores)."""
+    dc, image, seg = cfg.diffusion, batch["image"], batch["segmentation"]
+    present = F.one_hot(seg.long(), codec.SEG_CLASSES).flatten(1, 2).amax(1)[:, 1:].bool()
+    out: dict[str, float] = {"n": len(image)}
+    for name, pred in (("seg", model.seg_net(image).argmax(1)),
+                       ("task", model.task_net(image)[0].argmax(1))):
+        for c in range(1, codec.SEG_CLASSES):
+            out[f"{name}_inter{c}"] = ((pred == c) & (seg == c)).sum().item()
+            out[f"{name}_union{c}"] = ((pred == c) | (seg == c)).sum().item()
+    top = model.classifier(image).argmax(1)
+    out["cls_label"] = (top == batch["label"]).sum().item()
+    out["cls_present"] = present.gather(1, top[:, None]).sum().item()
+    out["request_present"] = present.gather(1, requested[:, None]).sum().item()
+    out["request_label"] = (requested == batch["label"]).sum().item()
+    for name, classes in (("label", batch["label"]), ("request", requested)):
+        cam = cam_attention(model.classifier, image, classes)
+        region = class_region(seg, classes, dc.edge_patch)
+        mask = codec.attention_mask(cam, dc.tau)
+        out[f"cam_{name}_energy_in"] = ((cam * region).sum((1, 2)) / cam.sum((1, 2)).clamp_min(1e-9)).sum().item()
+        out[f"cam_{name}_region_share"] = region.mean((1, 2)).sum().item()
+        out[f"cam_{name}_mask_precision"] = ((mask * region).sum((1, 2))
+                                             / mask.sum((1, 2)).clamp_min(1)).sum().item()
+    return out
+
+
+def probe_scores(parts: list[dict[str, float]]) -> dict[str, float]:
+    tot = {k: sum(p[k] for p in parts) for k in parts[0]}
+    n = tot.pop("n")
+    out = {}
+    for name in ("seg", "task"):
+        ious = [tot[f"{name}_inter{c}"] / max(tot[f"{name}_union{c}"], 1)
+                for c in range(1, codec.SEG_CLASSES)]
+        out[f"{name}_object_iou"] = sum(ious) / len(ious)
+    out.update({k: v / n for k, v in tot.items() if "_inter" not in k and "_union" not in k})
+    return out
+
+
+def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict], dict, dict]:
     """Every configuration of the link, pooled over the clients; and client 0's first
     batch for the figure."""
     dc = cfg.diffusion
@@ -80,6 +165,7 @@ def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict]
     runs: dict[str, list] = {}
     figure: dict[str, Any] = {}
     cam_cfg = config_from_dict(cfg.to_dict(), {"diffusion.feedback": "class"})
+    probes: list[dict[str, float]] = []
     for pid in range(cfg.num_clients):
         model = client_model(cfg, run_dir, pid, device)
         _, test = diffusion.load_data(cfg, pid, cfg.num_clients)
@@ -99,6 +185,12 @@ def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict]
                 runs.setdefault(name, []).append((res, batch, model))
                 if pid == 0 and i == 0:
                     figure[name] = res
+            # Dilated by one patch (edges on the object's outline survive the patching),
+            # and not at all.
+            for name, dilation in ((ORACLE, dc.edge_patch), (ORACLE_TIGHT, 0)):
+                runs.setdefault(name, []).append(
+                    (oracle_link(model, batch, cfg, seed, cam_first, dilation), batch, model))
+            probes.append(probe_private_nets(model, batch, cam_first.requested, cfg))
             first_d = run_phase1(model, image, cfg, seed, decoder=decoder)
             if dc.feedback != "class":
                 first_d = with_feedback(model, first_d, "class")
@@ -111,7 +203,8 @@ def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict]
                 figure["image"] = image.cpu()
         print(f"client {pid}: {len(test)} test scenes, scored {min(len(test), dc.eval_samples)}",
               flush=True)
-    return {name: link_metrics(parts, cfg) for name, parts in runs.items()}, figure
+    return ({name: link_metrics(parts, cfg) for name, parts in runs.items()}, figure,
+            probe_scores(probes))
 
 
 def clip_row(cfg: ExperimentConfig, tau: float) -> str:
@@ -140,12 +233,14 @@ def rows_of(results: dict[str, dict]) -> list[dict[str, Any]]:
 
 
 def goal(results: dict[str, dict], cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """Per tau: share of the all-edges IoU gain reached, share of its phase-3 bytes. A
-    share of a gain below MIN_GAIN is noise, not a result: it is left out (NaN)."""
+    """Per tau (and for the oracle attentions): share of the all-edges IoU gain
+    reached, share of its phase-3 bytes. A share of a gain below MIN_GAIN is noise, not
+    a result: it is left out (NaN)."""
     full = results["all edges"]
     out = []
-    for t in cfg.diffusion.tau_sweep:
-        m = results[f"CAM edges, tau={t:g}"]
+    named = [(f"{t:g}", f"CAM edges, tau={t:g}") for t in cfg.diffusion.tau_sweep]
+    for t, name in named + [("oracle", ORACLE), ("oracle, no dilation", ORACLE_TIGHT)]:
+        m = results[name]
         gain_share = (m["iou_gain"] / full["iou_gain"] if full["iou_gain"] >= MIN_GAIN
                       else float("nan"))
         byte_share = m["bytes_phase3"] / max(full["bytes_phase3"], 1e-9)
@@ -154,7 +249,8 @@ def goal(results: dict[str, dict], cfg: ExperimentConfig) -> list[dict[str, Any]
     return out
 
 
-def markdown(rows: list[dict[str, Any]], goals: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], goals: list[dict[str, Any]],
+             probe: dict[str, float]) -> str:
     head = ("| method | " + " | ".join(t for _, t in COLUMNS)
             + " | IoU gain | phase-3 B | patches | total B | rate |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -167,8 +263,13 @@ def markdown(rows: list[dict[str, Any]], goals: list[dict[str, Any]]) -> str:
     lines.append("| tau | share of the all-edges IoU gain | share of its phase-3 bytes | goal (>= 90%, <= 50%) |")
     lines.append("|---|---|---|---|")
     for g in goals:
-        lines.append(f"| {g['tau']:g} | {100 * g['gain_share']:.0f}% | {100 * g['bytes_share']:.0f}% "
+        lines.append(f"| {g['tau']} | {100 * g['gain_share']:.0f}% | {100 * g['bytes_share']:.0f}% "
                      f"| {'reached' if g['reached'] else 'not reached'} |")
+    lines.append("")
+    lines.append("| private nets on the originals | value |")
+    lines.append("|---|---|")
+    for k, v in probe.items():
+        lines.append(f"| {k} | {v:.3f} |")
     return "\n".join(lines)
 
 
@@ -188,6 +289,8 @@ def plot_tradeoff(results: dict[str, dict], cfg: ExperimentConfig, path: Path) -
             ax.plot([m["bytes_phase3"] for m in clip], [m[f"{key}_phase3"] for m in clip], "-^",
                     label="CLIP-masked edges (tau sweep)")
         ax.plot([full["bytes_phase3"]], [full[f"{key}_phase3"]], "s", label="all edges")
+        oracle = results[ORACLE]
+        ax.plot([oracle["bytes_phase3"]], [oracle[f"{key}_phase3"]], "^", label=ORACLE)
         ax.axhline(full[f"{key}_phase1"], ls="--", c="gray", label="phase 1 (seg only)")
         ax.set_xlabel("phase-3 bytes per image")
         ax.set_title(label)
@@ -235,7 +338,9 @@ def plot_reconstructions(figure: dict[str, Any], cfg: ExperimentConfig, path: Pa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--run-dir", help="a report folder to write (or reuse) the run in")
+    # --out as in the other reports (models/taco/report.py); --run-dir is kept as an alias.
+    parser.add_argument("--out", "--run-dir", dest="out",
+                        help="a report folder to write (or reuse) the run in")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     try:
@@ -247,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    out = Path(args.run_dir) if args.run_dir else new_run_dir(cfg.output_dir, f"{cfg.name}-report")
+    out = Path(args.out) if args.out else new_run_dir(cfg.output_dir, f"{cfg.name}-report")
     out.mkdir(parents=True, exist_ok=True)
     ensure_pretrained(cfg)
     if cfg.diffusion.clip_checkpoint:
@@ -257,12 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(cfg.device)
     with torch.no_grad():
         torch.manual_seed(cfg.seed)
-        results, figure = sweep(cfg, run_dir, device)
+        results, figure, probe = sweep(cfg, run_dir, device)
     rows, goals = rows_of(results), goal(results, cfg)
     plot_tradeoff(results, cfg, out / "report.png")
     plot_reconstructions(figure, cfg, out / "reconstructions.png")
-    table = markdown(rows, goals)
+    table = markdown(rows, goals, probe)
     report = {"config": cfg.to_dict(), "rows": rows, "goal": goals, "results": results,
+              "private_nets": probe,
               "federated_rounds": metrics.get("rounds", []),
               "pretrain_seconds": load_pretrained(cfg).get("seconds"),
               "seconds": time.perf_counter() - start}

@@ -22,7 +22,7 @@ from common.config import ExperimentConfig
 from common.seeding import seeded
 from models.diffusion.ddpm import denoising_loss, noise_scheduler, training_conditions
 from models.diffusion.link import FEEDBACK, PHASE1, PHASE3, LinkResult, three_phase_link
-from models.diffusion.model import DiffusionSemCom, set_trainable
+from models.diffusion.model import DiffusionSemCom, presence, private_parameters, set_trainable
 
 
 def receiver_task_loss(model: DiffusionSemCom, image: Tensor, seg: Tensor, depth: Tensor,
@@ -30,6 +30,12 @@ def receiver_task_loss(model: DiffusionSemCom, image: Tensor, seg: Tensor, depth
     seg_logits, depth_pred, class_logits = model.task_net(image)
     return (F.cross_entropy(seg_logits, seg) + F.l1_loss(depth_pred, depth)
             + F.cross_entropy(class_logits, label))
+
+
+def classifier_loss(model: DiffusionSemCom, image: Tensor, seg: Tensor) -> Tensor:
+    """Multi-label BCE of the CAM classifier on the classes present in each scene."""
+    logits = model.classifier(image)
+    return F.binary_cross_entropy_with_logits(logits, presence(seg, logits.shape[1]))
 
 
 def train_local(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
@@ -42,7 +48,7 @@ def train_local(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
     set_trainable(model, lora_train)
     device = next(model.parameters()).device
     lora = [p for p in model.unet.parameters() if p.requires_grad]
-    private = [p for m in (model.seg_net, model.classifier, model.task_net) for p in m.parameters()]
+    private = private_parameters(model)
     opt = torch.optim.AdamW([{"params": lora, "lr": cfg.train.lr},
                              {"params": private, "lr": cfg.diffusion.private_lr}],
                             weight_decay=cfg.train.weight_decay)
@@ -60,7 +66,7 @@ def train_local(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
                 "loss_denoise": denoising_loss(model.unet, image,
                                                training_conditions(image, seg, cfg, g), scheduler, g),
                 "loss_segnet": F.cross_entropy(model.seg_net(image), seg),
-                "loss_classifier": F.cross_entropy(model.classifier(image), label),
+                "loss_classifier": classifier_loss(model, image, seg),
                 "loss_receiver": receiver_task_loss(model, image, seg, depth, label),
             }
             loss = sum(losses.values())
@@ -89,7 +95,7 @@ def _train_private(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
         return
     device = next(model.parameters()).device
     nets = (model.seg_net, model.classifier, model.task_net)
-    opt = torch.optim.AdamW([p for m in nets for p in m.parameters()],
+    opt = torch.optim.AdamW(private_parameters(model),
                             lr=cfg.diffusion.private_lr, weight_decay=cfg.train.weight_decay)
     loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed + 1))
@@ -100,7 +106,7 @@ def _train_private(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
             image, seg = batch["image"].to(device), batch["segmentation"].to(device)
             label, depth = batch["label"].to(device), batch["depth"].to(device)
             loss = (F.cross_entropy(model.seg_net(image), seg)
-                    + F.cross_entropy(model.classifier(image), label)
+                    + classifier_loss(model, image, seg)
                     + receiver_task_loss(model, image, seg, depth, label))
             opt.zero_grad(set_to_none=True)
             loss.backward()
