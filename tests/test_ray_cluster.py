@@ -25,6 +25,8 @@ from fl_client.client_app import make_app
 from simulation.run import ray_address, simulate
 
 RAY = str(Path(sys.executable).parent / "ray")
+WORKER_PORTS = 40  # the span of each node's worker-port range
+TAKEN_PORTS: set[int] = set()  # every port a node of this module was given
 
 
 def free_ports(n: int) -> list[int]:
@@ -43,8 +45,20 @@ class RayNode:
 
     def __init__(self, temp_dir: str, head_port: int | None = None,
                  address: str | None = None):
-        (node_manager, object_manager, agent_http, agent_grpc, runtime_env, metrics,
-         client_server, min_worker) = free_ports(8)
+        # Ray refuses to start when one of its ports lies in its worker-port range (seen:
+        # the metrics port drawn inside it), so the ports are drawn again until none
+        # lies in that range or in anything an earlier node of this test took.
+        for _ in range(500):
+            (node_manager, object_manager, agent_http, agent_grpc, runtime_env, metrics,
+             client_server, min_worker) = free_ports(8)
+            single = {node_manager, object_manager, agent_http, agent_grpc, runtime_env,
+                      metrics, client_server, head_port or 0}
+            workers = set(range(min_worker, min_worker + WORKER_PORTS + 1))
+            if not (single & workers or (single | workers) & TAKEN_PORTS):
+                TAKEN_PORTS.update(single | workers)
+                break
+        else:
+            raise RuntimeError("no worker-port range clear of the other Ray ports in 500 draws")
         args = [RAY, "start", "--block", "--num-cpus=1", "--num-gpus=0",
                 "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
                 "--disable-usage-stats",
@@ -52,7 +66,8 @@ class RayNode:
                 f"--dashboard-agent-listen-port={agent_http}",
                 f"--dashboard-agent-grpc-port={agent_grpc}",
                 f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
-                f"--min-worker-port={min_worker}", f"--max-worker-port={min_worker + 40}"]
+                f"--min-worker-port={min_worker}",
+                f"--max-worker-port={min_worker + WORKER_PORTS}"]
         if head_port is not None:
             args += ["--head", f"--port={head_port}", f"--ray-client-server-port={client_server}",
                      "--include-dashboard=false"]
