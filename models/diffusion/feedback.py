@@ -3,9 +3,9 @@ task model asks the transmitter for, and how it crosses the link.
 
 - "class": the requested class id, one byte.
 - "text": a short English prompt naming the object the receiver wants, with its colour
-  in the reconstruction where the received map puts it ("a red circle"), UTF-8. It is what a text-image
-  model (CLIP) at the transmitter turns into an attention map; the transmitter reads
-  only these bytes.
+  in the reconstruction where the received map puts it ("a red circle"), UTF-8. It is
+  what a text-image model (CLIP) at the transmitter turns into an attention map; the
+  transmitter reads only these bytes.
 
 With class feedback and CLIP attention the transmitter writes the prompt itself from
 the class name (`prompt`), so both ends phrase a class the same way.

@@ -6,8 +6,8 @@ Flower messages.
 2. Receiver: decodes x_seg from that message alone, samples x_hat_1 ~ p(x | x_seg,
    x_att = 0) by DDIM and asks for what it needs (the main object class of the map it
    received; feedback.receiver_request) in a `query.diffusion_feedback` Message: the
-   class (one byte) or, with
-   `diffusion.feedback: text`, a prompt such as "a red circle" (UTF-8; feedback.py).
+   class (one byte) or, with `diffusion.feedback: text`, a prompt such as "a red
+   circle" (UTF-8; feedback.py).
 3. Transmitter: the attention A for the feedback, Grad-CAM of its classifier for the
    requested class ("cam") or of a local CLIP for the prompt ("clip",
    clip_attention.py); M_A = 1[A > tau], x_att = M_A * x_edge; only the non-zero
