@@ -137,30 +137,39 @@ def three_phase_link(model: DiffusionSemCom, image: Tensor, cfg: ExperimentConfi
     decoder; `phase1` reuses phases 1-2 of an earlier call (the tau sweep shares them)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: use one of {list(MODES)}")
-    dc, size = cfg.diffusion, image.shape[-1]
     model.eval()
     if phase1 is None:
         phase1 = run_phase1(model, image, cfg, seed, decoder)
-    seg_small, recon1, msgs1, fb, requested = phase1
-    edges = codec.edge_map(image, dc.edge_threshold)
+    edges = codec.edge_map(image, cfg.diffusion.edge_threshold)
     prompts = None
     if mode in ("cam", "clip"):
         # Transmitter: the feedback message tells it what to attend to.
-        attention, prompts = transmitter_attention(model, image, fb, cfg, mode)
+        attention, prompts = transmitter_attention(model, image, phase1.feedback, cfg, mode)
         x_att_tx = codec.attention_mask(attention, tau) * edges
     elif mode == "all":
         x_att_tx = edges
     else:
         x_att_tx = torch.zeros_like(edges)
+    return run_phase3(model, x_att_tx, phase1, cfg, seed, decoder, prompts)
+
+
+@torch.no_grad()
+def run_phase3(model: DiffusionSemCom, x_att_tx: Tensor, phase1: Phase1, cfg: ExperimentConfig,
+               seed: int = 0, decoder: torch.nn.Module | None = None,
+               prompts: list[str] | None = None) -> LinkResult:
+    """Phases 3-4 for the transmitter's x_att [B, S, S]: its non-zero patches over the
+    link, and the receiver's reconstruction from x_seg and the x_att it decodes from
+    those messages alone."""
+    dc, size = cfg.diffusion, x_att_tx.shape[-1]
     msgs3 = [link_message(PHASE3, codec.encode_edge_patches(x.cpu().numpy(), dc.edge_patch),
                           TRANSMITTER, RECEIVER) for x in x_att_tx]
-    # Receiver: x_att from the phase-3 messages only.
     x_att = torch.stack([torch.from_numpy(codec.decode_edge_patches(
-        message_payload(m), size, dc.edge_patch)) for m in msgs3]).to(image.device)
-    seg_full = codec.upsample_classes(seg_small, size)
+        message_payload(m), size, dc.edge_patch)) for m in msgs3]).to(x_att_tx.device)
+    seg_full = codec.upsample_classes(phase1.seg_small, size)
     recon3 = _decode(model, conditions(seg_full, x_att), cfg, seed, decoder)
-    return LinkResult(seg_small, requested, x_att, recon1, recon3,
-                      {PHASE1: msgs1, FEEDBACK: fb, PHASE3: msgs3}, prompts)
+    return LinkResult(phase1.seg_small, phase1.requested, x_att, phase1.recon1, recon3,
+                      {PHASE1: phase1.messages, FEEDBACK: phase1.feedback, PHASE3: msgs3},
+                      prompts)
 
 
 def feedback_messages(model: DiffusionSemCom, recon1: Tensor, seg_small: Tensor, kind: str

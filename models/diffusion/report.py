@@ -44,10 +44,10 @@ from fl_client.client_app import local_parameters
 from models.diffusion import codec, feedback
 from models.diffusion import workload as diffusion
 from models.diffusion.clip_attention import load_clip
-from models.diffusion.ddpm import COND_CHANNELS, conditions, ddim_sample, make_unet
-from models.diffusion.link import (FEEDBACK, PHASE1, PHASE3, RECEIVER, TRANSMITTER, LinkResult,
-                                   cam_attention, link_message, message_payload, run_phase1,
-                                   three_phase_link, with_feedback)
+from models.diffusion.ddpm import COND_CHANNELS, make_unet
+from models.diffusion.link import (LinkResult, Phase1, cam_attention, message_payload, run_phase1,
+                                   run_phase3, three_phase_link, with_feedback)
+from models.diffusion.model import presence
 from models.diffusion.pretrain import ensure_pretrained, load_pretrained
 from models.diffusion.train import eval_batches, link_metrics
 
@@ -88,27 +88,17 @@ def class_region(seg: Tensor, classes: Tensor, dilation: int) -> Tensor:
     return F.max_pool2d(region, 2 * dilation + 1, stride=1, padding=dilation)[:, 0]
 
 
-@torch.no_grad()
 def oracle_link(model: diffusion.DiffusionSemCom, batch: dict[str, Tensor], cfg: ExperimentConfig,
-                seed: int, phase1, dilation: int) -> LinkResult:
+                seed: int, phase1: Phase1, dilation: int) -> LinkResult:
     """Phase 3 with M_A = the transmitter's true mask of the requested class (dilated by
     `dilation` pixels) instead of its CAM: what attention could reach, through the same
     messages and DDPM as `three_phase_link`."""
-    dc, image = cfg.diffusion, batch["image"]
-    seg_small, recon1, msgs1, fb = phase1.seg_small, phase1.recon1, phase1.messages, phase1.feedback
-    requested = torch.tensor([feedback.decode_class(message_payload(m)) for m in fb],
+    image = batch["image"]
+    requested = torch.tensor([feedback.decode_class(message_payload(m)) for m in phase1.feedback],
                              device=image.device)
     x_att_tx = (class_region(batch["segmentation"], requested, dilation)
-                * codec.edge_map(image, dc.edge_threshold))
-    msgs3 = [link_message(PHASE3, codec.encode_edge_patches(x.cpu().numpy(), dc.edge_patch),
-                          TRANSMITTER, RECEIVER) for x in x_att_tx]
-    size = image.shape[-1]
-    x_att = torch.stack([torch.from_numpy(codec.decode_edge_patches(
-        message_payload(m), size, dc.edge_patch)) for m in msgs3]).to(image.device)
-    recon3 = ddim_sample(model.unet, conditions(codec.upsample_classes(seg_small, size), x_att),
-                         cfg, seed)
-    return LinkResult(seg_small, requested, x_att, recon1, recon3,
-                      {PHASE1: msgs1, FEEDBACK: fb, PHASE3: msgs3})
+                * codec.edge_map(image, cfg.diffusion.edge_threshold))
+    return run_phase3(model, x_att_tx, phase1, cfg, seed)
 
 
 @torch.no_grad()
@@ -120,7 +110,7 @@ def probe_private_nets(model: diffusion.DiffusionSemCom, batch: dict[str, Tensor
     class's dilated true mask (the energy-based pointing game of Score-CAM, Wang et al.
     2020) against that mask's area share (what a CAM blind to the class scores)."""
     dc, image, seg = cfg.diffusion, batch["image"], batch["segmentation"]
-    present = F.one_hot(seg.long(), codec.SEG_CLASSES).flatten(1, 2).amax(1)[:, 1:].bool()
+    present = presence(seg, codec.SEG_CLASSES - 1).bool()
     out: dict[str, float] = {"n": len(image)}
     for name, pred in (("seg", model.seg_net(image).argmax(1)),
                        ("task", model.task_net(image)[0].argmax(1))):

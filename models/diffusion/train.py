@@ -38,6 +38,15 @@ def classifier_loss(model: DiffusionSemCom, image: Tensor, seg: Tensor) -> Tenso
     return F.binary_cross_entropy_with_logits(logits, presence(seg, logits.shape[1]))
 
 
+def private_losses(model: DiffusionSemCom, image: Tensor, seg: Tensor, depth: Tensor,
+                   label: Tensor) -> dict[str, Tensor]:
+    """The private nets' losses on the client's own labels: the transmitter's
+    segmentation net and CAM classifier, the receiver's task net."""
+    return {"loss_segnet": F.cross_entropy(model.seg_net(image), seg),
+            "loss_classifier": classifier_loss(model, image, seg),
+            "loss_receiver": receiver_task_loss(model, image, seg, depth, label)}
+
+
 def train_local(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
                 lora_train: str = "ab", seed: int = 0, make_private=None) -> dict[str, float]:
     """`train.local_epochs` of AdamW: LoRA at train.lr, private nets at diffusion.private_lr."""
@@ -65,9 +74,7 @@ def train_local(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
             losses = {
                 "loss_denoise": denoising_loss(model.unet, image,
                                                training_conditions(image, seg, cfg, g), scheduler, g),
-                "loss_segnet": F.cross_entropy(model.seg_net(image), seg),
-                "loss_classifier": classifier_loss(model, image, seg),
-                "loss_receiver": receiver_task_loss(model, image, seg, depth, label),
+                **private_losses(model, image, seg, depth, label),
             }
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
@@ -105,9 +112,7 @@ def _train_private(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
         for batch in loader:
             image, seg = batch["image"].to(device), batch["segmentation"].to(device)
             label, depth = batch["label"].to(device), batch["depth"].to(device)
-            loss = (F.cross_entropy(model.seg_net(image), seg)
-                    + classifier_loss(model, image, seg)
-                    + receiver_task_loss(model, image, seg, depth, label))
+            loss = sum(private_losses(model, image, seg, depth, label).values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
