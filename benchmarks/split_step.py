@@ -29,11 +29,11 @@ from flwr.app import ArrayRecord
 
 from common.config import load_config
 from common.records import plt
-from fl_client.split import activation_record
-from fl_server.split import ServerHalf
+from fl_client.split_handlers import activation_record
+from fl_server.split_loop import ServerHalf
 from models.mtsc import workload as mtsc
 from models.mtsc.split import end_to_end_steps
-from models.split import CODECS, encode, record_bytes, step_generator
+from models.split_wire import CODECS, encode, record_bytes, step_generator
 from simulation.run import simulate
 
 

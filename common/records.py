@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,21 +32,6 @@ def new_run_dir(output_dir: str | Path, name: str) -> Path:
         i += 1
     run_dir.mkdir(parents=True)
     return run_dir
-
-
-def simulation_run(config: str, overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    """The results of `python -m simulation --config CONFIG --run-dir RUN_DIR OVERRIDES`,
-    run in a fresh process (Ray starts clean each time); a completed run already in
-    `run_dir` is reused (delete it to run again). The reports compare such runs."""
-    metrics = Path(run_dir) / "metrics.json"
-    if metrics.is_file() and json.loads(metrics.read_text()).get("status") == "completed":
-        print(f"reusing the completed run in {run_dir}", flush=True)
-        return json.loads(metrics.read_text())
-    cmd = [sys.executable, "-m", "simulation", "--config", config, "--run-dir", str(run_dir),
-           *overrides]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True)
-    return json.loads(metrics.read_text())
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -16,7 +16,7 @@ Why: on flwr 1.41 a message to a SuperNode costs seconds whatever its payload.
   for the ClientApp's reply every 0.5 s.
 
 Two commands replace Flower's for a SuperNode started with `--isolation process`
-(and `shorten_reply_pulls` shortens one retry in the ServerApp, see there):
+(and fl_server/fast_pull.py shortens one retry in the ServerApp):
 
     python -m deploy.fast_node supernode [--poll-s S] <flower-supernode args>
     python -m deploy.fast_node executor --runtime-api-address HOST:PORT --insecure
@@ -51,12 +51,8 @@ import logging
 import os
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 
-SUPPORTED_FLOWER = "1.41.0"
-# Retries of an object pull that found the object not there yet: Flower waits 1 s,
-# doubling up to 10 s; the objects of a message follow it within milliseconds.
-FAST_PULL_BACKOFF = {"initial_backoff": 0.002, "backoff_cap": 0.05}
+from fl_server.fast_pull import FAST_PULL_BACKOFF, SUPPORTED_FLOWER, installed_flower_version
 # Polls while messages flow: the first FLAT_POLLS looks after a message wait the
 # shortest time; each further look that finds nothing waits 1.5 times longer.
 FLAT_POLLS = 10
@@ -70,13 +66,6 @@ class FlowerVersionError(RuntimeError):
     """The installed Flower is not the version whose internals this module uses."""
 
 
-def installed_flower_version() -> str:
-    try:
-        return version("flwr")
-    except PackageNotFoundError:
-        return "none"
-
-
 def require_supported_flower(found: str | None = None) -> None:
     """Refuse to run on any Flower but SUPPORTED_FLOWER: the patched sleeps and the
     task protocol are read from that version's source and may differ in any other."""
@@ -88,28 +77,6 @@ def require_supported_flower(found: str | None = None) -> None:
             f"flwr/supernode/runtime/run_clientapp.py), but flwr {found} is installed. "
             f"Install flwr=={SUPPORTED_FLOWER}, or start the SuperNodes the stock way "
             f"(python -m deploy.launch without --fast; flower-supernode).")
-
-
-# --------------------------------------------------------------------------- serverapp
-
-# Set in the SuperLink's environment by deploy.launch --fast; its ServerApp processes
-# inherit it.
-FAST_SERVER_ENV = "FEDSEMCOM_FAST_NODE"
-
-
-def shorten_reply_pulls() -> bool:
-    """In the ServerApp, when the SuperLink was started for the fast path: retry a
-    reply's objects after 2 ms instead of 1 s. A SuperNode pushes a reply's metadata
-    before its objects, so the ServerApp's pull (HttpGrid.pull_messages) often comes
-    between the two and then waits Flower's PULL_INITIAL_BACKOFF. Returns whether it
-    applied (never on another Flower than SUPPORTED_FLOWER, and not unless asked)."""
-    if os.environ.get(FAST_SERVER_ENV) != "1" or installed_flower_version() != SUPPORTED_FLOWER:
-        return False
-    from flwr.superlink.grid import http_grid
-
-    if not isinstance(http_grid.pull_objects, functools.partial):
-        http_grid.pull_objects = functools.partial(http_grid.pull_objects, **FAST_PULL_BACKOFF)
-    return True
 
 
 # --------------------------------------------------------------------------- supernode

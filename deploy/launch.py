@@ -198,8 +198,8 @@ class Deployment:
     def _start_superlink(self) -> None:
         cmd = self.superlink_command()
         env = self.env()
-        if self.fast:  # its ServerApps shorten one retry (fast_node.shorten_reply_pulls)
-            from deploy.fast_node import FAST_SERVER_ENV
+        if self.fast:  # its ServerApps shorten one retry (fl_server/fast_pull.py)
+            from fl_server.fast_pull import FAST_SERVER_ENV
 
             env[FAST_SERVER_ENV] = "1"
         self._spawn("superlink", cmd, env)

@@ -28,7 +28,7 @@ from flwr.common.constant import ErrorCode
 from common.config import ExperimentConfig
 from common.device import resolve_device
 from common.seeding import round_seed
-from fl_client import split, trust
+from fl_client import split_handlers, trust
 from fl_client.node import (
     PRIVATE_STATE,
     load_saved_state,
@@ -38,34 +38,13 @@ from fl_client.node import (
 )
 from fl_client.secagg import secagg_if_asked
 from models import get_workload
+from models.client_state import client_lora_rank, load_local_parameters, local_parameters
 from privacy.central_dp import UNIFORM_WEIGHT, clip_if_asked
 from privacy.dp import HISTORY_KEY, BudgetExhausted, ClientDP
 
 log = logging.getLogger("fedsemcom")
 # The error code of a reply from a client that declines to train (its DP budget).
 BUDGET_EXHAUSTED = 4001
-
-
-def client_lora_rank(cfg: ExperimentConfig, partition_id: int) -> int:
-    """Heterogeneous ranks (svd_lora) are assigned round-robin over partitions."""
-    ranks = cfg.lora.client_ranks
-    return ranks[partition_id % len(ranks)] if ranks else cfg.lora.rank
-
-
-def local_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors this node keeps between rounds: every trainable parameter, and the
-    running statistics of the batch-norm layers it trains. Those are buffers, not
-    parameters, but learned from the node's data like them: without them a BatchNorm
-    layer would start every round at mean 0 / variance 1 and score with statistics it
-    never saw."""
-    tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    for prefix, module in model.named_modules():
-        if (isinstance(module, torch.nn.modules.batchnorm._NormBase)
-                and module.track_running_stats
-                and any(p.requires_grad for p in module.parameters())):
-            for name, buf in module.named_buffers(recurse=False):
-                tensors[f"{prefix}.{name}" if prefix else name] = buf
-    return tensors
 
 
 def _setup(msg: Message, context: Context):
@@ -81,10 +60,7 @@ def _setup(msg: Message, context: Context):
         saved = load_saved_state(msg, context, cfg, pid)
     dp_history = None if saved is None else saved.pop(HISTORY_KEY, None)
     if saved is not None:
-        params = local_parameters(model)
-        with torch.no_grad():
-            for name, arr in saved.items():
-                params[name].copy_(torch.from_numpy(arr))
+        load_local_parameters(model, saved)
     workload.load_shared_state(model, arrays)  # the global state wins over the local copy
     train_ds, test_ds = workload.load_data(cfg, pid, n)
     return cfg, pid, workload, model, train_ds, test_ds, dp_history
@@ -179,12 +155,12 @@ class NodeApp(ClientApp):
 HANDLERS = {
     "train": train,
     "evaluate": evaluate,
-    # U-shaped split training (fl_client/split.py).
-    "train.split_begin": split.begin,
-    "train.split_output": split.output,
-    "train.split_backward": split.backward,
-    "evaluate.split_forward": split.eval_forward,
-    "evaluate.split_score": split.eval_score,
+    # U-shaped split training (fl_client/split_handlers.py).
+    "train.split_begin": split_handlers.begin,
+    "train.split_output": split_handlers.output,
+    "train.split_backward": split_handlers.backward,
+    "evaluate.split_forward": split_handlers.eval_forward,
+    "evaluate.split_score": split_handlers.eval_score,
 }
 
 

@@ -11,6 +11,7 @@ from flwr.app import Context, Message
 
 from common.config import ExperimentConfig
 from fl_client import trust
+from models.client_state import partition_folder, read_state_file, round_file, saved_rounds
 
 log = logging.getLogger("fedsemcom")
 
@@ -45,9 +46,8 @@ def saved_state_file(cfg: ExperimentConfig, msg: Message, context: Context, pid:
     key = trust.run_key(msg)
     if not state_dir or not key:
         return None
-    root = Path(state_dir)
-    path = root / key / f"partition-{pid}" / f"round-{server_round}.npz"
-    return trust.inside(path, root, f"run-key={key!r}")
+    path = round_file(partition_folder(state_dir, key, pid), server_round)
+    return trust.inside(path, Path(state_dir), f"run-key={key!r}")
 
 
 def load_saved_state(msg: Message, context: Context, cfg: ExperimentConfig,
@@ -57,11 +57,9 @@ def load_saved_state(msg: Message, context: Context, cfg: ExperimentConfig,
     server_round = trust.server_round(msg)
     path = saved_state_file(cfg, msg, context, pid, server_round)
     earlier = [] if path is None else [
-        (r, p) for p in path.parent.glob("round-*.npz")
-        if (r := _round_of(p)) < server_round]
+        (r, p) for r, p in saved_rounds(path.parent) if r < server_round]
     if earlier:
-        with np.load(max(earlier)[1], allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        return read_state_file(earlier[-1][1])
     if server_round > 1:
         log.warning("partition %d: no saved private state before round %d (%s); the "
                     "private modules start from their initial weights", pid, server_round,
@@ -80,9 +78,5 @@ def save_state_file(params: dict[str, np.ndarray], path: Path | None) -> None:
     os.replace(tmp, path)  # a crash mid-write leaves the older rounds intact
     # Keep the two newest: a server that crashed after this round's training but
     # before its checkpoint resumes from this node's state before this round.
-    for old in sorted(path.parent.glob("round-*.npz"), key=_round_of)[:-2]:
+    for _, old in saved_rounds(path.parent)[:-2]:
         old.unlink()
-
-
-def _round_of(path: Path) -> int:
-    return int(path.stem.split("-")[1])

@@ -34,7 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.config import ConfigError, ExperimentConfig, config_from_dict
-from models.split import decode
+from models.split_wire import decode
 
 log = logging.getLogger("fedsemcom")
 
@@ -338,7 +338,7 @@ def global_arrays(workload, model: torch.nn.Module, cfg: ExperimentConfig, msg: 
     return shared_arrays(msg, expected, required, max_rank)
 
 
-# Split codecs (models/split.py) by the dtype their tensors travel in.
+# Split codecs (models/split_wire.py) by the dtype their tensors travel in.
 CODEC_DTYPES = {"none": np.float32, "float16": np.float16, "bfloat16": np.int16,
                 "int8": np.int8}
 

@@ -36,7 +36,7 @@ from fl_server.loop import (
     strategy_state,
 )
 from fl_server.secagg import secure_train_round
-from fl_server.split import run_split
+from fl_server.split_loop import run_split
 from models import get_workload
 from privacy import central_dp
 from privacy.dp import PANELS as DP_PANELS
@@ -52,7 +52,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
     clients at each of those fixed SNRs (results["snr_sweep"]). After every round the
     global adapters, the strategy state and the metrics are checkpointed in `run_dir`;
     `resume=True` continues from that checkpoint. With `split.mode` other than off the
-    rounds are split training (fl_server.split.run_split), checkpointed the same way.
+    rounds are split training (fl_server.split_loop.run_split), checkpointed the same way.
     """
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir of the run to continue")

@@ -10,7 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import load_config
-from deploy.fast_node import shorten_reply_pulls
+from fl_server.fast_pull import shorten_reply_pulls
 from fl_server.rounds import run_federated
 
 app = ServerApp()

@@ -3,7 +3,7 @@ in Two-party Split Learning", ICLR 2022).
 
 In our U-shaped split the server computes the output of its half, the client computes
 the loss with its labels, and the server receives g = dL/dh, the gradient with respect
-to its output (fl_client/split.py, `train.split_output`). For a softmax cross-entropy
+to its output (fl_client/split_handlers.py, `train.split_output`). For a softmax cross-entropy
 head that gradient carries (p - y) through the head's weights, so it depends on the
 label. Two attacks score each example from g alone:
 

@@ -17,6 +17,7 @@ import pytest
 
 from common.config import load_config
 from deploy import fast_node
+from fl_server import fast_pull
 from deploy.launch import Deployment, threads_per_app
 from models.mtsc import workload as mtsc
 from models.mtsc.split import end_to_end_steps
@@ -119,11 +120,12 @@ def test_another_flower_version_is_refused_by_both_commands_and_the_launcher(tmp
     with pytest.raises(fast_node.FlowerVersionError, match="1.42.0"):
         fast_node.require_supported_flower("1.42.0")
     # The launcher refuses before it starts anything; the ServerApp keeps Flower's pulls.
-    monkeypatch.setenv(fast_node.FAST_SERVER_ENV, "1")
+    monkeypatch.setenv(fast_pull.FAST_SERVER_ENV, "1")
     monkeypatch.setattr(fast_node, "installed_flower_version", lambda: "1.42.0")
+    monkeypatch.setattr(fast_pull, "installed_flower_version", lambda: "1.42.0")
     with pytest.raises(fast_node.FlowerVersionError, match="1.42.0"):
         Deployment(tmp_path / "deploy", num_supernodes=1, fast=True)
-    assert not fast_node.shorten_reply_pulls()
+    assert not fast_pull.shorten_reply_pulls()
     assert not (tmp_path / "deploy").exists()
 
 

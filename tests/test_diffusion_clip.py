@@ -242,10 +242,12 @@ def test_the_report_adds_clip_rows_beside_the_cam_sweep(ddpm_file, clip_dir, tmp
     """The report's sweep on clients saved as a run leaves them: with a local CLIP and
     text feedback it adds one CLIP row per tau, whose feedback is the prompts' bytes,
     while the CAM rows still get the class byte."""
+    import json
+
     import numpy as np
 
-    from fl_client.client_app import local_parameters
-    from models.diffusion import report
+    from models.client_state import local_parameters
+    from reports import diffusion as report
 
     cfg = clip_cfg(ddpm_file, clip_dir, "diffusion.feedback=text", "diffusion.tau_sweep=[0.3, 0.6]",
                    "diffusion.tau=0.3", "diffusion.eval_samples=4")
@@ -257,6 +259,8 @@ def test_the_report_adds_clip_rows_beside_the_cam_sweep(ddpm_file, clip_dir, tmp
         np.savez(folder / "round-1.npz",
                  **{n: p.detach().numpy() for n, p in local_parameters(model).items()})
     np.savez(run_dir / "global_adapters.npz", **diffusion.shared_state(model))
+    (run_dir / "metrics.json").write_text(json.dumps({"status": "completed",
+                                                      "config": cfg.to_dict()}))
     with torch.no_grad():
         results, _, probes = report.sweep(cfg, run_dir, "cpu")
     names = [r["method"] for r in report.rows_of(results)]

@@ -32,7 +32,7 @@ from fl_client.node import PRIVATE_STATE
 from fl_client.trust import NODE_KEYS, REFUSED
 from fl_server.loop import initial_arrays
 from models.mtsc import workload as mtsc
-from models.split import encode
+from models.split_wire import encode
 
 # Strings the client reads, each sent as a traversal and as an absolute path.
 CONFIG_STRINGS = ("run-key", "lora-train", "server-round", "experiment")

@@ -14,10 +14,11 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from common.config import config_from_dict, load_config
 from common.data import load_partition
-from fl_client.client_app import app, local_parameters
+from fl_client.client_app import app
 from fl_client.node import PRIVATE_STATE
 from fl_client.trust import node_config_of
 from fl_server.loop import initial_arrays
+from models.client_state import local_parameters
 from models.mtsc import workload as mtsc
 from models.tosc import teacher as tosc_teacher
 from models.tosc import workload as tosc

@@ -1,5 +1,5 @@
 """Membership-inference attacks (privacy/mia.py) and the audit of finished runs
-(privacy/audit.py): calibration on simulated signals, a positive control that must be
+(reports/membership.py): calibration on simulated signals, a positive control that must be
 caught, a DP-SGD model whose attacks stay inside the DP bound, and the refusals."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from test_server_rounds import LoopbackGrid
 from common.config import load_config
 from fl_server.rounds import run_federated
 from privacy import mia
-from privacy.audit import AuditError, audit, parse_attacks, reference_halves
+from reports.membership import AuditError, audit, parse_attacks, reference_halves
+from reports.runs import RunFolderError
 from privacy.mia_metrics import attack_auc
 
 
@@ -132,16 +133,16 @@ def test_bad_requests_are_refused_with_the_fix(tmp_path, overfit_run):
     run, state = overfit_run
     with pytest.raises(AuditError, match=r"--attacks 'loss,shokri': unknown \['shokri'\]"):
         parse_attacks("loss,shokri")
-    with pytest.raises(AuditError, match="no metrics.json"):
+    with pytest.raises(RunFolderError, match="no metrics.json"):
         audit(tmp_path)
     (tmp_path / "metrics.json").write_text(json.dumps({"status": "running", "config": {}}))
-    with pytest.raises(AuditError, match="did not finish"):
+    with pytest.raises(RunFolderError, match="did not finish"):
         audit(tmp_path)
     with pytest.raises(AuditError, match=r"--fpr 0.001 needs at least 10000 non-members"):
         audit(run, attacks="loss", fprs=(0.001,), state_dir=state)
     with pytest.raises(AuditError, match=r"--target 'client:5'"):
         audit(run, target="client:5", attacks="loss", state_dir=state)
-    with pytest.raises(AuditError, match="no saved private state"):
+    with pytest.raises(RunFolderError, match="no saved private state"):
         audit(run, attacks="loss")  # not where this run's node kept it
 
 
@@ -154,7 +155,7 @@ def test_tpr_is_reported_only_where_the_non_members_resolve_it(overfit_run):
 
 
 def test_the_privacy_report_row_takes_the_best_attack_and_says_what_it_cannot_measure():
-    from privacy.report import markdown_table, summarise
+    from reports.privacy import markdown_table, summarise
 
     result = {"rounds": [{"accuracy": 0.7, "majority_class_share": 0.5,
                           "dp_central_epsilon": 19.1}]}

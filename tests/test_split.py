@@ -22,7 +22,7 @@ from fl_server.rounds import run_federated
 from models.jscc import sent_positions
 from models.mtsc import workload as mtsc
 from models.mtsc.split import end_to_end_steps
-from models.split import (
+from models.split_wire import (
     CODECS,
     decode,
     encode,

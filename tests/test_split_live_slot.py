@@ -1,4 +1,4 @@
-"""The split client's live slot (fl_client/split.py): a process that serves a node's
+"""The split client's live slot (fl_client/split_handlers.py): a process that serves a node's
 consecutive messages keeps the model's parameters, both AdamW optimisers and the
 autograd graph of the forward it sent, instead of rebuilding them from the node's
 `context.state` and recomputing the forward. Both paths must give the parameters of

@@ -15,11 +15,11 @@ from common.config import config_from_dict, load_config
 from fl_client import trust
 from fl_client.client_app import app
 from fl_client.node import PRIVATE_STATE
-from fl_client.split import LIVE_STATE, PROGRESS
+from fl_client.split_handlers import LIVE_STATE, PROGRESS
 from fl_client.trust import NODE_KEYS, REFUSED, Refused, node_experiment, split_tensors
 from fl_server.loop import initial_arrays
 from models.mtsc import workload as mtsc
-from models.split import encode
+from models.split_wire import encode
 
 RUN_KEY = "quickstart-20260101-120000"
 

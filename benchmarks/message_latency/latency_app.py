@@ -10,8 +10,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from deploy.fast_node import shorten_reply_pulls
 from fl_server.exchange import send_and_receive
+from fl_server.fast_pull import shorten_reply_pulls
 
 server = ServerApp()
 client = ClientApp()

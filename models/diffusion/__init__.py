@@ -15,5 +15,5 @@ Diffusion-based Data Regeneration", arXiv 2505.07980).
                  encoder), the alternative to the classifier's CAM
     link.py      the three-phase link over Flower messages (phase 1, feedback, phase 3)
     train.py     local training and evaluation (the link on the client's test split)
-    report.py    tau sweep and baselines: python -m models.diffusion.report
+    report.py    tau sweep and baselines: python -m reports.diffusion
 """

@@ -125,7 +125,7 @@ def load_pretrained(cfg: ExperimentConfig) -> dict:
         raise FileNotFoundError(
             f"diffusion.checkpoint={cfg.diffusion.checkpoint!r}: no pretrained DDPM at {path}. "
             "The server trains it before round 1 (python -m simulation) and python -m "
-            "models.diffusion.report does too; on a separate device, copy the server's file "
+            "reports.diffusion does too; on a separate device, copy the server's file "
             "to this path (node config diffusion-checkpoint).")
     saved = _read(str(path), path.stat().st_mtime_ns)
     want = json.dumps(fingerprint(cfg), sort_keys=True)

@@ -10,5 +10,5 @@
     split.py     the U-shaped cut of federated split fine-tuning and its reference
 
 The variable-rate JSCC (Sec. III-B) and the channel are shared layers (models/jscc.py,
-models/channel.py); the split's messages are fl_client/split.py and fl_server/split.py.
+models/channel.py); the split's messages are fl_client/split_handlers.py and fl_server/split_loop.py.
 """

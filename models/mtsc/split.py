@@ -1,8 +1,8 @@
 """The U-shaped split of LAM-MTSC (federated split fine-tuning): the client keeps the
 transmitter (modality encoders, LAM encoder + LoRA, JSCC encoder) and the task decoders
 with its labels; the server keeps the receiver (JSCC decoder, LAM decoder + LoRA).
-The messages are fl_client/split.py and fl_server/split.py; what crosses the cut and
-its codecs are models/split.py."""
+The messages are fl_client/split_handlers.py and fl_server/split_loop.py; what crosses the cut and
+its codecs are models/split_wire.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from common.seeding import round_seed
 from models.channel import WirelessChannel, analog_transmission
 from models.jscc import prefix_mask
 from models.mtsc.model import Q_CLS, MTSCModel, Receiver, build, set_trainable
-from models.split import batch_plan, step_generator
+from models.split_wire import DOWNLINK, UPLINK, batch_plan, step_generator
 
 CLIENT_HALF = ("transmitter.", "task_decoders.")
 
@@ -58,8 +58,8 @@ def end_to_end_steps(cfg, partition_id: int, num_partitions: int, rnd: int, step
     batches = [default_collate([train_ds[int(i)] for i in idx]) for idx in plan]
     t0 = time.perf_counter()
     for k, batch in enumerate(batches):
-        up = step_generator(cfg.seed, partition_id, rnd, k, 0)
-        down = step_generator(cfg.seed, partition_id, rnd, k, 1)
+        up = step_generator(cfg.seed, partition_id, rnd, k, UPLINK)
+        down = step_generator(cfg.seed, partition_id, rnd, k, DOWNLINK)
         h, _ = model(batch, generator=up)
         h = analog_transmission(h, downlink, downlink.sample_snr_db(h.shape[0], "cpu", down), down)
         losses = model.task_decoders.losses(h, batch)

@@ -113,7 +113,7 @@ def evaluate(model: MTSCModel, data: Dataset, cfg: ExperimentConfig) -> dict[str
 @torch.no_grad()
 def class_logits(model: MTSCModel, data: Dataset, cfg: ExperimentConfig) -> Tensor:
     """The classification head's logits [N, classes] of every example, in order, at the
-    evaluation's seeded channel (membership inference reads them, privacy/audit.py)."""
+    evaluation's seeded channel (membership inference reads them, reports/membership.py)."""
     with seeded(cfg.seed):
         device = next(model.parameters()).device
         model.eval()

@@ -21,7 +21,7 @@ from models.mtsc.train import autocast_dtype, class_logits, eval_batches, evalua
 
 __all__ = ["build", "shared_state", "load_shared_state", "load_data", "train_local",
            "evaluate", "class_logits", "TRAIN_METRICS", "EVAL_METRICS", "SUMMARY", "PANELS",
-           # split training (fl_client/split.py, fl_server/split.py)
+           # split training (fl_client/split_handlers.py, fl_server/split_loop.py)
            "set_trainable", "client_parameters", "server_half", "server_forward",
            "eval_batches", "TaskScorer", "autocast_dtype", "LABEL_ROW"]
 

@@ -12,5 +12,5 @@ and Context Embedding" (arXiv 2505.10834), as a client-side pipeline in the fede
     train.py     local training (codec fine-tuning, task models) and evaluation
     workload.py  the seam: build, shared_state (the codec), prepare, ...
     report.py    TACO against JPEG / WebP and its ablations:
-                 python -m models.taco.report --config configs/taco_quickstart.yaml
+                 python -m reports.taco --config configs/taco_quickstart.yaml
 """

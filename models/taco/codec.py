@@ -221,7 +221,7 @@ def load_codec(cfg: ExperimentConfig) -> VQCodec:
         raise FileNotFoundError(
             f"taco.codec.checkpoint={cfg.taco.codec.checkpoint!r}: no codec file at {path}. "
             "The server pre-trains it before round 1 (python -m simulation), and "
-            "python -m models.taco.report does too.")
+            "python -m reports.taco does too.")
     saved = _read(str(path), path.stat().st_mtime_ns)
     want = json.dumps(codec_fingerprint(cfg), sort_keys=True)
     if saved["fingerprint"] != want:

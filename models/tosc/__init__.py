@@ -8,5 +8,5 @@ Empowered by Large-Scale AI Models", arXiv 2506.13243).
     losses.py    the information-bottleneck distillation objective
     teacher.py   the teacher (ResNet-18), its training and its pre-stored outputs
     train.py     local training and evaluation
-    report.py    teacher vs. students: python -m models.tosc.report
+    report.py    teacher vs. students: python -m reports.tosc
 """

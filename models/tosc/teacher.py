@@ -118,7 +118,7 @@ def load_teacher(cfg: ExperimentConfig) -> TOSCModel:
         raise FileNotFoundError(
             f"distill.teacher.checkpoint={cfg.distill.teacher.checkpoint!r}: no teacher file at "
             f"{path}. The server trains it before round 1 (python -m simulation) and "
-            "python -m models.tosc.report trains it too; on a separate device, copy "
+            "python -m reports.tosc trains it too; on a separate device, copy "
             "the server's teacher file to this path.")
     saved = _read_checkpoint(str(path), path.stat().st_mtime_ns)
     want = json.dumps(teacher_fingerprint(cfg), sort_keys=True)

@@ -127,7 +127,7 @@ def evaluate(model: TOSCModel, data: Dataset, cfg: ExperimentConfig) -> dict[str
 @torch.no_grad()
 def class_logits(model: TOSCModel, data: Dataset, cfg: ExperimentConfig) -> Tensor:
     """The head's logits [N, classes] of every example, in order, at the evaluation's
-    seeded channel (membership inference reads them, privacy/audit.py)."""
+    seeded channel (membership inference reads them, reports/membership.py)."""
     model.channel = WirelessChannel(cfg.channel)
     with seeded(cfg.seed):
         model.eval()

@@ -1,16 +1,16 @@
 """One privacy report: utility, epsilon and measured leakage for each DP setting.
 
-    python -m privacy.report [--config configs/distill_quickstart.yaml] [--references 4]
+    python -m reports.privacy [--config configs/distill_quickstart.yaml] [--references 4]
         [--leakage runs/leakage_report-<stamp>] [--out DIR] [key=value ...]
 
 Runs the experiment once per setting on Flower's Ray simulation (a fresh
 `python -m simulation` process each; a completed run in the output folder is reused):
 no DP, DP-SGD on every client at epsilon 8 and 1, central DP with server-side
 clipping, and a pair that memorises (3 rounds of 20 local epochs) without and with
-DP-SGD at epsilon 1. Each finished run is audited for membership inference (privacy/audit.py,
+DP-SGD at epsilon 1. Each finished run is audited for membership inference (reports/membership.py,
 target `global`: every client's deployed model, members against as many held-out scenes).
 Label leakage is a split-training attack: `--leakage` adds the rows of a
-`python -m privacy.leakage_report` folder. Writes privacy_report.json, privacy_report.md
+`python -m reports.label_leakage` folder. Writes privacy_report.json, privacy_report.md
 (the table) and privacy_report.png.
 """
 
@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, load_config
-from common.records import new_run_dir, plt, simulation_run
-from privacy.audit import AuditError, audit
+from common.records import new_run_dir, plt
+from reports.membership import AuditError, audit
+from reports.runs import simulation_run
 
 OVERFIT = ["rounds=3", "train.local_epochs=20"]
 # Setting -> (overrides, membership target). The last two memorise (60 local epochs);
@@ -73,7 +74,7 @@ def leakage_rows(folder: Path) -> list[dict[str, Any]]:
     path = folder / "leakage_report.json"
     if not path.is_file():
         raise AuditError(f"--leakage {folder}: no leakage_report.json there; run "
-                         "python -m privacy.leakage_report first and pass its folder")
+                         "python -m reports.label_leakage first and pass its folder")
     return [{"setting": f"split training, {r['setting']}", "rounds": r["rounds"],
              "accuracy": r["accuracy"], "majority_class_share": r["majority_class_share"],
              "epsilon": None, "epsilon_kind": None, "mia_auc_best": None,
@@ -147,12 +148,12 @@ def _audit(run: Path, target: str, references: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m privacy.report",
+    parser = argparse.ArgumentParser(prog="python -m reports.privacy",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/distill_quickstart.yaml")
     parser.add_argument("--references", type=int, default=4)
     parser.add_argument("--leakage", type=Path, default=None,
-                        help="a python -m privacy.leakage_report folder to add its rows")
+                        help="a python -m reports.label_leakage folder to add its rows")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: <output_dir>/privacy_report-<timestamp>)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")

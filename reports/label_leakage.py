@@ -1,6 +1,6 @@
 """Label leakage of split training against the defences and what they cost.
 
-    python -m privacy.leakage_report [--config configs/split_quickstart.yaml] [key=value ...]
+    python -m reports.label_leakage [--config configs/split_quickstart.yaml] [key=value ...]
 
 Runs the split experiment once per setting on Flower's Ray simulation (a fresh
 `python -m simulation` process each, with `privacy.label_leakage.audit=true`): no
@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, load_config
-from common.records import new_run_dir, plt, simulation_run
+from common.records import new_run_dir, plt
+from reports.runs import simulation_run
 
 SETTINGS = {
     "no defence": [],
@@ -78,7 +79,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m privacy.leakage_report",
+    parser = argparse.ArgumentParser(prog="python -m reports.label_leakage",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/split_quickstart.yaml")
     parser.add_argument("--out", type=Path, default=None,

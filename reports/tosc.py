@@ -1,6 +1,6 @@
 """The tosc report (issue: teacher vs. students, like the Lightweight TOSC paper's table).
 
-    python -m models.tosc.report --config configs/distill_quickstart.yaml [key=value ...]
+    python -m reports.tosc --config configs/distill_quickstart.yaml [key=value ...]
 
 1. trains the teacher if its checkpoint is missing;
 2. runs the federated distillation twice on Flower's Ray simulation, the same seeds:
@@ -31,9 +31,10 @@ import torch
 from common.config import ConfigError, ExperimentConfig, load_config
 from common.data import num_classes
 from common.data.tensor_dataset import TensorDictDataset
-from common.records import new_run_dir, simulation_run
+from common.records import new_run_dir
 from models.tosc import teacher as tosc_teacher
 from models.tosc import workload as tosc
+from reports.runs import simulation_run
 
 LATENCY_BATCH, LATENCY_SNR_DB = 32, 10.0
 
@@ -183,7 +184,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.tosc.report",
+    parser = argparse.ArgumentParser(prog="python -m reports.tosc",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/distill_quickstart.yaml")
     parser.add_argument("--out", type=Path, default=None,

@@ -1,7 +1,7 @@
 """The server side of U-shaped split training (LAM-MTSC federated split fine-tuning).
 
 The server holds the server half (the JSCC decoder and the LAM decoder with LoRA); the
-clients hold everything else and their labels (fl_client/split.py). One step for one
+clients hold everything else and their labels (fl_client/split_handlers.py). One step for one
 client is two round trips:
 
     server -> client  train.split_output    the server half's output (after the downlink)
@@ -53,7 +53,9 @@ from fl_server.loop import (
 from models import get_workload
 from models.channel import WirelessChannel, analog_transmission
 from models.jscc import sent_positions
-from models.split import (
+from models.split_wire import (
+    DOWNLINK,
+    EVAL_DOWNLINK,
     batch_plan,
     decode,
     encode,
@@ -66,7 +68,6 @@ from privacy.label_leakage import LabelLeakageProbe
 
 log = logging.getLogger("fedsemcom")
 
-EVAL_LINK = 3  # generator key of the downlink at evaluation (client side uses 2)
 
 
 class ServerHalf:
@@ -217,7 +218,7 @@ def train_sessions(grid: Grid, sessions: list[Session], cfg: ExperimentConfig, r
         t0 = time.perf_counter()
 
         def output(s: Session) -> RecordDict:
-            gen = step_generator(cfg.seed, s.partition_id, rnd, s.step, 1)
+            gen = step_generator(cfg.seed, s.partition_id, rnd, s.step, DOWNLINK)
             acts = s.reply.content["activations"]
             return RecordDict({"output": s.half.forward(acts, gen), "config": config})
 
@@ -391,7 +392,7 @@ def _evaluate(grid: Grid, strategy, server: ServerHalf, cfg: ExperimentConfig, r
     sessions.sort(key=lambda s: (s.partition_id, s.node_id))  # as in begin_sessions
 
     def score(s: Session) -> RecordDict:
-        gen = step_generator(cfg.seed, s.partition_id, EVAL_LINK)
+        gen = step_generator(cfg.seed, s.partition_id, EVAL_DOWNLINK)
         return RecordDict({"output": server.forward(s.reply.content["activations"], gen,
                                                     train=False), "config": config})
 

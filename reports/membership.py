@@ -1,6 +1,6 @@
 """Membership-inference audit of a finished federated run.
 
-    python -m privacy.audit --run runs/<id> [--target global|client:<partition>]
+    python -m reports.membership --run runs/<id> [--target global|client:<partition>]
         [--attacks loss,lira,rmia] [--references K] [--reference-epochs E]
         [--non-member-ratio R] [--population Z] [--fixed-variance] [--rmia-a A]
 
@@ -47,17 +47,17 @@ from common.data.scenes import HELD_OUT_START, SyntheticScenes, held_out_indices
 from common.data.tensor_dataset import TensorDictDataset
 from common.device import resolve_device
 from common.records import plt
-from fl_client.client_app import client_lora_rank, local_parameters
 from models import get_workload
 from privacy import mia
 from privacy.dp import HISTORY_KEY, ClientDP, epsilon_of
 from privacy.mia_metrics import TooFewNonMembers, attack_auc, empirical_epsilon, tpr_at_fpr
+from reports.runs import RunFolderError, finished_run, restore_client, saved_client_state
 
 DEFAULT_FPRS = (0.01, 0.001)
 POPULATION_START = 2 * HELD_OUT_START  # after every non-member the audit could draw
 
 
-class AuditError(ValueError):
+class AuditError(RunFolderError):
     """The audit cannot run as asked; the message names the value and the fix."""
 
 
@@ -66,71 +66,6 @@ class Candidates:
     data: TensorDictDataset
     is_member: np.ndarray  # bool [N]
     owner: np.ndarray  # int [N]: the partition whose model scores the example
-
-
-# --------------------------------------------------------------------------- the run
-
-def finished_run(run_dir: Path, allow_split: bool = False
-                 ) -> tuple[ExperimentConfig, dict[str, np.ndarray]]:
-    """The config and the final global state of a completed federated run (or split run:
-    then the adapters of the clients' half)."""
-    metrics, final = run_dir / "metrics.json", run_dir / "global_adapters.npz"
-    if not metrics.is_file():
-        raise AuditError(f"--run {run_dir}: no metrics.json there; give the folder of a run "
-                         "(python -m simulation prints it)")
-    record = json.loads(metrics.read_text())
-    if record.get("status") != "completed" or not final.is_file():
-        model = "present" if final.is_file() else "missing"
-        raise AuditError(f"--run {run_dir}: the run did not finish (status "
-                         f"{record.get('status')!r}, final model {model}); resume it to the "
-                         "end (python -m simulation --resume) or audit a finished one")
-    cfg = config_from_dict(record["config"])
-    if cfg.split.mode != "off" and not allow_split:
-        raise AuditError(f"--run {run_dir}: a split run (split.mode={cfg.split.mode}) keeps "
-                         "half the model on the server; the membership audit covers federated "
-                         "runs (split training's label leakage: privacy.label_leakage.audit)")
-    if cfg.data.name != "synthetic":
-        raise AuditError(f"--run {run_dir}: data.name={cfg.data.name}; the audit draws its "
-                         "held-out examples from the synthetic scene generator, so it needs "
-                         "data.name=synthetic")
-    with np.load(final, allow_pickle=False) as f:
-        return cfg, {k: f[k] for k in f.files}
-
-
-def private_state(cfg: ExperimentConfig, run_dir: Path, pid: int,
-                  state_dir: str | Path | None = None) -> dict[str, np.ndarray]:
-    """Partition `pid`'s private tensors after its last round, from its state folder:
-    `state_dir` (the node's `state-dir`), else where `python -m simulation` keeps them."""
-    if state_dir is not None:
-        roots = {Path(state_dir)}
-    else:
-        roots = {Path(cfg.client_state_dir)} if cfg.client_state_dir else set()
-        roots.add(run_dir / "client-state")
-    files = [f for root in roots if root.is_dir()
-             for f in root.glob(f"**/{run_dir.name}/partition-{pid}/round-*.npz")]
-    if not files:
-        raise AuditError(f"partition {pid}: no saved private state under "
-                         f"{' or '.join(map(str, sorted(roots)))}; audit a run whose clients "
-                         "kept their state there (python -m simulation does), or name the "
-                         "nodes' folder with --state-dir")
-    latest = max(files, key=lambda f: int(f.stem.split("-")[1]))
-    with np.load(latest, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-
-
-def client_model(cfg: ExperimentConfig, saved: dict[str, np.ndarray],
-                 global_state: dict[str, np.ndarray], pid: int, device: torch.device):
-    """What partition `pid` deploys: its private modules with the global shared state
-    on top (as its ClientApp assembles it)."""
-    workload = get_workload(cfg.workload)
-    model = workload.build(cfg, device, lora_rank=client_lora_rank(cfg, pid))
-    params = local_parameters(model)
-    with torch.no_grad():
-        for name, arr in saved.items():
-            if name != HISTORY_KEY:
-                params[name].copy_(torch.from_numpy(arr))
-    workload.load_shared_state(model, global_state)
-    return model
 
 
 # --------------------------------------------------------------------------- the examples
@@ -249,7 +184,15 @@ def audit(run_dir: str | Path, target: str = "global", attacks: str = "loss,lira
     ("n/a" otherwise); FPRs asked for explicitly must be resolvable."""
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
-    cfg, global_state = finished_run(run_dir)
+    cfg, _ = finished_run(run_dir)
+    if cfg.split.mode != "off":
+        raise AuditError(f"--run {run_dir}: a split run (split.mode={cfg.split.mode}) keeps "
+                         "half the model on the server; the membership audit covers federated "
+                         "runs (split training's label leakage: privacy.label_leakage.audit)")
+    if cfg.data.name != "synthetic":
+        raise AuditError(f"--run {run_dir}: data.name={cfg.data.name}; the audit draws its "
+                         "held-out examples from the synthetic scene generator, so it needs "
+                         "data.name=synthetic")
     pids = parse_target(target, cfg.num_clients)
     names = parse_attacks(attacks)
     if not non_member_ratio > 0:
@@ -279,10 +222,10 @@ def audit(run_dir: str | Path, target: str = "global", attacks: str = "loss,lira
     correct = np.zeros(len(labels), bool)
     dp_eps = []
     for pid in pids:
-        saved = private_state(cfg, run_dir, pid, state_dir)
-        if HISTORY_KEY in saved and saved[HISTORY_KEY].size:
-            dp_eps.append(epsilon_of([tuple(h) for h in saved[HISTORY_KEY]], cfg.privacy.dp.delta))
-        model = client_model(cfg, saved, global_state, pid, dev)
+        history = saved_client_state(cfg, run_dir, pid, state_dir).get(HISTORY_KEY)
+        if history is not None and history.size:
+            dp_eps.append(epsilon_of([tuple(h) for h in history], cfg.privacy.dp.delta))
+        model = restore_client(cfg, run_dir, pid, dev, state_dir)
         mine = np.flatnonzero(cands.owner == pid)
         logits = _logits(cfg, model, _subset(cands.data, mine))
         for key, value in mia.signals(logits, labels[mine]).items():
@@ -404,7 +347,7 @@ def print_table(report: dict[str, Any], console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m privacy.audit", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m reports.membership", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="the folder of a finished run")
     parser.add_argument("--target", default="global", help="global or client:<partition>")
@@ -432,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         audit(args.run, args.target, args.attacks, args.references, args.reference_epochs,
               args.non_member_ratio, args.population, args.fixed_variance, args.rmia_a,
               tuple(args.fpr) if args.fpr else None, args.device, args.seed, args.state_dir)
-    except AuditError as err:
+    except RunFolderError as err:  # an AuditError too
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

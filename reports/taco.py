@@ -1,6 +1,6 @@
 """The taco report: TACO against classic image codecs, and its ablations.
 
-    python -m models.taco.report --config configs/taco_quickstart.yaml [key=value ...]
+    python -m reports.taco --config configs/taco_quickstart.yaml [key=value ...]
 
 1. pre-trains the codec if its file is missing, then runs the federated rounds on
    Flower's Ray simulation (python -m simulation, in a fresh process);
@@ -32,14 +32,15 @@ import torch
 from PIL import Image
 
 from common.config import ConfigError, ExperimentConfig, load_config
-from common.records import new_run_dir, simulation_run
+from common.records import new_run_dir
 from models.taco import workload as taco
 from models.taco.codec import ensure_codec
-from models.taco.link import payload_over_link
+from models.taco.digital_link import payload_over_link
 from models.taco.payload import deserialise, message_bytes, message_payload
 from models.taco.pipeline import Receiver, Transmitter, switch_request
 from models.taco.task import gradcam_scores, random_mask
 from models.taco.train import evaluation_images, image_quality
+from reports.runs import restore_client, simulation_run
 
 JPEG_QUALITIES = (1, 5, 10, 20, 30, 50, 75, 90)
 WEBP_QUALITIES = (0, 5, 10, 20, 30, 50, 75, 90)
@@ -100,25 +101,6 @@ def classic(images: torch.Tensor, fmt: str, quality: int) -> tuple[torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- one client
-
-
-def _client_model(cfg: ExperimentConfig, run_dir: Path, pid: int) -> taco.TacoSystem:
-    """The client's own task models (its last saved private state) under the final
-    global codec."""
-    model = taco.build(cfg)
-    folder = run_dir / "client-state" / run_dir.name / f"partition-{pid}"
-    files = sorted(folder.glob("round-*.npz"), key=lambda p: int(p.stem.split("-")[1]))
-    if not files:
-        raise FileNotFoundError(f"no saved client state in {folder}: the run must keep the "
-                                "clients' state (python -m simulation does, in the run folder)")
-    params = dict(model.named_parameters())
-    with np.load(files[-1]) as saved, torch.no_grad():
-        for name in saved.files:
-            if not name.startswith("codec."):
-                params[name].copy_(torch.from_numpy(saved[name]))
-    with np.load(run_dir / "global_adapters.npz") as g:
-        taco.load_shared_state(model, {k: g[k] for k in g.files})
-    return model.eval()
 
 
 class Tally:
@@ -354,7 +336,7 @@ def build_report(cfg: ExperimentConfig, run_dir: Path, federated: dict) -> dict[
     with Progress(transient=True) as progress:
         task = progress.add_task("judging every method on each client", total=cfg.num_clients)
         for pid in range(cfg.num_clients):
-            model = _client_model(cfg, run_dir, pid)
+            model = restore_client(cfg, run_dir, pid)
             _, test = taco.load_data(cfg, pid, cfg.num_clients)
             judge_client(cfg, model, test, tally, link_tally, switch, seed=cfg.seed + pid)
             progress.advance(task)
@@ -385,7 +367,7 @@ def build_report(cfg: ExperimentConfig, run_dir: Path, federated: dict) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.taco.report",
+    parser = argparse.ArgumentParser(prog="python -m reports.taco",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/taco_quickstart.yaml")
     parser.add_argument("--out", type=Path, default=None,

@@ -1,6 +1,6 @@
 """The client side of U-shaped split training (LAM-MTSC federated split fine-tuning).
 
-One step, as Flower messages (the server drives; see fl_server/split.py):
+One step, as Flower messages (the server drives; see fl_server/split_loop.py):
 
   train.split_begin     adapters in           -> activations of step 0 out
   train.split_output    server output in      -> gradient w.r.t. it out; task decoders step
@@ -61,12 +61,20 @@ from fl_client.node import (
 )
 from models import get_workload
 from models.jscc import sent_positions
-from models.split import batch_plan, encode, pack_symbols, step_generator
+from models.split_wire import (
+    EVAL_UPLINK,
+    GRADIENT_NOISE,
+    LABEL_DP,
+    UPLINK,
+    batch_plan,
+    encode,
+    pack_symbols,
+    step_generator,
+)
 from privacy.split_defences import gaussian_gradient_noise, randomized_response
 
 LIVE_STATE = "split-live"  # parameters and AdamW moments while a round is in progress
 PROGRESS = "split-progress"
-EVAL_LINK = 2  # generator key of evaluation draws (0: uplink steps, 1: downlink steps)
 
 
 # --------------------------------------------------------------------------- state
@@ -286,8 +294,8 @@ class ClientHalf:
                                              num_classes(self.cfg.data), train_ds)[idx]
         return _to(batch, self.device)
 
-    def generator(self, step: int, link: int = 0) -> torch.Generator:
-        return step_generator(self.cfg.seed, self.pid, int(self.progress["round"]), step, link)
+    def generator(self, step: int, key: int = UPLINK) -> torch.Generator:
+        return step_generator(self.cfg.seed, self.pid, int(self.progress["round"]), step, key)
 
     def activations(self, step: int) -> Message | RecordDict:
         """Forward of step `step`: what goes on the air after the uplink channel. Its
@@ -321,7 +329,7 @@ def _private_labels(seed: int, pid: int, epsilon: float, n_classes: int,
                     train_ds: Dataset) -> torch.Tensor:
     """The partition's training labels after randomized response, drawn once per node
     (a label released twice with fresh noise would spend the budget twice)."""
-    gen = step_generator(seed, pid, 5)
+    gen = step_generator(seed, pid, LABEL_DP)
     return randomized_response(train_ds.tensors["label"], n_classes, epsilon, gen)
 
 
@@ -362,7 +370,7 @@ def output(msg: Message, context: Context) -> Message:
         p[f"loss_{t}"] = float(p[f"loss_{t}"]) + v.item() * n
     half.save(msg)
     grad = gaussian_gradient_noise(h.grad, half.cfg.privacy.split_defence.gradient_noise_std,
-                                   half.generator(step, link=4))
+                                   half.generator(step, GRADIENT_NOISE))
     grads = ArrayRecord(encode("output", grad, half.cfg.split.compression))
     return Message(content=RecordDict({"gradients": grads}), reply_to=msg)
 
@@ -420,7 +428,7 @@ def eval_forward(msg: Message, context: Context) -> Message:
     half.workload.load_shared_state(half.model, half.shared_arrays(msg))
     half.model.eval()
     _, test_ds = half.data()
-    gen = step_generator(half.cfg.seed, half.pid, EVAL_LINK)
+    gen = step_generator(half.cfg.seed, half.pid, EVAL_UPLINK)
     parts = []
     for batch in half.workload.eval_batches(test_ds, half.cfg):
         tx, received, snr_db = half.model.uplink(_to(batch, half.device), generator=gen)

@@ -21,6 +21,11 @@ from flwr.app import Array, ArrayRecord
 from torch import Tensor
 
 CODECS = ("none", "float16", "bfloat16", "int8")
+# The last key of `step_generator`: which draw it seeds. A training step's draws take
+# (seed, partition, round, step, key): its channels UPLINK and DOWNLINK, the noise of the
+# gradient-noise defence GRADIENT_NOISE; evaluation's channels and the label-DP labels
+# take (seed, partition, key) and are the same in every round.
+UPLINK, DOWNLINK, EVAL_UPLINK, EVAL_DOWNLINK, GRADIENT_NOISE, LABEL_DP = 0, 1, 2, 3, 4, 5
 
 
 def step_generator(*keys: int) -> torch.Generator:

@@ -1,6 +1,6 @@
 """The diffusion report (issue 13: the paper's tau sweep and baselines).
 
-    python -m models.diffusion.report --config configs/diffusion_quickstart.yaml [--out DIR] [key=value ...]
+    python -m reports.diffusion --config configs/diffusion_quickstart.yaml [--out DIR] [key=value ...]
 
 1. pretrains the DDPM and the one-step decoder if their checkpoint is missing;
 2. runs the federated LoRA fine-tuning on Flower's Ray simulation in a fresh process,
@@ -39,8 +39,7 @@ from torch import Tensor
 
 from common.config import ConfigError, ExperimentConfig, config_from_dict, load_config
 from common.device import resolve_device
-from common.records import new_run_dir, simulation_run
-from fl_client.client_app import local_parameters
+from common.records import new_run_dir
 from models.diffusion import codec, feedback
 from models.diffusion import workload as diffusion
 from models.diffusion.clip_attention import load_clip
@@ -50,6 +49,7 @@ from models.diffusion.link import (LinkResult, Phase1, cam_attention, message_pa
 from models.diffusion.model import presence
 from models.diffusion.pretrain import ensure_pretrained, load_pretrained
 from models.diffusion.train import eval_batches, link_metrics
+from reports.runs import restore_client, simulation_run
 
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
@@ -57,24 +57,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 MIN_GAIN = 0.01  # an all-edges IoU gain smaller than this has no share worth reporting
 COLUMNS = (("iou", "IoU req. class"), ("psnr", "PSNR dB"), ("ssim", "SSIM"),
            ("depth_rmse", "depth RMSE"), ("depth_si_rmse", "SI-RMSE"), ("accuracy", "cls acc"))
-
-
-def client_model(cfg: ExperimentConfig, run_dir: Path, pid: int, device) -> diffusion.DiffusionSemCom:
-    """Client `pid` as it ended the run: the private tensors it saved on its disk (the
-    simulation keeps them in the run folder's client-state/), then the final global
-    adapters on top (as fl_client.client_app._setup loads them)."""
-    model = diffusion.build(cfg, device)
-    folder = run_dir / "client-state" / run_dir.name / f"partition-{pid}"
-    files = sorted(folder.glob("round-*.npz"), key=lambda p: int(p.stem.split("-")[1]))
-    if not files:
-        raise FileNotFoundError(f"no saved state of partition {pid} in {folder}")
-    params = local_parameters(model)
-    with np.load(files[-1]) as saved, torch.no_grad():
-        for name in saved.files:
-            params[name].copy_(torch.from_numpy(saved[name]))
-    with np.load(run_dir / "global_adapters.npz") as g:
-        diffusion.load_shared_state(model, {k: g[k] for k in g.files})
-    return model.eval()
 
 
 ORACLE = "oracle attention (true mask)"
@@ -157,7 +139,7 @@ def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict]
     cam_cfg = config_from_dict(cfg.to_dict(), {"diffusion.feedback": "class"})
     probes: list[dict[str, float]] = []
     for pid in range(cfg.num_clients):
-        model = client_model(cfg, run_dir, pid, device)
+        model = restore_client(cfg, run_dir, pid, device)
         _, test = diffusion.load_data(cfg, pid, cfg.num_clients)
         for i, batch in enumerate(eval_batches(test, cfg, device)):
             seed = cfg.seed + i
@@ -328,7 +310,7 @@ def plot_reconstructions(figure: dict[str, Any], cfg: ExperimentConfig, path: Pa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
-    # --out as in the other reports (models/taco/report.py); --run-dir is kept as an alias.
+    # --out as in the other reports (reports/taco.py); --run-dir is kept as an alias.
     parser.add_argument("--out", "--run-dir", dest="out",
                         help="a report folder to write (or reuse) the run in")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")

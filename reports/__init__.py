@@ -1,0 +1,17 @@
+"""Drivers that train, evaluate and write a report or an audit, above the models and
+the engine they drive (as Flower's simulation sits above its server and client):
+
+    runs.py            run folders: start a simulation run, read a finished one, and
+                       restore a client as it ended the run (`restore_client`)
+    tosc.py            python -m reports.tosc: teacher vs. distilled students
+    taco.py            python -m reports.taco: TACO against JPEG / WebP, the digital link
+    diffusion.py       python -m reports.diffusion: the tau sweep and its baselines
+    membership.py      python -m reports.membership: membership-inference audit of a run
+    label_leakage.py   python -m reports.label_leakage: split training's label leakage
+                       against the defences
+    inversion.py       python -m reports.inversion: input reconstruction from the uplink
+    privacy.py         python -m reports.privacy: utility, epsilon and measured leakage
+                       over DP settings
+
+Each writes JSON and PNG files into a folder it names and prints a Markdown table.
+"""
