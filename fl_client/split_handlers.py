@@ -32,7 +32,6 @@ import math
 import uuid
 import weakref
 from dataclasses import dataclass
-from types import ModuleType
 
 import numpy as np
 import torch
@@ -59,8 +58,9 @@ from fl_client.node import (
     save_state_file,
     saved_state_file,
 )
-from models import get_workload
+from models import get_split_workload
 from models.jscc import sent_positions
+from models.seam import SplitWorkload
 from models.split_wire import (
     EVAL_UPLINK,
     GRADIENT_NOISE,
@@ -85,7 +85,7 @@ def _skeleton(experiment_json: str, device: str):
     """The built model for a config, kept per process: building it costs more than a
     step. Every message overwrites all client parameters from the node's state."""
     cfg = config_from_dict(json.loads(experiment_json))
-    workload = get_workload(cfg.workload)
+    workload = get_split_workload(cfg.workload)
     model = workload.build(cfg, device)
     initial = {n: p.detach().clone() for n, p in workload.client_parameters(model).items()}
     return model, initial
@@ -130,7 +130,7 @@ class ClientHalf:
     def __init__(self, msg: Message, context: Context, resume: bool = True):
         # The experiment with the node's own paths and device (fl_client.trust).
         self.cfg: ExperimentConfig = trust.node_experiment(msg, context)
-        self.workload: ModuleType = get_workload(self.cfg.workload)
+        self.workload: SplitWorkload = get_split_workload(self.cfg.workload)
         self.context = context
         self.pid, self.num_partitions = partition(context)
         self.device = resolve_device(self.cfg.device)

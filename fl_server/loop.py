@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -16,11 +15,12 @@ from common.config import ConfigError, ExperimentConfig
 from common.records import Panel, RunRecorder
 from fl_server.checkpoint import Checkpoint, load_checkpoint
 from models import get_workload
+from models.seam import InitialSharedState, Workload
 from privacy import central_dp
 from strategies import build_strategy
 
 # The engine's own metrics, copied from the aggregated train records into each round's
-# row beside the workload's TRAIN_METRICS / EVAL_METRICS (its room names them).
+# row beside the workload's TRAIN_METRICS / EVAL_METRICS (its workload module names them).
 ENGINE_TRAIN_METRICS = ("train_loss", "bytes_up", "bytes_down", "clients_accepted",
                         "clients_rejected", "dp_epsilon_max", "dp_epsilon_mean",
                         "dp_noise_multiplier", "secagg_seconds", "secagg_exchanges")
@@ -64,8 +64,7 @@ def initial_arrays(cfg: ExperimentConfig, lora_train: str) -> ArrayRecord:
     (`initial_shared_state(cfg)`, taco's pre-trained codec): clients then never read
     that file, they receive its weights in round 1."""
     workload = get_workload(cfg.workload)
-    initial = getattr(workload, "initial_shared_state", None)
-    shared = (initial(cfg) if initial is not None
+    shared = (workload.initial_shared_state(cfg) if isinstance(workload, InitialSharedState)
               else workload.shared_state(workload.build(cfg, "cpu"), lora_train))
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in shared.items()})
 
@@ -121,7 +120,7 @@ def recorder(run_dir: Path, cfg: ExperimentConfig, rows: list[dict[str, Any]],
     return RunRecorder(run_dir, cfg.to_dict(), rounds=rows, panels=panels)
 
 
-def round_row(workload: ModuleType, rnd: int, train_m, eval_m, n_replies: int,
+def round_row(workload: Workload, rnd: int, train_m, eval_m, n_replies: int,
               seconds: float) -> dict[str, Any]:
     """A round's row of metrics.json: the engine's metrics and the workload's."""
     row: dict[str, Any] = {"round": rnd, "clients_replied": n_replies, "seconds": round(seconds, 2)}
@@ -135,7 +134,7 @@ def round_row(workload: ModuleType, rnd: int, train_m, eval_m, n_replies: int,
     return row
 
 
-def round_summary(workload: ModuleType, row: dict[str, Any], rounds: int) -> str:
+def round_summary(workload: Workload, row: dict[str, Any], rounds: int) -> str:
     """The one line printed when a round ends."""
     formats = {"train_loss": "loss {:.3f}", **workload.SUMMARY, "bytes_up": "up {:.0f} B",
                "dp_epsilon_max": "eps {:.2f}", "dp_central_epsilon": "eps {:.2f}"}

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -38,6 +37,7 @@ from fl_server.loop import (
 from fl_server.secagg import secure_train_round
 from fl_server.split_loop import run_split
 from models import get_workload
+from models.seam import Workload
 from privacy import central_dp
 from privacy.dp import PANELS as DP_PANELS
 
@@ -61,9 +61,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
     console = console or Console(stderr=True)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output_dir, cfg.name)
     workload = get_workload(cfg.workload)
-    prepare = getattr(workload, "prepare", None)
-    if prepare is not None:
-        prepare(cfg)  # workload set-up before round 1 (tosc: its teacher)
+    workload.prepare(cfg)  # before round 1, e.g. the tosc teacher the clients load
     strategy = make_strategy(cfg)
     arrays = initial_arrays(cfg, lora_train_of(strategy))
     done, rows = 0, []
@@ -145,7 +143,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
 
 
 def _snr_sweep(grid: Grid, strategy, cfg: ExperimentConfig, arrays: ArrayRecord,
-               workload: ModuleType) -> list[dict[str, Any]]:
+               workload: Workload) -> list[dict[str, Any]]:
     """Evaluate the final global state at each fixed SNR of channel.sweep_snr_db."""
     rows = []
     for snr in cfg.channel.sweep_snr_db:

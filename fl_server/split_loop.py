@@ -50,7 +50,7 @@ from fl_server.loop import (
     start_or_resume,
     strategy_state,
 )
-from models import get_workload
+from models import get_split_workload
 from models.channel import WirelessChannel, analog_transmission
 from models.jscc import sent_positions
 from models.split_wire import (
@@ -270,7 +270,7 @@ def run_split(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
     continues from there (the clients continue from their `state-dir`)."""
     console = console or Console(stderr=True)
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg.output_dir, cfg.name)
-    workload = get_workload(cfg.workload)
+    workload = get_split_workload(cfg.workload)
     strategy = make_strategy(cfg)
     model = workload.build(cfg, resolve_device(cfg.device))
     workload.set_trainable(model, strategy.lora_train)

@@ -1,4 +1,4 @@
-"""The diffusion report (issue 13: the paper's tau sweep and baselines).
+"""The diffusion report: the paper's tau sweep and its baselines.
 
     python -m reports.diffusion --config configs/diffusion_quickstart.yaml [--out DIR] [key=value ...]
 
@@ -18,7 +18,7 @@
    report.json, report.png (task gain against bytes), reconstructions.png (originals
    beside the phase-1 and phase-3 reconstructions) and a Markdown table.
 
-The goal of the issue: CAM-masked edges reach at least 90% of the all-edges IoU gain at
+The goal it checks: CAM-masked edges reach at least 90% of the all-edges IoU gain at
 no more than half its phase-3 bytes; the report says which tau (if any) reaches it.
 """
 

@@ -48,6 +48,7 @@ from common.data.tensor_dataset import TensorDictDataset
 from common.device import resolve_device
 from common.records import plt
 from models import get_workload
+from models.seam import ClassLogits
 from privacy import mia
 from privacy.dp import HISTORY_KEY, ClientDP, epsilon_of
 from privacy.mia_metrics import TooFewNonMembers, attack_auc, empirical_epsilon, tpr_at_fpr
@@ -148,7 +149,9 @@ def train_reference(cfg: ExperimentConfig, data: TensorDictDataset, epochs: int,
 
 
 def _logits(cfg: ExperimentConfig, model, data) -> torch.Tensor:
-    return get_workload(cfg.workload).class_logits(model, data, cfg)
+    workload = get_workload(cfg.workload)
+    assert isinstance(workload, ClassLogits)  # audit() refuses the others first
+    return workload.class_logits(model, data, cfg)
 
 
 # --------------------------------------------------------------------------- the audit
@@ -193,6 +196,10 @@ def audit(run_dir: str | Path, target: str = "global", attacks: str = "loss,lira
         raise AuditError(f"--run {run_dir}: data.name={cfg.data.name}; the audit draws its "
                          "held-out examples from the synthetic scene generator, so it needs "
                          "data.name=synthetic")
+    if not isinstance(get_workload(cfg.workload), ClassLogits):
+        raise AuditError(f"--run {run_dir}: workload {cfg.workload!r} has no classification "
+                         "head to score (models.seam.ClassLogits); the membership audit covers "
+                         "mtsc and tosc runs")
     pids = parse_target(target, cfg.num_clients)
     names = parse_attacks(attacks)
     if not non_member_ratio > 0:

@@ -1,4 +1,4 @@
-"""The tosc report (issue: teacher vs. students, like the Lightweight TOSC paper's table).
+"""The tosc report: teacher vs. students, like the Lightweight TOSC paper's table.
 
     python -m reports.tosc --config configs/distill_quickstart.yaml [key=value ...]
 

@@ -62,3 +62,73 @@ def test_every_shipped_config_is_valid():
     assert files, "configs/ should hold the experiment files"
     for f in files:
         load_config(f)
+
+
+# The strategy names are spelled once in the config layer (common/config/schema.py), which
+# cannot import the registry in strategies/ (Flower and torch load there). These tests
+# hold the two, and every list drawn from the names, together.
+
+
+def test_the_config_and_the_strategy_registry_name_the_same_strategies():
+    import typing
+
+    import strategies
+    from common.config import LORA_STRATEGIES, STRATEGY_NAMES, WEIGHT_STRATEGIES, StrategyConfig
+
+    assert set(strategies.STRATEGIES) == set(STRATEGY_NAMES)
+    annotation = typing.get_type_hints(StrategyConfig)["name"]
+    assert typing.get_args(annotation) == STRATEGY_NAMES  # what strategy.name accepts
+    # The two families split the names: every strategy is of exactly one.
+    assert not set(LORA_STRATEGIES) & set(WEIGHT_STRATEGIES)
+    assert set(LORA_STRATEGIES) | set(WEIGHT_STRATEGIES) == set(STRATEGY_NAMES)
+
+
+def test_the_strategy_families_are_what_the_registry_classes_are():
+    import strategies
+    from common.config import LORA_STRATEGIES, WEIGHT_STRATEGIES
+
+    # Whole weights: FedAvg of the student (and FedProx, its subclass); LoRA adapters:
+    # every other strategy, which aggregates the A and B factors.
+    weights = {n for n, cls in strategies.STRATEGIES.items()
+               if issubclass(cls, strategies.StudentFedAvg)}
+    assert weights == set(WEIGHT_STRATEGIES)
+    assert set(strategies.STRATEGIES) - weights == set(LORA_STRATEGIES)
+
+
+def test_each_workload_accepts_only_registered_strategies_of_one_family():
+    from common.config import LORA_STRATEGIES, STRATEGY_NAMES, WEIGHT_STRATEGIES
+    from common.workloads import WORKLOADS, room
+
+    for name in WORKLOADS:
+        accepted = room(name, "config").STRATEGIES
+        assert accepted and set(accepted) <= set(STRATEGY_NAMES), name
+        assert set(accepted) <= set(LORA_STRATEGIES) or set(accepted) <= set(WEIGHT_STRATEGIES)
+
+
+def test_central_dp_and_secure_aggregation_take_exactly_the_strategies_that_average():
+    from flwr.serverapp.strategy import FedAvg
+
+    import strategies
+    from common.config import CENTRAL_DP_REFUSED, MEAN_STRATEGIES, STRATEGY_NAMES
+
+    assert set(CENTRAL_DP_REFUSED) <= set(STRATEGY_NAMES)
+    assert set(MEAN_STRATEGIES) == set(STRATEGY_NAMES) - set(CENTRAL_DP_REFUSED)
+
+    def averages(cls: type) -> bool:
+        # FedAvgLoRA's per-reply checks, then Flower's FedAvg.aggregate_train: the
+        # weighted mean that DP noise bounds and SecAgg+ computes.
+        return (cls._aggregate_accepted is strategies.FedAvgLoRA._aggregate_accepted
+                and super(strategies.FedAvgLoRA, cls).aggregate_train is FedAvg.aggregate_train)
+
+    assert {n for n, cls in strategies.STRATEGIES.items() if averages(cls)} == set(MEAN_STRATEGIES)
+
+
+def test_an_unknown_strategy_name_is_refused_with_the_valid_names():
+    from common.config import STRATEGY_NAMES
+
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, ["strategy.name=fedsgd"])
+    message = str(err.value)
+    assert "'strategy.name'" in message and "'fedsgd'" in message
+    for name in STRATEGY_NAMES:
+        assert repr(name) in message

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.config import ExperimentConfig, need
+from common.config import LORA_STRATEGIES, ExperimentConfig, need
 
 # Linear layers of diffusers' UNet2DModel that peft may adapt (the attention projections
 # and the timestep projections of the ResNet blocks). Only Linear layers: svd_lora
@@ -63,9 +63,7 @@ class DiffusionConfig:
 
 SECTIONS = {"diffusion": DiffusionConfig}
 SPLIT = False
-# It shares the UNet's LoRA adapters, which these strategies aggregate.
-STRATEGIES = ("fedavg_lora", "ffa_lora", "svd_lora", "fedmedian_lora", "trimmed_avg_lora",
-              "krum_lora")
+STRATEGIES = LORA_STRATEGIES  # it shares the UNet's LoRA adapters
 
 
 def check(cfg: ExperimentConfig) -> None:

@@ -34,10 +34,8 @@ LORA = ".lora_"
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    # GroupNorm: per example, no running statistics to carry between rounds. (With
-    # BatchNorm, before nodes kept running statistics (local_parameters), every private
-    # net was scored at mean 0 / variance 1 and predicted one class everywhere; with
-    # ~160 scenes per client, per-example statistics are also the steadier choice.)
+    # GroupNorm: per-example statistics, the steadier choice with ~160 scenes per client
+    # and batches of a few scenes.
     return nn.GroupNorm(4 if channels % 4 == 0 else 1, channels)
 
 

@@ -1,4 +1,4 @@
-"""The `diffusion` workload's seam (DESIGN.md): the UNet's LoRA adapters are the only
+"""The `diffusion` workload's seam (models/seam.py): the UNet's LoRA adapters are the only
 tensors that leave a client (`shared_state`); the segmentation net, the CAM classifier,
 the receiver's task net (segmentation, depth, classification heads) and the labels
 stay on it."""

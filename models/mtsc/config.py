@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.config import TASKS, ExperimentConfig, need
+from common.config import LORA_STRATEGIES, TASKS, ExperimentConfig, need
 
 
 @dataclass
@@ -24,9 +24,7 @@ class ModelConfig:
 
 SECTIONS = {"model": ModelConfig}
 SPLIT = True  # the U-shaped split of LAM-MTSC (models/mtsc/split.py)
-# It shares LoRA adapters, which these strategies aggregate.
-STRATEGIES = ("fedavg_lora", "ffa_lora", "svd_lora", "fedmedian_lora", "trimmed_avg_lora",
-              "krum_lora")
+STRATEGIES = LORA_STRATEGIES  # it shares LoRA adapters
 
 
 def check(cfg: ExperimentConfig) -> None:

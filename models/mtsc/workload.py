@@ -1,5 +1,5 @@
-"""The `mtsc` workload's seam (DESIGN.md): what the server, the client and the
-strategies call, and nothing else of the room. The LoRA adapters are the only tensors
+"""The `mtsc` workload's seam (models/seam.py): what the server, the client and the
+strategies call, and nothing else of the package. The LoRA adapters are the only tensors
 that leave a client (`shared_state`)."""
 
 from __future__ import annotations
@@ -20,10 +20,16 @@ from models.mtsc.split import LABEL_ROW, client_parameters, server_forward, serv
 from models.mtsc.train import autocast_dtype, class_logits, eval_batches, evaluate, train_local
 
 __all__ = ["build", "shared_state", "load_shared_state", "load_data", "train_local",
-           "evaluate", "class_logits", "TRAIN_METRICS", "EVAL_METRICS", "SUMMARY", "PANELS",
+           "evaluate", "prepare", "class_logits", "TRAIN_METRICS", "EVAL_METRICS", "SUMMARY",
+           "PANELS",
            # split training (fl_client/split_handlers.py, fl_server/split_loop.py)
            "set_trainable", "client_parameters", "server_half", "server_forward",
            "eval_batches", "TaskScorer", "autocast_dtype", "LABEL_ROW"]
+
+
+def prepare(cfg: ExperimentConfig) -> None:
+    """Nothing to pre-train: the LAM is built from its config (seeded) or loaded from the
+    local `model.checkpoint` by every party."""
 
 
 def load_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from common.config import ExperimentConfig, need
+from common.config import WEIGHT_STRATEGIES, ExperimentConfig, need
 
 # The LSF candidate rates of the paper (Sec. III-A-4), in percent of latent positions.
 PAPER_RATES = [0, 10, 20, 30, 50, 70, 90, 100]
@@ -68,13 +68,14 @@ class TacoConfig:
 
 SECTIONS = {"taco": TacoConfig}
 SPLIT = False
-STRATEGIES = ("fedavg", "fedprox")  # it shares the codec's weights
+STRATEGIES = WEIGHT_STRATEGIES  # it shares the codec's weights
 
 
 def check(cfg: ExperimentConfig) -> None:
     t, c, link = cfg.taco, cfg.taco.codec, cfg.taco.link
     need(cfg.strategy.name in STRATEGIES, "strategy.name", cfg.strategy.name,
-         "'fedavg' or 'fedprox' for workload 'taco' (it shares the codec's weights)")
+         f"{' or '.join(repr(n) for n in STRATEGIES)} for workload 'taco' (it shares the "
+         "codec's weights)")
     need(cfg.data.name == "synthetic", "data.name", cfg.data.name,
          "'synthetic' for workload 'taco' (the codec's public split and the task "
          "switch's segmentation maps come from the synthetic scenes)")

@@ -1,5 +1,5 @@
-"""The index bits over a noisy digital link (issue point 8; the paper assumes an
-error-free link and names channel noise as future work).
+"""The index bits over a noisy digital link (the paper assumes an error-free link and
+names channel noise as future work).
 
 The context and task indices of a payload (ceil(log2 K) bits each) are coded
 (uncoded, or Hamming(7,4) with single-error correction), mapped to BPSK or Gray QPSK

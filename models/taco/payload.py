@@ -1,4 +1,4 @@
-"""TACO's payload as bits, and the Flower message that carries it (issue point 6).
+"""TACO's payload as bits, and the Flower message that carries it.
 
 One image's payload is p, the mask M, the context indices z_c that the receiver needs
 and the task indices z_i (TACO Sec. III-A-4, Eqs. 6-8). It is serialised bit by bit:

@@ -15,6 +15,13 @@ from torch import Tensor, nn
 from models.taco.codec import DOWNSAMPLE
 
 
+def norm_layer(channels: int) -> nn.Module:
+    """GroupNorm: normalises each example on its own, so a batch of one (the
+    transmitter's GradCAM, the receiver's x_hat) is scored as in a larger batch, and it
+    learns quickly on a few hundred images."""
+    return nn.GroupNorm(4, channels)
+
+
 class TaskClassifier(nn.Module):
     """A small CNN; its last conv block works at the latent grid's resolution (1/4), so
     its GradCAM map has one value per latent position before any resizing."""
@@ -22,14 +29,11 @@ class TaskClassifier(nn.Module):
     def __init__(self, width: int, classes: int):
         super().__init__()
         w = width
-        # GroupNorm for quick learning on a few hundred images: per example (a batch of
-        # one gives what a larger batch gives) and without buffers (the node keeps
-        # trainable parameters between rounds, not running statistics).
         self.features = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.GroupNorm(4, w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.GroupNorm(4, 2 * w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.GroupNorm(4, 4 * w), nn.ReLU(),
-            nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.GroupNorm(4, 4 * w), nn.ReLU(),
+            nn.Conv2d(3, w, 3, padding=1), norm_layer(w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), norm_layer(2 * w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), norm_layer(4 * w), nn.ReLU(),
+            nn.Conv2d(4 * w, 4 * w, 3, padding=1), norm_layer(4 * w), nn.ReLU(),
         )
         self.head = nn.Linear(4 * w, classes)
 
@@ -51,9 +55,9 @@ class Segmenter(nn.Module):
     def __init__(self, width: int, classes: int):
         super().__init__()
         w = width
-        layers: list[nn.Module] = [nn.Conv2d(3, w, 3, padding=1), nn.GroupNorm(4, w), nn.ReLU()]
+        layers: list[nn.Module] = [nn.Conv2d(3, w, 3, padding=1), norm_layer(w), nn.ReLU()]
         for d in (1, 2, 4, 8):
-            layers += [nn.Conv2d(w, w, 3, padding=d, dilation=d), nn.GroupNorm(4, w), nn.ReLU()]
+            layers += [nn.Conv2d(w, w, 3, padding=d, dilation=d), norm_layer(w), nn.ReLU()]
         layers.append(nn.Conv2d(w, classes + 1, 1))
         self.net = nn.Sequential(*layers)
 

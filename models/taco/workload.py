@@ -1,4 +1,4 @@
-"""The `taco` workload's seam (DESIGN.md): the VQ codec is shared and fine-tuned
+"""The `taco` workload's seam (models/seam.py): the VQ codec is shared and fine-tuned
 federatedly (FedAvg of its weights: about 0.25 M parameters, 1 MB a round, small
 enough to send whole, so no LoRA); the task models stay on the client."""
 

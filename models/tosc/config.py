@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.config import ExperimentConfig, need
+from common.config import WEIGHT_STRATEGIES, ExperimentConfig, need
 
 
 @dataclass
@@ -41,13 +41,14 @@ class DistillConfig:
 
 SECTIONS = {"distill": DistillConfig}
 SPLIT = False
-STRATEGIES = ("fedavg", "fedprox")  # it shares student weights
+STRATEGIES = WEIGHT_STRATEGIES  # it shares student weights
 
 
 def check(cfg: ExperimentConfig) -> None:
     dc, t = cfg.distill, cfg.distill.teacher
     need(cfg.strategy.name in STRATEGIES, "strategy.name", cfg.strategy.name,
-         "'fedavg' or 'fedprox' for workload 'tosc' (it shares student weights)")
+         f"{' or '.join(repr(n) for n in STRATEGIES)} for workload 'tosc' (it shares "
+         "student weights)")
     need(cfg.data.name == "synthetic", "data.name", cfg.data.name,
          "'synthetic' for workload 'tosc' (the teacher's public split is drawn from "
          "synthetic scenes that no client owns)")

@@ -1,4 +1,4 @@
-"""The `tosc` workload's seam (DESIGN.md): distilled lightweight students. The
+"""The `tosc` workload's seam (models/seam.py): distilled lightweight students. The
 student's weights are shared with the server (FedAvg or FedProx); the task head stays
 on the client (`shared_state`)."""
 

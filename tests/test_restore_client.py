@@ -1,0 +1,85 @@
+"""A client restored from a run folder (reports/runs.py, `restore_client`) is the client
+that ended the run: the same parameters and batch-norm statistics, bit for bit, and so
+the same evaluation outputs."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from test_server_rounds import LoopbackGrid
+
+from common.config import load_config
+from fl_server.rounds import run_federated
+from models.taco import task
+from models.taco import workload as taco
+from reports.runs import RunFolderError, restore_client
+
+
+@pytest.fixture
+def taco_with_batchnorm(monkeypatch):
+    """TACO's task models with BatchNorm in place of GroupNorm: running statistics that a
+    client learns from its data and keeps as buffers, not parameters."""
+    monkeypatch.setattr(task, "norm_layer", lambda channels: torch.nn.BatchNorm2d(channels))
+
+
+def _equal_models(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
+def test_a_restored_taco_client_evaluates_bit_for_bit_as_it_ended_the_run(
+        taco_with_batchnorm, flower_message_context, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    cfg = load_config("configs/taco_quickstart.yaml", [
+        "num_clients=2", "rounds=2", "data.num_samples=160", "train.local_epochs=1",
+        "taco.eval_images=3", "taco.codec.public_samples=32", "taco.codec.epochs=1",
+        f"taco.codec.checkpoint={tmp_path / 'codec.pt'}", f"output_dir={tmp_path}",
+        f"client_state_dir={run_dir / 'client-state'}"])
+    # The client as it evaluates the final global state in the run's last round.
+    seen: dict[int, torch.nn.Module] = {}
+    tests = [taco.load_data(cfg, pid, cfg.num_clients)[1] for pid in range(cfg.num_clients)]
+    evaluate = taco.evaluate
+
+    def keep_the_evaluated_client(model, data, c):
+        pid = next(p for p, t in enumerate(tests)
+                   if torch.equal(t.tensors["image"], data.tensors["image"]))
+        seen[pid] = copy.deepcopy(model).eval()
+        return evaluate(model, data, c)
+
+    monkeypatch.setattr(taco, "evaluate", keep_the_evaluated_client)
+    run_federated(LoopbackGrid(cfg.num_clients), cfg, run_dir)
+    assert sorted(seen) == [0, 1]
+
+    fresh = taco.build(cfg).eval()
+    for pid, ended in seen.items():
+        stats = {k for k, v in ended.named_buffers() if "running_mean" in k}
+        assert stats, "the task models should hold batch-norm statistics"
+        # The statistics moved in training: restoring without buffers would be caught.
+        moved = {k for k in stats if not torch.equal(ended.state_dict()[k], fresh.state_dict()[k])}
+        assert moved == stats
+
+        restored = restore_client(cfg, run_dir, pid)
+        assert not restored.training
+        assert _equal_models(restored, ended) == []
+        images = tests[pid].tensors["image"][:8]
+        with torch.no_grad():
+            for part in ("classifier", "segmenter"):
+                assert torch.equal(getattr(restored, part)(images), getattr(ended, part)(images))
+            assert torch.equal(restored.codec.indices(images), ended.codec.indices(images))
+        torch.manual_seed(0)
+        again = evaluate(restored, tests[pid], cfg)
+        torch.manual_seed(0)
+        assert again == evaluate(ended, tests[pid], cfg)
+
+
+def test_restoring_a_client_the_run_never_saved_names_the_folder(tmp_path, tiny_cfg,
+                                                                   flower_message_context):
+    run_dir = tmp_path / "run"
+    run_federated(LoopbackGrid(tiny_cfg.num_clients), tiny_cfg, run_dir)  # no state dir
+    assert np.load(run_dir / "global_adapters.npz").files
+    with pytest.raises(RunFolderError, match="partition 1: no saved private state under"):
+        restore_client(tiny_cfg, run_dir, 1)
+    with pytest.raises(RunFolderError, match="no metrics.json"):
+        restore_client(tiny_cfg, tmp_path / "elsewhere", 0)
