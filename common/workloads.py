@@ -1,16 +1,18 @@
-"""The workload registry: each workload's room under models/, by name.
+"""The workload registry: each workload's package under models/, by name.
 
-A room holds two modules the rest of the house looks for:
+A workload's package holds two modules the rest of the project looks for:
 
 - `config`: its config section (`SECTIONS`: top-level key -> dataclass), `SPLIT`
-  (whether it has a U-shaped split) and `check(cfg)`, its range checks. It imports
-  nothing heavy, so a config is checked before torch is loaded.
-- `workload`: the seam of DESIGN.md (build, shared_state, load_shared_state,
-  load_data, train_local, evaluate) and the names of its metrics.
+  (whether it has a U-shaped split), `STRATEGIES` (the strategies that can aggregate
+  what it shares) and `check(cfg)`, its range checks. It imports nothing heavy, so a
+  config is checked before torch is loaded.
+- `workload`: its side of the seam (models/seam.py: build, shared_state,
+  load_shared_state, load_data, train_local, evaluate, prepare, and the names of its
+  metrics).
 
 The config loader reads the first, the engine the second (models.get_workload). A new
-workload is a new room and one line here. Rooms are imported by name when they are
-needed, so the foundation depends on no workload when it is imported.
+workload is a new package and one line here. The modules are imported by name when they
+are needed, so the foundation depends on no workload when it is imported.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ WORKLOADS: dict[str, str] = {
 }
 
 
-def room(name: str, part: str) -> ModuleType:
-    """Module `part` ("config" or "workload") of workload `name`'s room."""
+def workload_module(name: str, part: str) -> ModuleType:
+    """Module `part` ("config" or "workload") of workload `name`."""
     if name not in WORKLOADS:
         raise ValueError(f"workload {name!r} unknown; available: {sorted(WORKLOADS)}")
     return importlib.import_module(f"{WORKLOADS[name]}.{part}")

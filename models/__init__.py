@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
-from common.workloads import room
+from common.workloads import workload_module
 
 if TYPE_CHECKING:
     from models.seam import SplitWorkload, Workload
@@ -28,14 +28,14 @@ if TYPE_CHECKING:
 
 def get_workload(name: str) -> Workload:
     """Workload `name`'s side of the seam (its `workload` module)."""
-    return cast("Workload", room(name, "workload"))
+    return cast("Workload", workload_module(name, "workload"))
 
 
 def get_split_workload(name: str) -> SplitWorkload:
     """Workload `name`, which must have a U-shaped split."""
     from models.seam import SplitWorkload
 
-    workload = room(name, "workload")
+    workload = workload_module(name, "workload")
     if not isinstance(workload, SplitWorkload):
         raise ValueError(f"workload {name!r} has no U-shaped split (split.mode needs a "
                          "workload that implements models.seam.SplitWorkload)")

@@ -18,7 +18,7 @@ same (`UNIFORM_WEIGHT` = 1, by which the strategy averages): with weights by dat
 one client could move the mean by more than C / n. A reply that the per-reply checks
 drop leaves fewer than n updates in the mean, and the noise is still that for n.
 Only strategies whose aggregate is a mean of the updates can be wrapped (see
-common/config.py).
+CENTRAL_DP_REFUSED in common/config/checks.py).
 """
 
 from __future__ import annotations

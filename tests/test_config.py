@@ -97,10 +97,10 @@ def test_the_strategy_families_are_what_the_registry_classes_are():
 
 def test_each_workload_accepts_only_registered_strategies_of_one_family():
     from common.config import LORA_STRATEGIES, STRATEGY_NAMES, WEIGHT_STRATEGIES
-    from common.workloads import WORKLOADS, room
+    from common.workloads import WORKLOADS, workload_module
 
     for name in WORKLOADS:
-        accepted = room(name, "config").STRATEGIES
+        accepted = workload_module(name, "config").STRATEGIES
         assert accepted and set(accepted) <= set(STRATEGY_NAMES), name
         assert set(accepted) <= set(LORA_STRATEGIES) or set(accepted) <= set(WEIGHT_STRATEGIES)
 

@@ -154,9 +154,9 @@ def test_checking_a_config_finds_the_workload_sections_without_loading_torch():
     beta, torch_loaded, loaded = json.loads(out.strip().splitlines()[-1])
     assert beta == 0.001
     assert not torch_loaded  # python -m simulation still fails fast on a bad config
-    # The loader found the rooms' config modules through the registry, and only those.
-    rooms = sorted(m for m in loaded if m.startswith("models."))
+    # The loader found the workloads' config modules through the registry, and only those.
+    found = sorted(m for m in loaded if m.startswith("models."))
     from common.workloads import WORKLOADS
     expected = sorted(m for path in WORKLOADS.values() for m in (path, f"{path}.config"))
     assert "models.taco.config" in expected and "models.diffusion.config" in expected
-    assert rooms == expected
+    assert found == expected

@@ -8,7 +8,7 @@ from typing import Generic, Protocol
 import pytest
 
 from common.config import ConfigError, load_config
-from common.workloads import WORKLOADS, room
+from common.workloads import WORKLOADS, workload_module
 from models import get_split_workload
 from models.seam import ClassLogits, InitialSharedState, SplitWorkload, Workload
 
@@ -55,14 +55,14 @@ def test_every_workload_implements_the_seam_with_its_signatures(name):
     assert {"build", "train_local", "evaluate", "prepare", "PANELS"} <= set(
         protocol_members(Workload))
     assert {"server_forward", "LABEL_ROW", "build"} <= set(protocol_members(SplitWorkload))
-    workload = room(name, "workload")
+    workload = workload_module(name, "workload")
     assert isinstance(workload, Workload)
     assert signature_mismatches(workload, Workload) == []
     for optional in (InitialSharedState, ClassLogits, SplitWorkload):
         if isinstance(workload, optional):
             assert signature_mismatches(workload, optional) == [], optional.__name__
     # A workload's config says whether it splits; its module must agree.
-    assert room(name, "config").SPLIT == isinstance(workload, SplitWorkload)
+    assert workload_module(name, "config").SPLIT == isinstance(workload, SplitWorkload)
 
 
 def test_the_signature_check_finds_what_a_workload_got_wrong():

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from common.config.schema import STRATEGY_NAMES, TASKS, ConfigError, ExperimentConfig
-from common.workloads import WORKLOADS, room
+from common.workloads import WORKLOADS, workload_module
 
 
 def need(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -114,7 +114,7 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     need(0 < sp.poll_interval_s <= 1, "split.poll_interval_s", sp.poll_interval_s,
          "0 < x <= 1 seconds")
     if sp.mode != "off":
-        splittable = [w for w in WORKLOADS if room(w, "config").SPLIT]
+        splittable = [w for w in WORKLOADS if workload_module(w, "config").SPLIT]
         need(cfg.workload in splittable, "split.mode", sp.mode,
              f"'off' for workload {cfg.workload!r} (only {', '.join(splittable)} "
              f"{'has' if len(splittable) == 1 else 'have'} a U-shaped split)")
@@ -176,7 +176,7 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     need(s.ray_address is None or re.fullmatch(r"auto|[\w.\-]+:\d{1,5}", s.ray_address)
          is not None, "simulation.ray_address", s.ray_address,
          "HOST:PORT of a running Ray head (e.g. 10.0.0.5:6379), 'auto', or null")
-    room(cfg.workload, "config").check(cfg)  # its section, its strategies, its data
+    workload_module(cfg.workload, "config").check(cfg)  # its section, its strategies, its data
     if d.name in ("cifar10", "stl10"):
         need(d.root is not None, "data.root", d.root,
              f"a local folder holding {d.name} (nothing is downloaded)")

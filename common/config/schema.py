@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from common.workloads import WORKLOADS, room
+from common.workloads import WORKLOADS, workload_module
 
 # The tasks the synthetic scenes annotate (a label, a question with its answer, a
 # caption, the image itself); `train.loss_weights` weights them.
@@ -233,7 +233,7 @@ def workload_sections() -> dict[str, type]:
     out: dict[str, type] = {}
     engine = {f.name for f in dataclasses.fields(ExperimentConfig)}
     for name in WORKLOADS:
-        for key, cls in room(name, "config").SECTIONS.items():
+        for key, cls in workload_module(name, "config").SECTIONS.items():
             if key in engine or key in out:
                 raise TypeError(f"workload {name!r} declares config section {key!r}, "
                                 "which another part of the config already has")
