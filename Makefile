@@ -1,12 +1,12 @@
-# Two commands on a fresh machine: `make demo` and `make test` (and `make bench`, the
-# measured ratios: several minutes).
+# Two commands on a fresh machine: `make demo` and `make test` (and `make test-all`, the
+# suite with its long end-to-end checks; `make bench`, the measured ratios: several minutes).
 # Both create (or reuse) the local virtualenv .venv and install what they need.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean-venv
+.PHONY: demo test test-all bench install clean-venv
 
 install: $(STAMP)
 
@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m simulation --config configs/quickstart.yaml
 
+# The suite without the long end-to-end checks marked `slow` (under 10 minutes on an
+# idle 2-core machine); test-all runs every test.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q --durations=15 -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q --durations=15
 
 # Every benchmark, one table; JSON and PNG under runs/benchmarks/. Sizes: BENCH_ARGS,
 # e.g. make bench BENCH_ARGS="--quick" or BENCH_ARGS="--skip deploy memory".

@@ -11,9 +11,6 @@ message that says what differs.
 
 from __future__ import annotations
 
-import functools
-import json
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +22,10 @@ from common.config import ExperimentConfig, resolve_path
 from common.data.scenes import SyntheticScenes
 from common.device import resolve_device
 from common.seeding import seeded
+from models import pretrained
+
+KIND = "diffusion-ddpm"
+CHECKPOINT_KEY = "diffusion.checkpoint"
 
 # Keys of `diffusion:` that change the pretrained weights.
 _PRETRAIN_KEYS = ("public_samples", "pretrain_steps", "pretrain_batch_size", "pretrain_lr",
@@ -33,11 +34,9 @@ _PRETRAIN_KEYS = ("public_samples", "pretrain_steps", "pretrain_batch_size", "pr
 
 
 def fingerprint(cfg: ExperimentConfig) -> dict:
-    d = cfg.data
+    """What the pretrained weights depend on; a file made for other values is refused."""
     return {"diffusion": {k: getattr(cfg.diffusion, k) for k in _PRETRAIN_KEYS},
-            "seed": cfg.seed,
-            "data": {"seed": d.seed, "image_size": d.image_size, "max_objects": d.max_objects,
-                     "texture": d.texture, "public_first_index": d.num_samples}}
+            "seed": cfg.seed, "data": pretrained.public_data_fingerprint(cfg.data)}
 
 
 def checkpoint_path(cfg: ExperimentConfig) -> Path:
@@ -45,8 +44,7 @@ def checkpoint_path(cfg: ExperimentConfig) -> Path:
 
 
 def public_split(cfg: ExperimentConfig) -> SyntheticScenes:
-    first = cfg.data.num_samples
-    return SyntheticScenes(cfg.data, range(first, first + cfg.diffusion.public_samples))
+    return pretrained.public_split(cfg.data, cfg.diffusion.public_samples)
 
 
 def _batches(data: SyntheticScenes, batch_size: int, steps: int, generator: torch.Generator):
@@ -106,50 +104,15 @@ def pretrain(cfg: ExperimentConfig, log=print) -> dict:
 def ensure_pretrained(cfg: ExperimentConfig, log=print) -> Path:
     """Train and write the checkpoint if missing; refuse one made for other settings."""
     path = checkpoint_path(cfg)
-    if path.is_file():
-        load_pretrained(cfg)  # raises if it was made for other settings
-        return path
-    state = pretrain(cfg, log)
-    state["fingerprint"] = json.dumps(fingerprint(cfg), sort_keys=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    pretrained.ensure(path, KIND, fingerprint(cfg), CHECKPOINT_KEY,
+                      lambda: pretrain(cfg, log), log)
     return path
 
 
 def load_pretrained(cfg: ExperimentConfig) -> dict:
-    """The checkpoint's state (unet, decoder, losses), checked against `cfg`."""
-    path = checkpoint_path(cfg)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"diffusion.checkpoint={cfg.diffusion.checkpoint!r}: no pretrained DDPM at {path}. "
-            "The server trains it before round 1 (python -m simulation) and python -m "
-            "reports.diffusion does too; on a separate device, copy the server's file "
-            "to this path (node config diffusion-checkpoint).")
-    saved = _read(str(path), path.stat().st_mtime_ns)
-    want = json.dumps(fingerprint(cfg), sort_keys=True)
-    if saved["fingerprint"] != want:
-        have, want_d = json.loads(saved["fingerprint"]), json.loads(want)
-        diff = sorted(k for k in _flat(want_d) if _flat(have).get(k) != _flat(want_d).get(k))
-        raise ValueError(
-            f"pretrained DDPM {path} was trained for other settings ({', '.join(diff)} differ). "
-            "Delete it to retrain, or set diffusion.checkpoint to a new file.")
-    return saved
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-@functools.lru_cache(maxsize=2)
-def _read(path: str, mtime_ns: int) -> dict:
-    # Cached: the clients of one simulation process read the same file.
-    return torch.load(path, map_location="cpu", weights_only=True)
-
+    """The checkpoint's state (unet, decoder, losses, seconds), checked against `cfg`."""
+    return pretrained.load(
+        checkpoint_path(cfg), KIND, fingerprint(cfg), CHECKPOINT_KEY,
+        "The server trains it before round 1 (python -m simulation) and python -m "
+        "reports.diffusion does too; on a separate device, copy the server's file to this "
+        "path (node config diffusion-checkpoint).")

@@ -16,10 +16,7 @@ VQModel (`quantize.embedding`) as e.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -32,8 +29,11 @@ from torch.utils.data import DataLoader
 from common.config import ExperimentConfig, resolve_path
 from common.data.scenes import SyntheticScenes
 from common.seeding import seeded
+from models import pretrained
 
 DOWNSAMPLE = 4  # the codec's spatial factor f, and the context's S_4 / U_4
+KIND = "taco-codec"
+CHECKPOINT_KEY = "taco.codec.checkpoint"
 
 
 def bits_per_index(codebook_size: int) -> int:
@@ -134,10 +134,7 @@ def codec_fingerprint(cfg: ExperimentConfig) -> dict:
     c = dataclasses.asdict(cfg.taco.codec)
     for key in ("checkpoint", "local_epochs", "local_lr"):  # federated, not pre-training
         c.pop(key)
-    d = cfg.data
-    return {"codec": c, "data": {"seed": d.seed, "image_size": d.image_size,
-                                 "max_objects": d.max_objects, "texture": d.texture,
-                                 "public_first_index": d.num_samples}}
+    return {"codec": c, "data": pretrained.public_data_fingerprint(cfg.data)}
 
 
 def codec_path(cfg: ExperimentConfig) -> Path:
@@ -146,8 +143,7 @@ def codec_path(cfg: ExperimentConfig) -> Path:
 
 def public_split(cfg: ExperimentConfig) -> SyntheticScenes:
     """Scenes past the clients' range: no client owns them."""
-    first = cfg.data.num_samples
-    return SyntheticScenes(cfg.data, range(first, first + cfg.taco.codec.public_samples))
+    return pretrained.public_split(cfg.data, cfg.taco.codec.public_samples)
 
 
 @torch.no_grad()
@@ -199,45 +195,23 @@ def train_codec(cfg: ExperimentConfig, log=print) -> tuple[VQCodec, dict]:
 
 def ensure_codec(cfg: ExperimentConfig, log=print) -> Path:
     """The pre-trained codec file: trained and written when missing, else checked."""
+    def train() -> dict:
+        codec, info = train_codec(cfg, log)
+        return {"info": info, "state_dict": codec.state_dict()}
+
     path = codec_path(cfg)
-    if path.is_file():
-        load_codec(cfg)  # refuses a file made for another config
-        return path
-    log(f"no taco codec at {path}: pre-training it on {cfg.taco.codec.public_samples} "
-        "public scenes")
-    codec, info = train_codec(cfg, log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    torch.save({"fingerprint": json.dumps(codec_fingerprint(cfg), sort_keys=True),
-                "info": info, "state_dict": codec.state_dict()}, tmp)
-    os.replace(tmp, path)  # a crash never leaves half a file
-    log(f"taco codec saved to {path} ({info['train_seconds']:.0f} s)")
+    pretrained.ensure(path, KIND, codec_fingerprint(cfg), CHECKPOINT_KEY, train, log)
     return path
 
 
 def load_codec(cfg: ExperimentConfig) -> VQCodec:
-    path = codec_path(cfg)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"taco.codec.checkpoint={cfg.taco.codec.checkpoint!r}: no codec file at {path}. "
-            "The server pre-trains it before round 1 (python -m simulation), and "
-            "python -m reports.taco does too.")
-    saved = _read(str(path), path.stat().st_mtime_ns)
-    want = json.dumps(codec_fingerprint(cfg), sort_keys=True)
-    if saved["fingerprint"] != want:
-        have, want_d = json.loads(saved["fingerprint"]), json.loads(want)
-        diff = sorted(k for k in want_d if have.get(k) != want_d.get(k))
-        raise ValueError(f"codec file {path} was pre-trained for other settings "
-                         f"({', '.join(diff)} differ). Delete it to pre-train again, or set "
-                         "taco.codec.checkpoint to a new file.")
+    saved = pretrained.load(
+        codec_path(cfg), KIND, codec_fingerprint(cfg), CHECKPOINT_KEY,
+        "The server pre-trains it before round 1 (python -m simulation), and "
+        "python -m reports.taco does too.")
     codec = build_codec(cfg)
     codec.load_state_dict(saved["state_dict"])
     return codec.eval()
-
-
-@functools.lru_cache(maxsize=2)
-def _read(path: str, mtime_ns: int) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def codec_state(codec: VQCodec) -> dict[str, np.ndarray]:

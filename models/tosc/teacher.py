@@ -1,20 +1,18 @@
 """The tosc teacher and its pre-stored outputs.
 
 The teacher is the TOSC system around a ResNet-18 semantic encoder, trained centrally
-on a public split of synthetic scenes that no client owns and saved to a local
-checkpoint file (`distill.teacher.checkpoint`); an edge device receives that file
-once, like a pre-trained model. (The `mtsc` model at a larger size was tried first as
-the teacher: its BART-style LAM did not learn the classification task within minutes
-of CPU training, see docs/tosc.md.) Each client runs the teacher once over its
-training set, stores the outputs compressed (float16 top-k logits, optional float16
-features) and reuses them every epoch and every round (the paper's pre-stored
-compression).
+on a public split of synthetic scenes that no client owns and cached in a local file
+(`distill.teacher.checkpoint`, models/pretrained.py); an edge device receives that file
+once, like a pre-trained model. (Not the `mtsc` model at a larger size: its BART-style
+LAM does not learn the classification task within minutes of CPU training;
+docs/tosc.md.) Each client runs the teacher once over its training set, stores the
+outputs compressed (float16 top-k logits, optional float16 features) and reuses them
+every epoch and every round (the paper's pre-stored compression).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -31,8 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 from common.config import ExperimentConfig, resolve_path
 from common.data.scenes import SyntheticScenes
 from common.seeding import seeded
+from models import pretrained
 from models.tosc.losses import information_bottleneck_kl
 from models.tosc.model import TOSCModel, resnet18_trunk
+
+KIND = "tosc-teacher"
+CHECKPOINT_KEY = "distill.teacher.checkpoint"
 
 
 def teacher_fingerprint(cfg: ExperimentConfig) -> dict:
@@ -40,12 +42,10 @@ def teacher_fingerprint(cfg: ExperimentConfig) -> dict:
     t = dataclasses.asdict(cfg.distill.teacher)
     t.pop("checkpoint")
     seed = t.pop("seed")
-    d = cfg.data
     channel = dataclasses.asdict(cfg.channel)
     channel.pop("sweep_snr_db")
     return {"teacher": t, "seed": seed, "channel": channel,
-            "data": {"seed": d.seed, "image_size": d.image_size, "max_objects": d.max_objects,
-                     "public_first_index": d.num_samples}}
+            "data": pretrained.public_data_fingerprint(cfg.data)}
 
 
 def teacher_path(cfg: ExperimentConfig) -> Path:
@@ -54,8 +54,7 @@ def teacher_path(cfg: ExperimentConfig) -> Path:
 
 def public_split(cfg: ExperimentConfig) -> SyntheticScenes:
     """The teacher's training data: scenes past the clients' range, so no client owns them."""
-    first = cfg.data.num_samples
-    return SyntheticScenes(cfg.data, range(first, first + cfg.distill.teacher.public_samples))
+    return pretrained.public_split(cfg.data, cfg.distill.teacher.public_samples)
 
 
 def build_teacher(cfg: ExperimentConfig) -> TOSCModel:
@@ -96,47 +95,24 @@ def train_teacher(cfg: ExperimentConfig, log=print) -> tuple[TOSCModel, dict]:
 
 def ensure_teacher(cfg: ExperimentConfig, log=print) -> Path:
     """The teacher checkpoint: trained and written when missing, else checked."""
+    def train() -> dict:
+        teacher, info = train_teacher(cfg, log)
+        return {"info": info, "state_dict": teacher.state_dict()}
+
     path = teacher_path(cfg)
-    if path.is_file():
-        load_teacher(cfg)  # refuses a checkpoint made for another config
-        return path
-    log(f"no teacher at {path}: training it on {cfg.distill.teacher.public_samples} "
-        "public scenes")
-    teacher, info = train_teacher(cfg, log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"fingerprint": json.dumps(teacher_fingerprint(cfg), sort_keys=True),
-                "info": info, "state_dict": teacher.state_dict()}, tmp)
-    os.replace(tmp, path)  # a crash never leaves half a checkpoint
-    log(f"teacher saved to {path} ({info['train_seconds']:.0f} s)")
+    pretrained.ensure(path, KIND, teacher_fingerprint(cfg), CHECKPOINT_KEY, train, log)
     return path
 
 
 def load_teacher(cfg: ExperimentConfig) -> TOSCModel:
-    path = teacher_path(cfg)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"distill.teacher.checkpoint={cfg.distill.teacher.checkpoint!r}: no teacher file at "
-            f"{path}. The server trains it before round 1 (python -m simulation) and "
-            "python -m reports.tosc trains it too; on a separate device, copy "
-            "the server's teacher file to this path.")
-    saved = _read_checkpoint(str(path), path.stat().st_mtime_ns)
-    want = json.dumps(teacher_fingerprint(cfg), sort_keys=True)
-    if saved["fingerprint"] != want:
-        have, want_d = json.loads(saved["fingerprint"]), json.loads(want)
-        diff = sorted(k for k in want_d if have.get(k) != want_d.get(k))
-        raise ValueError(
-            f"teacher checkpoint {path} was trained for other settings ({', '.join(diff)} "
-            "differ). Delete it to retrain, or set distill.teacher.checkpoint to a new file.")
+    saved = pretrained.load(
+        teacher_path(cfg), KIND, teacher_fingerprint(cfg), CHECKPOINT_KEY,
+        "The server trains it before round 1 (python -m simulation) and python -m "
+        "reports.tosc trains it too; on a separate device, copy the server's teacher file "
+        "to this path (node config teacher-checkpoint).")
     teacher = build_teacher(cfg)
     teacher.load_state_dict(saved["state_dict"])
     return teacher.eval()
-
-
-@functools.lru_cache(maxsize=2)
-def _read_checkpoint(path: str, mtime_ns: int) -> dict:
-    # Cached: the clients of one simulation process read the same file.
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @torch.no_grad()
