@@ -53,6 +53,7 @@ import sys
 import time
 
 from fl_server.fast_pull import FAST_PULL_BACKOFF, SUPPORTED_FLOWER, installed_flower_version
+
 # Polls while messages flow: the first FLAT_POLLS looks after a message wait the
 # shortest time; each further look that finds nothing waits 1.5 times longer.
 FLAT_POLLS = 10

@@ -123,7 +123,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                     released = records.rounds[-1]["dp_central_releases"] if records.rounds else 0
                     row["dp_central_releases"] = released + (new_arrays is not None)
                     row["dp_central_epsilon"] = central_dp.central_epsilon(
-                        cfg, row["dp_central_releases"])
+                        cfg.privacy.dp, row["dp_central_releases"])
                 records.add_round(row)
                 save_checkpoint(run_dir, rnd, {"global": arrays}, strategy_state(cfg),
                                 records.rounds, cfg.to_dict())

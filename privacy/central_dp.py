@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from common.config import ExperimentConfig
+from common.config import DPConfig, ExperimentConfig
 from common.records import Panel
 from privacy.dp import epsilon_of
 
@@ -47,9 +47,8 @@ def wrap(strategy, cfg: ExperimentConfig):
     return wrapper(strategy, dp.noise_multiplier, dp.max_grad_norm, cfg.num_clients)
 
 
-def central_epsilon(cfg: ExperimentConfig, releases: int) -> float:
+def central_epsilon(dp: DPConfig, releases: int) -> float:
     """Epsilon at `privacy.dp.delta` after `releases` noised aggregates."""
-    dp = cfg.privacy.dp
     return epsilon_of([(dp.noise_multiplier, 1.0, releases)], dp.delta) if releases else 0.0
 
 

@@ -19,12 +19,11 @@ import dataclasses
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord
 from torch import Tensor, nn
 
-from common.config import ExperimentConfig
+from common.config import ChannelConfig, ExperimentConfig
 from common.seeding import seeded
 from models.channel import WirelessChannel
 from models.jscc import sent_positions
@@ -37,7 +36,7 @@ CONDITIONS = (("noiseless channel, float32", False, "none"),
               ("channel noise, int8", True, "int8"))
 
 
-def uplink_view(model, images: Tensor, cfg: ExperimentConfig, noisy: bool, codec: str,
+def uplink_view(model, images: Tensor, channel_cfg: ChannelConfig, noisy: bool, codec: str,
                 seed: int) -> Tensor:
     """What the server receives for `images` [B,3,S,S], as one feature row per example:
     the received symbols (zeros where nothing was sent) after the wire codec, and the
@@ -46,7 +45,7 @@ def uplink_view(model, images: Tensor, cfg: ExperimentConfig, noisy: bool, codec
     with torch.no_grad(), seeded(seed):
         model.eval()
         device = next(model.parameters()).device
-        clean = WirelessChannel(dataclasses.replace(cfg.channel, kind="none"))
+        clean = WirelessChannel(dataclasses.replace(channel_cfg, kind="none"))
         for start in range(0, len(images), 256):
             batch = {"image": images[start:start + 256].to(device)}
             snr = model.channel.sample_snr_db(len(batch["image"]), device)
@@ -107,8 +106,8 @@ def invert(model, cfg: ExperimentConfig, public: Tensor, private: Tensor, epochs
     baseline = psnr(public.mean(0, keepdim=True).expand_as(private), private)
     rows = []
     for name, noisy, codec in conditions:
-        feats_pub = uplink_view(model, public, cfg, noisy, codec, seed)
-        feats_priv = uplink_view(model, private, cfg, noisy, codec, seed + 1)
+        feats_pub = uplink_view(model, public, cfg.channel, noisy, codec, seed)
+        feats_priv = uplink_view(model, private, cfg.channel, noisy, codec, seed + 1)
         decoder = train_decoder(feats_pub, public, epochs, seed)
         with torch.no_grad():
             recon = decoder(feats_priv / decoder.scale)

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -44,8 +43,16 @@ from models.diffusion import codec, feedback
 from models.diffusion import workload as diffusion
 from models.diffusion.clip_attention import load_clip
 from models.diffusion.ddpm import COND_CHANNELS, make_unet
-from models.diffusion.link import (LinkResult, Phase1, cam_attention, message_payload, run_phase1,
-                                   run_phase3, three_phase_link, with_feedback)
+from models.diffusion.link import (
+    LinkResult,
+    Phase1,
+    cam_attention,
+    message_payload,
+    run_phase1,
+    run_phase3,
+    three_phase_link,
+    with_feedback,
+)
 from models.diffusion.model import presence
 from models.diffusion.pretrain import ensure_pretrained, load_pretrained
 from models.diffusion.train import eval_batches, link_metrics

@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.config import ExperimentConfig, config_from_dict
+from common.config import ExperimentConfig
 from common.data import num_classes
 from common.data.scenes import HELD_OUT_START, SyntheticScenes, held_out_indices
 from common.data.tensor_dataset import TensorDictDataset

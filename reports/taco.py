@@ -137,7 +137,7 @@ def judge_client(cfg: ExperimentConfig, model: taco.TacoSystem, data, tally: Tal
                  link_tally: dict, switch: dict, seed: int) -> None:
     t = cfg.taco
     K = t.codec.codebook_size
-    d = evaluation_images(data, cfg)
+    d = evaluation_images(data, cfg.taco)
     images, labels, segs = d["image"], d["label"], d["segmentation"]
     clf = model.classifier
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from test_server_rounds import LoopbackGrid
+from test_strategies import as_numpy, lora_arrays, reply, send
 
 from common.config import ConfigError, load_config
 from fl_client.client_app import app
 from fl_server.loop import initial_arrays, make_strategy
 from fl_server.rounds import run_federated
-from test_server_rounds import LoopbackGrid
-from test_strategies import as_numpy, lora_arrays, reply, send
 
 CENTRAL = ["privacy.dp.mode=central", "privacy.dp.noise_multiplier=0.5",
            "privacy.dp.max_grad_norm=0.1", "num_clients=3", "min_train_clients=3"]

@@ -17,8 +17,8 @@ import pytest
 
 from common.config import load_config
 from deploy import fast_node
-from fl_server import fast_pull
 from deploy.launch import Deployment, threads_per_app
+from fl_server import fast_pull
 from models.mtsc import workload as mtsc
 from models.mtsc.split import end_to_end_steps
 

@@ -12,9 +12,9 @@ from common.data import load_partition
 from fl_client.node import PRIVATE_STATE
 from fl_client.trust import node_config_of
 from fl_server.loop import initial_arrays
-from models.diffusion.model import SegmentationNet
 from models.diffusion import codec, ddpm, link
 from models.diffusion import workload as diffusion
+from models.diffusion.model import SegmentationNet
 from models.diffusion.pretrain import ensure_pretrained, public_split
 from models.diffusion.train import link_metrics
 from tests.test_message_audit import ALLOWED_METRICS, _contains, run_client
@@ -114,10 +114,10 @@ def test_ddpm_training_lowers_the_denoising_loss(cfg, prediction):
     cfg = tiny_cfg(cfg.diffusion.checkpoint, f"diffusion.prediction_type={prediction}")
     torch.manual_seed(0)
     unet = ddpm.make_unet(cfg, 3 + ddpm.COND_CHANNELS)
-    sched = ddpm.noise_scheduler(cfg)
+    sched = ddpm.noise_scheduler(cfg.diffusion)
     data = public_split(cfg)
     image, seg = data.tensors["image"][:32], data.tensors["segmentation"][:32]
-    cond = ddpm.training_conditions(image, seg, cfg, torch.Generator().manual_seed(0))
+    cond = ddpm.training_conditions(image, seg, cfg.diffusion, torch.Generator().manual_seed(0))
 
     def fixed_loss():
         with torch.no_grad():

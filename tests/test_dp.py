@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
+from test_server_rounds import LoopbackGrid
 from torch.utils.data import DataLoader
 
 from common.config import ConfigError, load_config
@@ -15,7 +16,6 @@ from fl_client.node import PRIVATE_STATE
 from fl_server.rounds import run_federated
 from models.mtsc import workload as mtsc
 from privacy.dp import HISTORY_KEY, ClientDP, epsilon_of
-from test_server_rounds import LoopbackGrid
 
 DP = ["privacy.dp.mode=local", "privacy.dp.noise_multiplier=1.0"]
 

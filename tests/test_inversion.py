@@ -29,9 +29,10 @@ def test_the_attacker_sees_what_the_wire_carries():
     cfg = load_config("configs/split_quickstart.yaml", ["num_clients=3", "data.num_samples=300"])
     model = get_workload("mtsc").build(cfg)
     images = torch.rand(6, 3, 32, 32)
-    exact = uplink_view(model, images, cfg, noisy=True, codec="none", seed=3)
-    int8 = uplink_view(model, images, cfg, noisy=True, codec="int8", seed=3)
-    assert torch.equal(exact, uplink_view(model, images, cfg, noisy=True, codec="none", seed=3))
+    exact = uplink_view(model, images, cfg.channel, noisy=True, codec="none", seed=3)
+    int8 = uplink_view(model, images, cfg.channel, noisy=True, codec="int8", seed=3)
+    again = uplink_view(model, images, cfg.channel, noisy=True, codec="none", seed=3)
+    assert torch.equal(exact, again)
     assert not torch.equal(exact, int8)  # quantised on the wire
     diff = (exact - int8).abs()
     quantised = diff.amax(0) > 0  # the symbol columns; the counts travel as float32

@@ -15,9 +15,9 @@ from test_server_rounds import LoopbackGrid
 from common.config import load_config
 from fl_server.rounds import run_federated
 from privacy import mia
+from privacy.mia_metrics import attack_auc
 from reports.membership import AuditError, audit, parse_attacks, reference_halves
 from reports.runs import RunFolderError
-from privacy.mia_metrics import attack_auc
 
 
 def _simulated(n=4000, k=32, shift=1.0, seed=0):

@@ -18,7 +18,12 @@ from fl_client.trust import node_config_of
 from fl_server.loop import initial_arrays
 from models.taco import workload as taco
 from models.taco.codec import DOWNSAMPLE, ensure_codec, load_codec
-from models.taco.digital_link import hamming74_decode, hamming74_encode, payload_over_link, send_bits
+from models.taco.digital_link import (
+    hamming74_decode,
+    hamming74_encode,
+    payload_over_link,
+    send_bits,
+)
 from models.taco.payload import (
     Payload,
     covered_context,

@@ -82,7 +82,7 @@ def test_stored_teacher_outputs_equal_fresh_ones_within_fp16(cfg):
     assert stored.topk_values.dtype == np.float16 and stored.topk_indices.dtype == np.uint8
     assert stored.nbytes == len(train) * cfg.distill.top_k * 3  # 2 bytes value + 1 index
 
-    logits, _ = tosc_teacher.teacher_logits_features(tosc_teacher.load_teacher(cfg), train.tensors["image"], cfg)
+    logits, _ = tosc_teacher.teacher_logits_features(tosc_teacher.load_teacher(cfg), train.tensors["image"], cfg.channel)
     fresh = logits.topk(cfg.distill.top_k, dim=-1)
     np.testing.assert_array_equal(stored.topk_indices, fresh.indices.numpy())
     np.testing.assert_allclose(stored.topk_values.astype(np.float32), fresh.values.numpy(),
@@ -93,7 +93,7 @@ def test_stored_teacher_features_equal_fresh_ones_within_fp16(cfg):
     with_features = tosc_cfg(cfg.distill.teacher.checkpoint, "distill.feature_weight=0.5")
     _, test = load_partition(cfg.data, 2, cfg.num_clients)  # any dataset of the client
     stored, _ = tosc_teacher.prestored_teacher_outputs(with_features, test)
-    _, features = tosc_teacher.teacher_logits_features(tosc_teacher.load_teacher(cfg), test.tensors["image"], cfg)
+    _, features = tosc_teacher.teacher_logits_features(tosc_teacher.load_teacher(cfg), test.tensors["image"], cfg.channel)
     assert stored.features.dtype == np.float16 and stored.features.shape == features.shape
     np.testing.assert_allclose(stored.features.astype(np.float32), features.numpy(),
                                rtol=2 ** -10, atol=1e-3)

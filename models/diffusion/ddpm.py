@@ -21,6 +21,7 @@ from torch import Tensor
 
 from common.config import ExperimentConfig
 from models.diffusion.codec import SEG_CLASSES, downsample_classes, edge_map, upsample_classes
+from models.diffusion.config import DiffusionConfig
 
 COND_CHANNELS = SEG_CLASSES + 1
 
@@ -36,12 +37,12 @@ def make_unet(cfg: ExperimentConfig, in_channels: int) -> UNet2DModel:
         norm_num_groups=8, attention_head_dim=dc.block_out_channels[-1] // 2)
 
 
-def noise_scheduler(cfg: ExperimentConfig) -> DDPMScheduler:
+def noise_scheduler(dc: DiffusionConfig) -> DDPMScheduler:
     # The cosine schedule (Nichol & Dhariwal 2021) keeps small images from being
     # almost pure noise over the last third of the steps, as the linear one does.
-    return DDPMScheduler(num_train_timesteps=cfg.diffusion.train_timesteps,
+    return DDPMScheduler(num_train_timesteps=dc.train_timesteps,
                          beta_schedule="squaredcos_cap_v2",
-                         prediction_type=cfg.diffusion.prediction_type)
+                         prediction_type=dc.prediction_type)
 
 
 def conditions(seg_full: Tensor, x_att: Tensor) -> Tensor:
@@ -50,13 +51,13 @@ def conditions(seg_full: Tensor, x_att: Tensor) -> Tensor:
     return torch.cat([one_hot, x_att[:, None].float()], 1)
 
 
-def training_conditions(image: Tensor, seg: Tensor, cfg: ExperimentConfig,
+def training_conditions(image: Tensor, seg: Tensor, dc: DiffusionConfig,
                         generator: torch.Generator) -> Tensor:
     """Conditions as the receiver will see them, from a scene's true mask: the phase-1
     map (downsampled, upsampled back) and, for a third of the examples each, no edges
     (phase 1), all edges, or the edges inside one object's dilated mask (a stand-in
     for a CAM region: the attention is not known while the DDPM trains)."""
-    dc, size, b = cfg.diffusion, image.shape[-1], image.shape[0]
+    size, b = image.shape[-1], image.shape[0]
     dev = image.device
     seg_full = upsample_classes(downsample_classes(seg, dc.seg_downsample), size)
     edges = edge_map(image, dc.edge_threshold)
@@ -97,7 +98,7 @@ def ddim_sample(unet: torch.nn.Module, cond: Tensor, cfg: ExperimentConfig, seed
     """Images [B, 3, S, S] in [0, 1] from p_theta(x_0 | c) by DDIM; the initial noise
     comes from `seed` alone, so the same seed and conditions give the same images."""
     dc = cfg.diffusion
-    ddim = DDIMScheduler.from_config(noise_scheduler(cfg).config)
+    ddim = DDIMScheduler.from_config(noise_scheduler(dc).config)
     ddim.set_timesteps(dc.sample_steps)
     b, size = cond.shape[0], cfg.data.image_size
     x = torch.randn((b, 3, size, size), generator=torch.Generator().manual_seed(seed)).to(cond.device)

@@ -38,6 +38,7 @@ from torch import Tensor
 from common.config import ExperimentConfig
 from models.diffusion import codec, feedback
 from models.diffusion.clip_attention import clip_attention, load_clip
+from models.diffusion.config import DiffusionConfig
 from models.diffusion.ddpm import conditions, ddim_sample, one_step_decode
 from models.diffusion.model import DiffusionSemCom
 
@@ -112,11 +113,11 @@ class Phase1(NamedTuple):
 
 
 def transmitter_attention(model: DiffusionSemCom, image: Tensor, fb: list[Message],
-                          cfg: ExperimentConfig, mode: str) -> tuple[Tensor, list[str] | None]:
+                          dc: DiffusionConfig, mode: str) -> tuple[Tensor, list[str] | None]:
     """A [B, S, S] in [0, 1] for the feedback messages, decoded from their bytes alone
     as `diffusion.feedback` says they are written; and the prompts CLIP attended to."""
     payloads = [message_payload(m) for m in fb]
-    if cfg.diffusion.feedback == "text":
+    if dc.feedback == "text":
         if mode == "cam":
             raise ValueError("mode 'cam' needs class feedback (Grad-CAM scores a class); "
                              "free text needs mode 'clip'")
@@ -126,7 +127,7 @@ def transmitter_attention(model: DiffusionSemCom, image: Tensor, fb: list[Messag
         if mode == "cam":
             return cam_attention(model.classifier, image, torch.tensor(classes)), None
         texts = [feedback.prompt(c) for c in classes]  # the class name as CLIP's prompt
-    return clip_attention(load_clip(cfg.diffusion.clip_checkpoint), image, texts), texts
+    return clip_attention(load_clip(dc.clip_checkpoint), image, texts), texts
 
 
 @torch.no_grad()
@@ -144,7 +145,7 @@ def three_phase_link(model: DiffusionSemCom, image: Tensor, cfg: ExperimentConfi
     prompts = None
     if mode in ("cam", "clip"):
         # Transmitter: the feedback message tells it what to attend to.
-        attention, prompts = transmitter_attention(model, image, phase1.feedback, cfg, mode)
+        attention, prompts = transmitter_attention(model, image, phase1.feedback, cfg.diffusion, mode)
         x_att_tx = codec.attention_mask(attention, tau) * edges
     elif mode == "all":
         x_att_tx = edges

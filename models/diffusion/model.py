@@ -19,8 +19,8 @@ Everything but the adapters stays on the client (`workload.shared_state`).
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 import torch.nn.functional as F
+from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 
 from common.config import ExperimentConfig

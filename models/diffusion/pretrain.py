@@ -56,8 +56,14 @@ def _batches(data: SyntheticScenes, batch_size: int, steps: int, generator: torc
 
 def pretrain(cfg: ExperimentConfig, log=print) -> dict:
     """Train the conditional DDPM and the one-step decoder on the public split."""
-    from models.diffusion.ddpm import (COND_CHANNELS, denoising_loss, make_unet,
-                                       noise_scheduler, one_step_decode, training_conditions)
+    from models.diffusion.ddpm import (
+        COND_CHANNELS,
+        denoising_loss,
+        make_unet,
+        noise_scheduler,
+        one_step_decode,
+        training_conditions,
+    )
 
     dc = cfg.diffusion
     device = resolve_device(cfg.device)
@@ -65,7 +71,7 @@ def pretrain(cfg: ExperimentConfig, log=print) -> dict:
     with seeded(cfg.seed + 6):
         unet = make_unet(cfg, 3 + COND_CHANNELS).to(device)
         decoder = make_unet(cfg, COND_CHANNELS).to(device)
-    scheduler = noise_scheduler(cfg)
+    scheduler = noise_scheduler(dc)
     losses: dict[str, list[float]] = {"denoise": [], "decoder": []}
     start = time.perf_counter()
     progress = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(),
@@ -82,7 +88,7 @@ def pretrain(cfg: ExperimentConfig, log=print) -> dict:
             model.train()
             for image, seg in _batches(data, dc.pretrain_batch_size, steps, g):
                 image, seg = image.to(device), seg.to(device)
-                cond = training_conditions(image, seg, cfg, g)
+                cond = training_conditions(image, seg, dc, g)
                 if name == "denoise":
                     loss = denoising_loss(model, image, cond, scheduler, g)
                 else:

@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
 
 from common.config import ExperimentConfig
 from common.seeding import seeded
@@ -61,7 +64,7 @@ def train_local(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
     opt = torch.optim.AdamW([{"params": lora, "lr": cfg.train.lr},
                              {"params": private, "lr": cfg.diffusion.private_lr}],
                             weight_decay=cfg.train.weight_decay)
-    scheduler = noise_scheduler(cfg)
+    scheduler = noise_scheduler(cfg.diffusion)
     loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     model.train()
@@ -73,7 +76,7 @@ def train_local(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
             label, depth = batch["label"].to(device), batch["depth"].to(device)
             losses = {
                 "loss_denoise": denoising_loss(model.unet, image,
-                                               training_conditions(image, seg, cfg, g), scheduler, g),
+                                               training_conditions(image, seg, cfg.diffusion, g), scheduler, g),
                 **private_losses(model, image, seg, depth, label),
             }
             loss = sum(losses.values())
@@ -160,9 +163,9 @@ def pooled_scores(parts: list[dict[str, float]]) -> dict[str, float]:
             "psnr": tot["psnr"] / n, "ssim": tot["ssim"] / n}
 
 
-def raw_image_bits(cfg: ExperimentConfig) -> int:
+def raw_image_bits(image_size: int) -> int:
     """Bits of the raw image the compression rates divide by (8-bit RGB)."""
-    return 3 * cfg.data.image_size ** 2 * 8
+    return 3 * image_size ** 2 * 8
 
 
 def link_metrics(results: list[tuple[LinkResult, dict[str, Tensor], DiffusionSemCom]],
@@ -180,8 +183,8 @@ def link_metrics(results: list[tuple[LinkResult, dict[str, Tensor], DiffusionSem
         "bytes_phase1": bytes1,
         "bytes_feedback": sum(r.nbytes(FEEDBACK) for r, _, _ in results) / n,
         "bytes_phase3": bytes3,
-        "rate_phase1": 8 * bytes1 / raw_image_bits(cfg),
-        "rate_phase3": 8 * (bytes1 + bytes3) / raw_image_bits(cfg),  # cumulative after phase 3
+        "rate_phase1": 8 * bytes1 / raw_image_bits(cfg.data.image_size),
+        "rate_phase3": 8 * (bytes1 + bytes3) / raw_image_bits(cfg.data.image_size),  # cumulative after phase 3
         "edge_patches": sum(r.patches() for r, _, _ in results) / n,
         "feedback_is_label": sum((r.requested == b["label"]).sum().item()
                                  for r, b, _ in results) / n,

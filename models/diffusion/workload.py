@@ -13,10 +13,10 @@ from torch.utils.data import Dataset
 from common.config import ExperimentConfig
 from common.data import load_partition
 from common.records import Panel
-from models.shared_state import copy_into
 from models.diffusion.model import DiffusionSemCom, build
 from models.diffusion.pretrain import ensure_pretrained
 from models.diffusion.train import evaluate, train_local
+from models.shared_state import copy_into
 
 __all__ = ["build", "shared_state", "load_shared_state", "load_data", "train_local",
            "evaluate", "prepare", "TRAIN_METRICS", "EVAL_METRICS", "SUMMARY", "PANELS"]

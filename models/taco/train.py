@@ -22,6 +22,7 @@ from common.config import ExperimentConfig
 from common.data import num_classes
 from common.seeding import seeded
 from models.taco.codec import VQCodec, build_codec, codec_loss
+from models.taco.config import TacoConfig
 from models.taco.payload import message_bytes
 from models.taco.pipeline import Receiver, Transmitter, switch_request
 from models.taco.task import Segmenter, TaskClassifier, gradcam_scores
@@ -131,8 +132,9 @@ def image_quality(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     return psnr, ssim
 
 
-def evaluation_images(data: Dataset, cfg: ExperimentConfig) -> dict[str, Tensor]:
-    n = len(data) if cfg.taco.eval_images is None else min(len(data), cfg.taco.eval_images)
+def evaluation_images(data: Dataset, t: TacoConfig) -> dict[str, Tensor]:
+    """The first `taco.eval_images` test images with their labels and masks."""
+    n = len(data) if t.eval_images is None else min(len(data), t.eval_images)
     return {k: data.tensors[k][:n] for k in ("image", "label", "segmentation")}
 
 
@@ -143,7 +145,7 @@ def evaluate(model: TacoSystem, data: Dataset, cfg: ExperimentConfig) -> dict[st
     t = cfg.taco
     K = t.codec.codebook_size
     model.eval()
-    d = evaluation_images(data, cfg)
+    d = evaluation_images(data, t)
     images, labels, segs = d["image"], d["label"], d["segmentation"]
     reference = model.classifier(images).argmax(-1)
     scores = gradcam_scores(model.classifier, images, reference)

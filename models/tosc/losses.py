@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
-from common.config import ExperimentConfig
+from models.tosc.config import DistillConfig
 from models.tosc.model import TOSCOutput
 
 
@@ -43,7 +43,7 @@ def softened_topk(values: Tensor, indices: Tensor, n_classes: int, temperature: 
     return torch.softmax(logits / temperature, dim=-1)
 
 
-def distill_losses(out: TOSCOutput, label: Tensor, cfg: ExperimentConfig,
+def distill_losses(out: TOSCOutput, label: Tensor, dc: DistillConfig,
                    teacher_probs: Tensor | None = None,
                    teacher_features: Tensor | None = None,
                    feature_proj: nn.Module | None = None) -> dict[str, Tensor]:
@@ -51,7 +51,7 @@ def distill_losses(out: TOSCOutput, label: Tensor, cfg: ExperimentConfig,
     losses = {"task": F.cross_entropy(out.logits, label),
               "ib": information_bottleneck_kl(out.mu, out.logvar)}
     if teacher_probs is not None:
-        losses["kd"] = distillation_kl(out.logits, teacher_probs, cfg.distill.temperature)
+        losses["kd"] = distillation_kl(out.logits, teacher_probs, dc.temperature)
     if teacher_features is not None and feature_proj is not None:
         losses["feature"] = F.mse_loss(feature_proj(out.features), teacher_features.float())
     return losses

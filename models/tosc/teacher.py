@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from common.config import ExperimentConfig, resolve_path
+from common.config import ChannelConfig, ExperimentConfig, resolve_path
 from common.data.scenes import SyntheticScenes
 from common.seeding import seeded
 from models import pretrained
@@ -116,13 +116,13 @@ def load_teacher(cfg: ExperimentConfig) -> TOSCModel:
 
 
 @torch.no_grad()
-def teacher_logits_features(teacher: TOSCModel, image: Tensor, cfg: ExperimentConfig
+def teacher_logits_features(teacher: TOSCModel, image: Tensor, channel: ChannelConfig
                             ) -> tuple[Tensor, Tensor]:
     """The teacher's logits and features on a noiseless link at the top of the
     configured SNRs: its soft labels are then deterministic and can be stored."""
     teacher.eval()
-    lo_hi = cfg.channel.snr_range_db
-    top = float(lo_hi[1]) if lo_hi is not None else float(cfg.channel.snr_db)
+    lo_hi = channel.snr_range_db
+    top = float(lo_hi[1]) if lo_hi is not None else float(channel.snr_db)
     out = teacher(image, torch.full((image.shape[0],), top), noiseless=True)
     return out.logits, out.features
 
@@ -148,7 +148,7 @@ def compute_teacher_outputs(teacher: TOSCModel, data: Dataset, cfg: ExperimentCo
                             ) -> TeacherOutputs:
     values, indices, features = [], [], []
     for batch in DataLoader(data, batch_size=256):
-        logits, h = teacher_logits_features(teacher, batch["image"], cfg)
+        logits, h = teacher_logits_features(teacher, batch["image"], cfg.channel)
         top = logits.topk(cfg.distill.top_k, dim=-1)
         values.append(top.values.half())
         indices.append(top.indices.to(torch.uint8))

@@ -72,7 +72,7 @@ def train_local(model: TOSCModel, data: Dataset, cfg: ExperimentConfig,
                 if stored.features.shape[1] > 0:
                     feats = torch.from_numpy(stored.features[idx]).to(device)
             out = net(image)
-            losses = distill_losses(out, label, cfg, probs, feats, model.feature_proj)
+            losses = distill_losses(out, label, cfg.distill, probs, feats, model.feature_proj)
             loss = sum(weights[k] * v for k, v in losses.items())
             if mu_prox > 0:
                 params = dict(model.named_parameters())
