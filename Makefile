@@ -22,13 +22,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m simulation --config configs/quickstart.yaml
 
-# The suite without the long end-to-end checks marked `slow` (under 10 minutes on an
-# idle 2-core machine); test-all runs every test.
+# The suite without the long end-to-end checks marked `slow`, on TEST_WORKERS pytest
+# processes (tests/conftest.py says how the tests are shared out); test-all runs every
+# test. TEST_WORKERS=0 runs them all in this one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PYTEST)
 
 # Every benchmark, one table; JSON and PNG under runs/benchmarks/. Sizes: BENCH_ARGS,
 # e.g. make bench BENCH_ARGS="--quick" or BENCH_ARGS="--skip deploy memory".

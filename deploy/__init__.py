@@ -1,2 +1,3 @@
-"""Deployment on Flower's engine: certificates and a launcher for a SuperLink and
-SuperNodes (see the README's "Deploy" section)."""
+"""Deployment on Flower's engine: certificates, a launcher for a SuperLink and
+SuperNodes, a fault drill, and the fast path's SuperNode and ClientApp executor
+(docs/deploy.md)."""

@@ -7,9 +7,12 @@
                        of Li et al. (ICLR 2022) on the gradients the server receives
     split_defences.py  client-side defences: Gaussian noise on the returned gradient,
                        label DP by randomized response
-    leakage_report.py  label leakage against the defences, with their cost
+    mia.py             membership-inference attacks: loss, LiRA (online, offline),
+                       RMIA (online, offline)
     mia_metrics.py     how membership-inference attacks are scored (AUC, TPR at low
                        FPR, empirical epsilon with Clopper-Pearson bounds)
+    inversion.py       input reconstruction from split training's uplink
 
-The membership-inference attacks themselves are not built yet.
+The drivers that run these on a finished run and write their reports are in reports/
+(membership.py, label_leakage.py, inversion.py, privacy.py).
 """

@@ -1,9 +1,46 @@
+"""Shared fixtures, how the tests are shared out between pytest-xdist workers, and two
+knobs to check that no test leans on one machine's numbers:
+
+    FEDSEMCOM_TEST_THREADS=N   torch threads in the test process (default 1: CI has 2
+                               cores, and the tests must not oversubscribe them)
+    FEDSEMCOM_TEST_SEED=K      every experiment config a test loads from a file gets
+                               `seed: K` unless the test overrides the seed itself
+                               (default: the files' own, 0)
+
+A test that asserts on a trained model's numbers must pass with any of them.
+
+`make test` runs two workers (`-n 2 --dist loadgroup`): the tests of one file stay on
+one worker, so a module fixture is trained once, and every test marked `engine` (it
+starts real Flower or Ray processes) runs on one worker, one at a time, so that no two
+of them race for ports or for the cores at once.
+"""
+
+import os
+
 import pytest
 import torch
 
-from common.config import load_config
+from common.config import load_config, loading
 
-torch.set_num_threads(1)  # CI has 2 cores; keep tests from oversubscribing them
+torch.set_num_threads(int(os.environ.get("FEDSEMCOM_TEST_THREADS", "1")))
+
+if "FEDSEMCOM_TEST_SEED" in os.environ:
+    _config_from_dict = loading.config_from_dict
+
+    def _with_test_seed(raw, overrides=None):
+        overrides = dict(overrides or {})
+        if "seed" not in overrides:
+            overrides["seed"] = int(os.environ["FEDSEMCOM_TEST_SEED"])
+        return _config_from_dict(raw, overrides)
+
+    loading.config_from_dict = _with_test_seed  # load_config builds every config through it
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = "engine" if item.get_closest_marker("engine") else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ from fl_server import fast_pull
 from models.mtsc import workload as mtsc
 from models.mtsc.split import end_to_end_steps
 
+pytestmark = pytest.mark.engine  # real Flower or Ray processes (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 4
 # tests/test_split.py's split_cfg, as `key=value` overrides of configs/quickstart.yaml.

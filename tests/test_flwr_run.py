@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.engine  # real Flower or Ray processes (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -294,6 +294,7 @@ def alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
+@pytest.mark.engine
 @pytest.mark.timeout(300)
 def test_a_real_supernode_survives_a_hostile_server(tmp_path):
     app_dir = tmp_path / "hostile-app"

@@ -24,6 +24,8 @@ from common.config import load_config
 from fl_client.client_app import make_app
 from simulation.run import ray_address, simulate
 
+pytestmark = pytest.mark.engine  # real Flower or Ray processes (tests/conftest.py)
+
 RAY = str(Path(sys.executable).parent / "ray")
 WORKER_PORTS = 40  # the span of each node's worker-port range
 TAKEN_PORTS: set[int] = set()  # every port a node of this module was given
@@ -147,6 +149,7 @@ def test_address_from_the_config_wins_over_the_environment(monkeypatch):
     assert ray_address(load_config("configs/quickstart.yaml", [])) is None
 
 
+@pytest.mark.slow  # a long end-to-end check (make test-all); make test keeps tests/test_simulation.py
 @pytest.mark.timeout(300)
 def test_three_clients_train_on_a_two_node_ray_cluster(tmp_path, monkeypatch):
     # Short paths: Ray's sockets live under its temp dir (a Unix socket path is short).

@@ -9,8 +9,10 @@ import pytest
 import torch
 from test_server_rounds import LoopbackGrid
 
-from common.config import load_config
+from common.config import config_from_dict, load_config
 from fl_server.rounds import run_federated
+from models.client_state import local_parameters
+from models.mtsc import workload as mtsc
 from models.taco import task
 from models.taco import workload as taco
 from reports.runs import RunFolderError, restore_client
@@ -74,7 +76,24 @@ def test_a_restored_taco_client_evaluates_bit_for_bit_as_it_ended_the_run(
         assert again == evaluate(ended, tests[pid], cfg)
 
 
-def test_restoring_a_client_the_run_never_saved_names_the_folder(tmp_path, tiny_cfg,
+def test_a_restored_mtsc_client_holds_its_saved_tensors_under_the_final_adapters(
+        tmp_path, tiny_cfg, flower_message_context):
+    run_dir = tmp_path / "run"
+    cfg = config_from_dict(tiny_cfg.to_dict(), {"client_state_dir": str(run_dir / "state")})
+    run_federated(LoopbackGrid(cfg.num_clients), cfg, run_dir)
+    restored = restore_client(cfg, run_dir, 1)
+    (saved_file,) = (run_dir / "state").glob(f"*/partition-1/round-{cfg.rounds}.npz")
+    saved, final = np.load(saved_file), np.load(run_dir / "global_adapters.npz")
+    shared = mtsc.shared_state(restored)
+    assert set(shared) == set(final.files)
+    assert all(np.array_equal(shared[k], final[k]) for k in final.files)
+    kept = local_parameters(restored)
+    private = [k for k in saved.files if "lora_" not in k]
+    assert len(private) > 20
+    assert all(np.array_equal(kept[k].detach().numpy(), saved[k]) for k in private)
+
+
+def test_restoring_a_client_without_its_saved_state_names_the_folder(tmp_path, tiny_cfg,
                                                                    flower_message_context):
     run_dir = tmp_path / "run"
     run_federated(LoopbackGrid(tiny_cfg.num_clients), tiny_cfg, run_dir)  # no state dir

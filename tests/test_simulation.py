@@ -8,6 +8,8 @@ from common.config import load_config
 from models.mtsc import workload as mtsc
 from simulation.run import simulate
 
+pytestmark = pytest.mark.engine  # real Flower or Ray processes (tests/conftest.py)
+
 
 @pytest.mark.timeout(300)
 def test_ray_simulation_learns_and_writes_results(tmp_path):

@@ -44,6 +44,7 @@ def split_cfg(tmp_path, *overrides):
     ])
 
 
+@pytest.mark.engine
 def test_split_steps_over_flower_messages_equal_end_to_end_training(tmp_path):
     cfg = split_cfg(tmp_path)
     saved = tmp_path / "client_state.npz"
@@ -120,6 +121,7 @@ def test_split_training_learns_with_int8_activations_and_gradients(tmp_path, flo
     assert rounds[0]["bytes_down_per_step"] < 0.45 * fp32["bytes_down_per_step"]
 
 
+@pytest.mark.engine
 def test_a_silent_client_is_dropped_and_the_round_finishes(tmp_path, caplog):
     cfg = split_cfg(tmp_path, "num_clients=3", "min_train_clients=2", "data.num_samples=240",
                     "split.mode=parallel", "split.steps_per_round=3",

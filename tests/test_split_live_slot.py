@@ -10,7 +10,7 @@ import pytest
 from test_server_rounds import LoopbackGrid
 from test_split import split_cfg
 
-from fl_client import split
+from fl_client import split_handlers
 from fl_client.node import PRIVATE_STATE
 from fl_server.rounds import run_federated
 from models.mtsc.model import MTSCModel
@@ -39,13 +39,13 @@ class SlotLost(LoopbackGrid):
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for msg in messages:
-            split._SLOTS.clear()
+            split_handlers._SLOTS.clear()
             replies += super().send_and_receive([msg], timeout=timeout)
         return replies
 
 
 def run(grid, cfg, path):
-    split._OUTPUT_SHAPES.clear()  # one shape-probing forward per run (counted below)
+    split_handlers._OUTPUT_SHAPES.clear()  # one shape-probing forward per run (counted below)
     results = run_federated(grid, cfg, path)
     assert results["status"] == "completed"
     client = {node: {k: v.numpy() for k, v in ctx.state[PRIVATE_STATE].items()}
@@ -56,7 +56,7 @@ def run(grid, cfg, path):
 def test_kept_graph_and_rebuilt_state_both_equal_end_to_end_training(
         tmp_path, flower_message_context, uplink_calls):
     cfg = split_cfg(tmp_path, f"split.steps_per_round={STEPS}")
-    split._SLOTS.clear()
+    split_handlers._SLOTS.clear()
     kept_client, kept_server = run(LoopbackGrid(1), cfg, tmp_path / "kept")
     # One forward per step (and the shape probe): each backward message reused the graph
     # of the forward it sent.
@@ -84,7 +84,7 @@ def test_interleaved_nodes_never_use_each_others_slot(tmp_path, flower_message_c
     run must equal one in which no message ever finds a slot."""
     cfg = split_cfg(tmp_path, "num_clients=2", "min_train_clients=2", "data.num_samples=240",
                     "split.mode=parallel", f"split.steps_per_round={STEPS}")
-    split._SLOTS.clear()
+    split_handlers._SLOTS.clear()
     mixed_client, mixed_server = run(LoopbackGrid(2), cfg, tmp_path / "mixed")
     lost_client, lost_server = run(SlotLost(2), cfg, tmp_path / "lost")
     # The nodes trained on different data: a mix-up would show.

@@ -2,7 +2,8 @@
 "Multi-Task Semantic Communications via Large Models", arXiv 2503.22064).
 
     config.py    its config section `model:` and checks (imports nothing heavy)
-    workload.py  the seam: build, shared_state (LoRA adapters), load_shared_state, ...
+    workload.py  its side of the seam (models/seam.py, with the split's hooks): build,
+                 shared_state (LoRA adapters), load_shared_state, ...
     model.py     Fig. 2: modality encoders -> LAM encoder (LoRA) -> JSCC encoder
                  -> channel -> JSCC decoder -> LAM decoder (LoRA) -> task decoders
     train.py     local training (weighted sum of task losses) and evaluation
@@ -10,5 +11,6 @@
     split.py     the U-shaped cut of federated split fine-tuning and its reference
 
 The variable-rate JSCC (Sec. III-B) and the channel are shared layers (models/jscc.py,
-models/channel.py); the split's messages are fl_client/split_handlers.py and fl_server/split_loop.py.
+models/channel.py); the split's messages are fl_client/split_handlers.py and
+fl_server/split_loop.py.
 """

@@ -3,14 +3,15 @@ and Context Embedding" (arXiv 2505.10834), as a client-side pipeline in the fede
 
     config.py    its config section `taco:` (with `codec:` and `link:`) and checks
     codec.py     the VQ autoencoder (diffusers VQModel, 4x), its VQ loss, S_4 / U_4,
-                 its central pre-training on public scenes and the cached file
+                 its central pre-training on public scenes (models/pretrained.py)
     task.py      the client's task models (classifier, segmenter) and the GradCAM mask
     payload.py   the payload (p, mask, context and task indices) as bits, and the
                  Flower message that carries it
     pipeline.py  transmitter (LSF), receiver (Eq. 7 fusion), task switching
-    link.py      the index bits over a noisy digital link (BPSK/QPSK, Hamming(7,4))
+    digital_link.py  the index bits over a noisy digital link (BPSK/QPSK, Hamming(7,4))
     train.py     local training (codec fine-tuning, task models) and evaluation
-    workload.py  the seam: build, shared_state (the codec), prepare, ...
-    report.py    TACO against JPEG / WebP and its ablations:
-                 python -m reports.taco --config configs/taco_quickstart.yaml
+    workload.py  its side of the seam (models/seam.py): build, shared_state (the codec),
+                 prepare, initial_shared_state, ...
+
+TACO against JPEG / WebP and its ablations: python -m reports.taco (reports/taco.py).
 """
