@@ -24,7 +24,6 @@ no more than half its phase-3 bytes; the report says which tau (if any) reaches 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -36,9 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.config import ConfigError, ExperimentConfig, config_from_dict, load_config
+from common.config import ExperimentConfig, config_from_dict, need
 from common.device import resolve_device
-from common.records import new_run_dir
 from models.diffusion import codec, feedback
 from models.diffusion import workload as diffusion
 from models.diffusion.clip_attention import load_clip
@@ -56,6 +54,7 @@ from models.diffusion.link import (
 from models.diffusion.model import presence
 from models.diffusion.pretrain import ensure_pretrained, load_pretrained
 from models.diffusion.train import eval_batches, link_metrics
+from reports.cli import report_config, report_folder, report_parser
 from reports.runs import restore_client, simulation_run
 
 matplotlib.use("Agg")  # files only
@@ -315,24 +314,13 @@ def plot_reconstructions(figure: dict[str, Any], cfg: ExperimentConfig, path: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    # --out as in the other reports (reports/taco.py); --run-dir is kept as an alias.
-    parser.add_argument("--out", "--run-dir", dest="out",
-                        help="a report folder to write (or reuse) the run in")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser = report_parser("diffusion", __doc__, "configs/diffusion_quickstart.yaml")
+    parser.add_argument("--run-dir", dest="out", type=Path, help="the same as --out")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if cfg.workload != "diffusion":
-            raise ConfigError(f"config key 'workload': got {cfg.workload!r}, allowed: "
-                              "'diffusion' for this report")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = report_config(args, lambda c: need(c.workload == "diffusion", "workload", c.workload,
+                                             "'diffusion' for this report"))
     start = time.perf_counter()
-    out = Path(args.out) if args.out else new_run_dir(cfg.output_dir, f"{cfg.name}-report")
-    out.mkdir(parents=True, exist_ok=True)
+    out = report_folder(args, cfg, "diffusion")
     ensure_pretrained(cfg)
     if cfg.diffusion.clip_checkpoint:
         load_clip(cfg.diffusion.clip_checkpoint)  # a missing CLIP fails now, not after the run

@@ -12,14 +12,14 @@ Markdown table. A completed run already in the output folder is reused.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, load_config
-from common.records import new_run_dir, plt
+from common.config import need
+from common.records import plt
+from reports.cli import report_config, report_folder, report_parser
 from reports.runs import simulation_run
 
 SETTINGS = {
@@ -79,24 +79,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reports.label_leakage",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/split_quickstart.yaml")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: <output_dir>/leakage_report-<timestamp>)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if cfg.split.mode == "off":
-        print("error: config key 'split.mode': got 'off', allowed: 'sequential' or 'parallel' "
-              "(label leakage is a split-training attack)", file=sys.stderr)
-        return 2
-    out = args.out or new_run_dir(cfg.output_dir, "leakage_report")
-    out.mkdir(parents=True, exist_ok=True)
+    args = report_parser("label_leakage", __doc__,
+                         "configs/split_quickstart.yaml").parse_args(argv)
+    cfg = report_config(args, lambda c: need(
+        c.split.mode != "off", "split.mode", c.split.mode,
+        "'sequential' or 'parallel' (label leakage is a split-training attack)"))
+    out = report_folder(args, cfg, "label_leakage")
     rows = []
     for i, (name, extra) in enumerate(SETTINGS.items()):
         print(f"[{i + 1}/{len(SETTINGS)}] {name}", flush=True)

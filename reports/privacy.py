@@ -16,14 +16,13 @@ Label leakage is a split-training attack: `--leakage` adds the rows of a
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, load_config
-from common.records import new_run_dir, plt
+from common.records import plt
+from reports.cli import report_config, report_folder, report_parser
 from reports.membership import AuditError, audit
 from reports.runs import simulation_run
 
@@ -148,24 +147,18 @@ def _audit(run: Path, target: str, references: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reports.privacy",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/distill_quickstart.yaml")
+    parser = report_parser("privacy", __doc__, "configs/distill_quickstart.yaml")
     parser.add_argument("--references", type=int, default=4)
     parser.add_argument("--leakage", type=Path, default=None,
                         help="a python -m reports.label_leakage folder to add its rows")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: <output_dir>/privacy_report-<timestamp>)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    cfg = report_config(args)
     try:
-        cfg = load_config(args.config, args.overrides)
         extra_rows = leakage_rows(args.leakage) if args.leakage else []
-    except (ConfigError, AuditError) as err:
+    except AuditError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = args.out or new_run_dir(cfg.output_dir, "privacy_report")
-    out.mkdir(parents=True, exist_ok=True)
+    out = report_folder(args, cfg, "privacy")
     rows = []
     for i, (name, (extra, target)) in enumerate(SETTINGS.items()):
         print(f"[{i + 1}/{len(SETTINGS)}] {name}", flush=True)

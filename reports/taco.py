@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -31,8 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.config import ConfigError, ExperimentConfig, load_config
-from common.records import new_run_dir
+from common.config import ExperimentConfig, need
 from models.taco import workload as taco
 from models.taco.codec import ensure_codec
 from models.taco.digital_link import payload_over_link
@@ -40,6 +38,7 @@ from models.taco.payload import deserialise, message_bytes, message_payload
 from models.taco.pipeline import Receiver, Transmitter, switch_request
 from models.taco.task import gradcam_scores, random_mask
 from models.taco.train import evaluation_images, image_quality
+from reports.cli import report_config, report_folder, report_parser
 from reports.runs import restore_client, simulation_run
 
 JPEG_QUALITIES = (1, 5, 10, 20, 30, 50, 75, 90)
@@ -367,24 +366,10 @@ def build_report(cfg: ExperimentConfig, run_dir: Path, federated: dict) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reports.taco",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/taco_quickstart.yaml")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: <output_dir>/taco_report-<timestamp>)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if cfg.workload != "taco":
-        print(f"error: config key 'workload': got {cfg.workload!r}, the report needs 'taco'",
-              file=sys.stderr)
-        return 2
-    out = args.out or new_run_dir(cfg.output_dir, "taco_report")
-    out.mkdir(parents=True, exist_ok=True)
+    args = report_parser("taco", __doc__, "configs/taco_quickstart.yaml").parse_args(argv)
+    cfg = report_config(args, lambda c: need(c.workload == "taco", "workload", c.workload,
+                                             "'taco' for this report"))
+    out = report_folder(args, cfg, "taco")
     ensure_codec(cfg)
     run_dir = out / "federated"
     federated = simulation_run(args.config, args.overrides, run_dir)

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -28,12 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import ConfigError, ExperimentConfig, load_config
+from common.config import ExperimentConfig, need
 from common.data import num_classes
 from common.data.tensor_dataset import TensorDictDataset
-from common.records import new_run_dir
 from models.tosc import teacher as tosc_teacher
 from models.tosc import workload as tosc
+from reports.cli import report_config, report_folder, report_parser
 from reports.runs import simulation_run
 
 LATENCY_BATCH, LATENCY_SNR_DB = 32, 10.0
@@ -184,24 +183,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reports.tosc",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/distill_quickstart.yaml")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: <output_dir>/distill_report-<timestamp>)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if cfg.workload != "tosc" or not cfg.channel.sweep_snr_db:
-        print("error: the report needs workload=tosc and a non-empty channel.sweep_snr_db",
-              file=sys.stderr)
-        return 2
-    out = args.out or new_run_dir(cfg.output_dir, "distill_report")
-    out.mkdir(parents=True, exist_ok=True)
+    args = report_parser("tosc", __doc__, "configs/distill_quickstart.yaml").parse_args(argv)
+
+    def check(cfg: ExperimentConfig) -> None:
+        need(cfg.workload == "tosc", "workload", cfg.workload, "'tosc' for this report")
+        need(bool(cfg.channel.sweep_snr_db), "channel.sweep_snr_db", cfg.channel.sweep_snr_db,
+             "a non-empty list of SNRs (dB) to compare the models at")
+
+    cfg = report_config(args, check)
+    out = report_folder(args, cfg, "tosc")
     tosc_teacher.ensure_teacher(cfg)
     kd = simulation_run(args.config, args.overrides, out / "kd_ib")
     no_kd = simulation_run(args.config, [*args.overrides, "distill.kd_weight=0",

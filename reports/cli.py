@@ -1,0 +1,48 @@
+"""What every report's command line takes: `--config` (a YAML experiment file),
+`--out` (the report folder; a completed run already in it is reused) and `key=value`
+overrides; and the config, checked before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from common.config import ConfigError, ExperimentConfig, load_config
+from common.records import new_run_dir
+
+
+def report_parser(name: str, doc: str, config: str | None) -> argparse.ArgumentParser:
+    """The parser of `python -m reports.<name>`; `config` is the default experiment file
+    (None: --config is required). A report adds its own options to it."""
+    parser = argparse.ArgumentParser(prog=f"python -m reports.{name}",
+                                     description=doc.split("\n\n")[0])
+    parser.add_argument("--config", default=config, required=config is None)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"the report folder (default: <output_dir>/{name}_report-"
+                             "<timestamp>); a completed run already in it is reused")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override config keys, e.g. rounds=5")
+    return parser
+
+
+def report_config(args: argparse.Namespace,
+                  check: Callable[[ExperimentConfig], None] | None = None) -> ExperimentConfig:
+    """The experiment config of a report's arguments, with the report's own `check`
+    (it raises ConfigError); a bad one ends the process with its message and exit 2."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if check is not None:
+            check(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg
+
+
+def report_folder(args: argparse.Namespace, cfg: ExperimentConfig, name: str) -> Path:
+    """--out, or a new <output_dir>/<name>_report-<timestamp>; created."""
+    out = Path(args.out) if args.out else new_run_dir(cfg.output_dir, f"{name}_report")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
