@@ -44,6 +44,27 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread in this process during the test, as on a node (a Ray actor of one
+    CPU, a fast-path executor with OMP_NUM_THREADS=1): a float sum split over another
+    number of threads differs in the last bits, which AdamW carries to about 2e-5 after
+    a few steps, so an equivalence test compares like with like."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def pretrained_dir(tmp_path_factory):
+    """One folder per test run (per worker) for pre-trained files: tosc teachers, taco
+    codecs, diffusion DDPMs. A test names the file after the settings it trains with,
+    so the tests that share those settings train it once; the file's fingerprint
+    refuses it to a test with other settings (models/pretrained.py)."""
+    return tmp_path_factory.mktemp("pretrained")
+
+
+@pytest.fixture
 def tiny_cfg():
     """A quick mtsc experiment: a few clients, a small synthetic dataset."""
     return load_config("configs/quickstart.yaml", [

@@ -128,8 +128,8 @@ def test_an_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(
 def test_resume_refuses_another_config(tiny_cfg, flower_message_context, tmp_path):
     save_checkpoint(tmp_path, 1, {"global": record(0)}, {"python_random": [3, [], None]},
                     [], tiny_cfg.to_dict())
-    tiny_cfg.seed = 7
-    with pytest.raises(ConfigError, match="seed: checkpoint 0, now 7"):
+    saved_seed, tiny_cfg.seed = tiny_cfg.seed, tiny_cfg.seed + 7
+    with pytest.raises(ConfigError, match=f"seed: checkpoint {saved_seed}, now {tiny_cfg.seed}"):
         run_federated(LoopbackGrid(3), tiny_cfg, tmp_path, resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run_federated(LoopbackGrid(3), tiny_cfg, tmp_path / "nothing", resume=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import load_config
+from common.config import config_from_dict
 from deploy import fast_node
 from deploy.launch import Deployment, threads_per_app
 from fl_server import fast_pull
@@ -48,11 +48,9 @@ def cmdline(pid: int) -> str:
 
 
 @pytest.mark.timeout(400)
-def test_split_steps_through_the_fast_supernode_equal_end_to_end_training(tmp_path,
-                                                                         monkeypatch):
-    # One torch thread on the node as in this process (tests/conftest.py): a float sum
-    # split over another number of threads differs in the last bits, which AdamW
-    # carries to about 2e-5 after four steps, on any engine.
+def test_split_steps_through_the_fast_supernode_equal_end_to_end_training(
+        tmp_path, monkeypatch, one_torch_thread):
+    # One torch thread on the node as in this process (one_torch_thread, tests/conftest.py).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     dep = Deployment(tmp_path / "deploy", num_supernodes=1, tls=True, auth=True,
                      state_dir=str(tmp_path / "state"), fast=True)
@@ -82,7 +80,7 @@ def test_split_steps_through_the_fast_supernode_equal_end_to_end_training(tmp_pa
     assert {int(pid) for pid, _ in tasks} == {pids["superexec-0"]}
     assert len(tasks) == 1 + 2 * STEPS, executor_log[-3000:]
 
-    cfg = load_config("configs/quickstart.yaml", OVERRIDES)
+    cfg = config_from_dict(result["config"])  # the run's own config, as the ServerApp loaded it
     reference = end_to_end_steps(cfg, 0, 1, rnd=1, steps=STEPS)[0]
     ref = {n: p.detach().numpy() for n, p in reference.named_parameters()}
     (run_dir,) = (tmp_path / "runs").iterdir()

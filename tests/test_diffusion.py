@@ -31,8 +31,8 @@ def tiny_cfg(checkpoint, *extra):
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
-    cfg = tiny_cfg(tmp_path_factory.mktemp("ddpm") / "ddpm.pt")
+def cfg(pretrained_dir):
+    cfg = tiny_cfg(pretrained_dir / "ddpm-tiny.pt")
     ensure_pretrained(cfg, log=lambda _: None)
     return cfg
 

@@ -53,8 +53,8 @@ def clip_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ddpm_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ddpm") / "ddpm.pt"
+def ddpm_file(pretrained_dir):
+    path = pretrained_dir / "ddpm-tiny.pt"  # tests/test_diffusion.py's, when on one worker
     ensure_pretrained(tiny_cfg(path), log=lambda _: None)
     return path
 

@@ -20,12 +20,17 @@ from privacy.dp import HISTORY_KEY, ClientDP, epsilon_of
 DP = ["privacy.dp.mode=local", "privacy.dp.noise_multiplier=1.0"]
 
 
-def tosc_dp_cfg(tmp_path, *overrides):
-    return load_config("configs/distill_quickstart.yaml", [
-        "num_clients=2", "min_train_clients=2", "rounds=3", "data.num_samples=200",
-        "train.local_epochs=1", "fraction_evaluate=0", "distill.teacher.public_samples=40",
-        "distill.teacher.epochs=1", f"distill.teacher.checkpoint={tmp_path}/teacher.pt",
-        f"output_dir={tmp_path}", *DP, *overrides])
+@pytest.fixture
+def tosc_dp_cfg(tmp_path, pretrained_dir):
+    """A tosc experiment with DP-SGD; one teacher for every test (pretrained_dir)."""
+    def make(*overrides):
+        return load_config("configs/distill_quickstart.yaml", [
+            "num_clients=2", "min_train_clients=2", "rounds=3", "data.num_samples=200",
+            "train.local_epochs=1", "fraction_evaluate=0", "distill.teacher.public_samples=40",
+            "distill.teacher.epochs=1",
+            f"distill.teacher.checkpoint={pretrained_dir / 'teacher-40-public.pt'}",
+            f"output_dir={tmp_path}", *DP, *overrides])
+    return make
 
 
 def test_a_dp_step_moves_the_lora_adapters_and_heads_and_every_one_has_per_example_grads():
@@ -53,8 +58,8 @@ def test_a_dp_step_moves_the_lora_adapters_and_heads_and_every_one_has_per_examp
 
 
 def test_a_clients_epsilon_over_rounds_is_one_accountant_over_all_its_steps(
-        tmp_path, flower_message_context):
-    cfg = tosc_dp_cfg(tmp_path)
+        tosc_dp_cfg, tmp_path, flower_message_context):
+    cfg = tosc_dp_cfg()
     grid = LoopbackGrid(2)
     rows = run_federated(grid, cfg, tmp_path / "run")["rounds"]
     eps = [r["dp_epsilon_max"] for r in rows]
@@ -78,18 +83,19 @@ def test_a_clients_epsilon_over_rounds_is_one_accountant_over_all_its_steps(
     assert rows[-1]["dp_epsilon_mean"] == pytest.approx(sum(per_client) / 2, rel=1e-9)
 
 
-def test_a_target_epsilon_is_reached_after_the_configured_rounds(tmp_path, flower_message_context):
-    cfg = tosc_dp_cfg(tmp_path, "privacy.dp.noise_multiplier=null", "privacy.dp.epsilon=2.0")
+def test_a_target_epsilon_is_reached_after_the_configured_rounds(tosc_dp_cfg, tmp_path,
+                                                                 flower_message_context):
+    cfg = tosc_dp_cfg("privacy.dp.noise_multiplier=null", "privacy.dp.epsilon=2.0")
     rows = run_federated(LoopbackGrid(2), cfg, tmp_path / "run")["rounds"]
     assert 1.9 < rows[-1]["dp_epsilon_max"] <= 2.0 + 1e-6
 
 
 def test_a_client_over_its_budget_stops_training_and_the_run_goes_on(
-        tmp_path, flower_message_context, caplog):
+        tosc_dp_cfg, tmp_path, flower_message_context, caplog):
     one = ["num_clients=1", "min_train_clients=1"]
-    first = run_federated(LoopbackGrid(1), tosc_dp_cfg(tmp_path, *one, "rounds=1"),
+    first = run_federated(LoopbackGrid(1), tosc_dp_cfg(*one, "rounds=1"),
                           tmp_path / "first")["rounds"][0]["dp_epsilon_max"]
-    cfg = tosc_dp_cfg(tmp_path, *one, f"privacy.dp.max_epsilon={first * 1.2}")
+    cfg = tosc_dp_cfg(*one, f"privacy.dp.max_epsilon={first * 1.2}")
     with caplog.at_level(logging.WARNING):
         results = run_federated(LoopbackGrid(1), cfg, tmp_path / "run")
     rows = results["rounds"]
@@ -118,12 +124,12 @@ def test_a_non_positive_epsilon_is_refused():
 
 
 def test_a_resumed_run_continues_each_clients_accountant_from_the_nodes_disk(
-        tmp_path, flower_message_context):
+        tosc_dp_cfg, tmp_path, flower_message_context):
     state = [f"client_state_dir={tmp_path}/state"]
-    straight = run_federated(LoopbackGrid(2), tosc_dp_cfg(tmp_path, *state),
+    straight = run_federated(LoopbackGrid(2), tosc_dp_cfg(*state),
                              tmp_path / "straight")["rounds"]
-    run_federated(LoopbackGrid(2), tosc_dp_cfg(tmp_path, *state, "rounds=1"), tmp_path / "cut")
+    run_federated(LoopbackGrid(2), tosc_dp_cfg(*state, "rounds=1"), tmp_path / "cut")
     # Fresh contexts, as a new Flower run has: the accountants come from the nodes' disks.
-    resumed = run_federated(LoopbackGrid(2), tosc_dp_cfg(tmp_path, *state), tmp_path / "cut",
+    resumed = run_federated(LoopbackGrid(2), tosc_dp_cfg(*state), tmp_path / "cut",
                             resume=True)["rounds"]
     assert [r["dp_epsilon_max"] for r in resumed] == [r["dp_epsilon_max"] for r in straight]

@@ -18,11 +18,13 @@ def test_the_uplink_leaks_the_image_and_channel_noise_hides_some_of_it():
     model = workload.build(cfg)
     train, _ = workload.load_data(cfg, 0, 3)
     first = HELD_OUT_START // 2
-    public = SyntheticScenes(cfg.data, np.arange(first, first + 600)).tensors["image"]
+    public = SyntheticScenes(cfg.data, np.arange(first, first + 1200)).tensors["image"]
     private = train.tensors["image"][:80]
-    noiseless, noisy = invert(model, cfg, public, private, epochs=15, conditions=CONDITIONS[:2])
+    noiseless, noisy = invert(model, cfg, public, private, epochs=20, conditions=CONDITIONS[:2])
+    # Measured over seeds 0-3 at one and two torch threads: the decoder beats the mean
+    # image by 0.96-1.49 dB, and channel noise takes 1.67-2.10 dB of it away.
     assert noiseless["psnr_db"] > noiseless["mean_image_psnr_db"] + 0.5
-    assert noisy["psnr_db"] < noiseless["psnr_db"] - 0.3
+    assert noisy["psnr_db"] < noiseless["psnr_db"] - 0.8
 
 
 def test_the_attacker_sees_what_the_wire_carries():

@@ -65,13 +65,13 @@ def test_reference_models_pair_up_on_complementary_halves():
         reference_halves(10, 3, 0)
 
 
-def _finished_run(root, *overrides):
+def _finished_run(root, teacher, *overrides):
     """A tosc run of one client (so the target is exactly what the client trained)."""
     cfg = load_config("configs/distill_quickstart.yaml", [
         "num_clients=1", "min_train_clients=1", "rounds=1", "data.num_samples=200",
         "data.partitioner=iid", "distill.kd_weight=0", "channel.sweep_snr_db=[]",
         "distill.teacher.public_samples=40", "distill.teacher.epochs=1",
-        f"distill.teacher.checkpoint={root}/teacher.pt", f"output_dir={root}", *overrides])
+        f"distill.teacher.checkpoint={teacher}", f"output_dir={root}", *overrides])
     grid = LoopbackGrid(1)
     for context in grid.contexts.values():
         context.node_config["state-dir"] = str(root / "node-state")
@@ -80,13 +80,14 @@ def _finished_run(root, *overrides):
 
 
 @pytest.fixture(scope="module")
-def overfit_run(tmp_path_factory):
+def overfit_run(tmp_path_factory, pretrained_dir):
     from flwr.supercore.task_identity import TaskIdentity
 
     with pytest.MonkeyPatch.context() as mp:  # as the flower_message_context fixture
         for attr in ("_run_id", "_node_id", "_task_id"):
             mp.setattr(TaskIdentity, attr, 1)
-        return _finished_run(tmp_path_factory.mktemp("overfit"), "train.local_epochs=80")
+        return _finished_run(tmp_path_factory.mktemp("overfit"),
+                             pretrained_dir / "teacher-40-public.pt", "train.local_epochs=80")
 
 
 def test_positive_control_an_overfit_target_is_caught(overfit_run):
@@ -106,8 +107,10 @@ def test_positive_control_an_overfit_target_is_caught(overfit_run):
     assert (run / "audit-global" / "roc.png").stat().st_size > 10_000
 
 
-def test_a_dp_sgd_target_stays_inside_the_dp_bound(tmp_path, flower_message_context):
-    run, state = _finished_run(tmp_path, "train.local_epochs=20", "privacy.dp.mode=local",
+def test_a_dp_sgd_target_stays_inside_the_dp_bound(tmp_path, pretrained_dir,
+                                                  flower_message_context):
+    run, state = _finished_run(tmp_path, pretrained_dir / "teacher-40-public.pt",
+                               "train.local_epochs=20", "privacy.dp.mode=local",
                                "privacy.dp.epsilon=1.0")
     report = audit(run, "global", attacks="loss,lira", references=4, fprs=(0.1,),
                    state_dir=state)

@@ -32,12 +32,12 @@ def _equal_models(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
 
 
 def test_a_restored_taco_client_evaluates_bit_for_bit_as_it_ended_the_run(
-        taco_with_batchnorm, flower_message_context, tmp_path, monkeypatch):
+        taco_with_batchnorm, flower_message_context, tmp_path, pretrained_dir, monkeypatch):
     run_dir = tmp_path / "run"
     cfg = load_config("configs/taco_quickstart.yaml", [
         "num_clients=2", "rounds=2", "data.num_samples=160", "train.local_epochs=1",
         "taco.eval_images=3", "taco.codec.public_samples=32", "taco.codec.epochs=1",
-        f"taco.codec.checkpoint={tmp_path / 'codec.pt'}", f"output_dir={tmp_path}",
+        f"taco.codec.checkpoint={pretrained_dir / 'codec-tiny.pt'}", f"output_dir={tmp_path}",
         f"client_state_dir={run_dir / 'client-state'}"])
     # The client as it evaluates the final global state in the run's last round.
     seen: dict[int, torch.nn.Module] = {}

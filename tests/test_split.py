@@ -45,7 +45,7 @@ def split_cfg(tmp_path, *overrides):
 
 
 @pytest.mark.engine
-def test_split_steps_over_flower_messages_equal_end_to_end_training(tmp_path):
+def test_split_steps_over_flower_messages_equal_end_to_end_training(tmp_path, one_torch_thread):
     cfg = split_cfg(tmp_path)
     saved = tmp_path / "client_state.npz"
 

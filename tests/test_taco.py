@@ -292,7 +292,8 @@ def test_taco_sends_the_codec_but_no_task_model_label_or_image(trained, flower_m
     assert replies["evaluate"].content["metrics"]["receiver_exact"] == 1.0
 
 
-def test_federated_rounds_record_accuracy_bytes_psnr_and_ssim(flower_message_context, tmp_path):
+def test_federated_rounds_record_accuracy_bytes_psnr_and_ssim(flower_message_context, tmp_path,
+                                                               pretrained_dir):
     from test_server_rounds import LoopbackGrid
 
     from fl_server.rounds import run_federated
@@ -301,7 +302,7 @@ def test_federated_rounds_record_accuracy_bytes_psnr_and_ssim(flower_message_con
     cfg = load_config("configs/taco_quickstart.yaml", [
         "num_clients=2", "rounds=2", "data.num_samples=160", "train.local_epochs=1",
         "taco.eval_images=3", "taco.codec.public_samples=32", "taco.codec.epochs=1",
-        f"taco.codec.checkpoint={tmp_path / 'codec.pt'}", f"output_dir={tmp_path}"])
+        f"taco.codec.checkpoint={pretrained_dir / 'codec-tiny.pt'}", f"output_dir={tmp_path}"])
     results = run_federated(LoopbackGrid(2), cfg, tmp_path / "run")
     rounds = results["rounds"]
     assert len(rounds) == 2
