@@ -207,6 +207,9 @@ def audit(run_dir: str | Path, target: str = "global", attacks: str = "loss,lira
     needs_refs = any(a in ("lira", "rmia") for a in names)
     if needs_refs:
         reference_halves(2, references, 0)  # checks K before any work
+    if "rmia" in names and rmia_a is None and references < 4:
+        raise AuditError(f"--references {references}: fitting RMIA's offline a needs at least "
+                         "4 reference models; give --references 4 or more, or --rmia-a")
     strict = fprs is not None
     fprs = tuple(fprs) if fprs is not None else DEFAULT_FPRS
     epochs = reference_epochs or cfg.rounds * cfg.train.local_epochs

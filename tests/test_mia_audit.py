@@ -143,6 +143,8 @@ def test_bad_requests_are_refused_with_the_fix(tmp_path, overfit_run):
         audit(tmp_path)
     with pytest.raises(AuditError, match=r"--fpr 0.001 needs at least 10000 non-members"):
         audit(run, attacks="loss", fprs=(0.001,), state_dir=state)
+    with pytest.raises(AuditError, match=r"--references 2: fitting RMIA's offline a"):
+        audit(run, attacks="rmia", references=2, state_dir=state)
     with pytest.raises(AuditError, match=r"--target 'client:5'"):
         audit(run, target="client:5", attacks="loss", state_dir=state)
     with pytest.raises(RunFolderError, match="no saved private state"):
