@@ -45,7 +45,7 @@ def uplink_view(model, images: Tensor, channel_cfg: ChannelConfig, noisy: bool, 
     with torch.no_grad(), seeded(seed):
         model.eval()
         device = next(model.parameters()).device
-        clean = WirelessChannel(dataclasses.replace(channel_cfg, kind="none"))
+        clean = WirelessChannel(dataclasses.replace(channel_cfg, model="none"))
         for start in range(0, len(images), 256):
             batch = {"image": images[start:start + 256].to(device)}
             snr = model.channel.sample_snr_db(len(batch["image"]), device)

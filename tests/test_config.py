@@ -16,9 +16,9 @@ def test_quickstart_loads_into_typed_dataclasses():
 
 
 def test_overrides_apply_dotted_keys_with_yaml_values():
-    cfg = load_config(QUICKSTART, ["rounds=7", "data.alpha=0.1", "channel.kind=rician",
+    cfg = load_config(QUICKSTART, ["rounds=7", "data.alpha=0.1", "channel.model=tdl-d",
                                    "model.tasks=[classification]"])
-    assert cfg.rounds == 7 and cfg.data.alpha == 0.1 and cfg.channel.kind == "rician"
+    assert cfg.rounds == 7 and cfg.data.alpha == 0.1 and cfg.channel.model == "tdl-d"
     assert cfg.model.tasks == ["classification"]
     # Flower's --run-config passes the overrides as one space-separated string.
     assert load_config(QUICKSTART, "rounds=2 lora.rank=4").lora.rank == 4
@@ -27,7 +27,9 @@ def test_overrides_apply_dotted_keys_with_yaml_values():
 @pytest.mark.parametrize("override, words", [
     ("dat.alpha=1", ["unknown config key 'dat'", "data"]),
     ("data.alpah=1", ["unknown config key 'data.alpah'", "alpha"]),
-    ("channel.kind=fm", ["'channel.kind'", "'fm'", "'awgn'", "'rician'"]),
+    ("channel.model=fm", ["'channel.model'", "'fm'", "'awgn'", "'tdl-e'"]),
+    ("channel.kind=awgn", ["'channel.kind'", "is now channel.model"]),
+    ("channel.fft_size=4", ["'channel.fft_size'", ">= 12"]),
     ("rounds=zero", ["'rounds'", "'zero'", "int"]),
     ("rounds=0", ["'rounds'", "0", ">= 1"]),
     ("data.alpha=-1", ["'data.alpha'", "-1", "> 0"]),

@@ -29,8 +29,8 @@ STEPS = 4
 # tests/test_split.py's split_cfg, as `key=value` overrides of configs/quickstart.yaml.
 OVERRIDES = ["num_clients=1", "min_train_clients=1", "rounds=1", "fraction_evaluate=0",
              "data.num_samples=120", "train.batch_size=16", "train.weight_decay=0.01",
-             "channel.kind=rician", "channel.snr_range_db=[0,20]", "split.mode=sequential",
-             f"split.steps_per_round={STEPS}", "split.downlink.kind=awgn",
+             "channel.model=tdl-d", "channel.snr_range_db=[0,20]", "split.mode=sequential",
+             f"split.steps_per_round={STEPS}", "split.downlink.model=awgn",
              "split.downlink.snr_db=10", "split.client_timeout_s=120"]
 
 

@@ -37,7 +37,7 @@ from models.split_wire import encode
 # Strings the client reads, each sent as a traversal and as an absolute path.
 CONFIG_STRINGS = ("run-key", "lora-train", "server-round", "experiment")
 EXPERIMENT_STRINGS = ("workload", "data.name", "data.partitioner", "strategy.name",
-                      "split.compression", "train.amp", "channel.kind", "privacy.dp.mode",
+                      "split.compression", "train.amp", "channel.model", "privacy.dp.mode",
                       "lora.target_modules", *NODE_KEYS)
 
 

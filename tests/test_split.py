@@ -37,9 +37,9 @@ def split_cfg(tmp_path, *overrides):
     return load_config("configs/quickstart.yaml", [
         "num_clients=1", "min_train_clients=1", "rounds=1", "fraction_evaluate=0",
         "data.num_samples=120", "train.batch_size=16", "train.weight_decay=0.01",
-        "channel.kind=rician", "channel.snr_range_db=[0, 20]",
+        "channel.model=tdl-d", "channel.snr_range_db=[0, 20]",
         "split.mode=sequential", "split.steps_per_round=4",
-        "split.downlink={kind: awgn, snr_db: 10}", f"output_dir={tmp_path}",
+        "split.downlink={model: awgn, snr_db: 10}", f"output_dir={tmp_path}",
         *overrides,
     ])
 

@@ -31,6 +31,7 @@ from common.config.loading import (
     resolve_path,
 )
 from common.config.schema import (
+    CHANNEL_MODELS,
     LORA_STRATEGIES,
     STRATEGY_NAMES,
     TASKS,
@@ -53,7 +54,7 @@ from common.config.schema import (
 )
 
 __all__ = [
-    "CENTRAL_DP_REFUSED", "LORA_STRATEGIES", "MEAN_STRATEGIES", "MODULE_PATTERN",
+    "CENTRAL_DP_REFUSED", "CHANNEL_MODELS", "LORA_STRATEGIES", "MEAN_STRATEGIES", "MODULE_PATTERN",
     "NAME_PATTERN", "PROJECT_ROOT", "STRATEGY_NAMES", "TASKS", "WEIGHT_STRATEGIES",
     "ChannelConfig", "ConfigError", "DataConfig", "DPConfig", "ExperimentConfig",
     "LabelLeakageConfig", "LoraConfig", "PrivacyConfig", "SimulationConfig", "SplitConfig",

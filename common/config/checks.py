@@ -90,7 +90,8 @@ def check_experiment(cfg: ExperimentConfig) -> None:
          "average factors, which needs one rank for all clients)")
     need(0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "0 <= x < 1")
     c = cfg.channel
-    need(c.rician_k >= 0, "channel.rician_k", c.rician_k, ">= 0")
+    for key, channel in (("channel", c), ("split.downlink", cfg.split.downlink)):
+        _check_channel(key, channel)
     if c.snr_range_db is not None:
         need(len(c.snr_range_db) == 2 and c.snr_range_db[0] <= c.snr_range_db[1],
              "channel.snr_range_db", c.snr_range_db, "[low_db, high_db] with low <= high")
@@ -213,3 +214,14 @@ def _check_secure_aggregation(cfg: ExperimentConfig) -> None:
          "set strategy.max_update_bytes=null")
     need(cfg.min_train_clients >= 2, "min_train_clients", cfg.min_train_clients,
          ">= 2 with strategy.secure_aggregation (a sum of one update is that update)")
+
+
+def _check_channel(key: str, c) -> None:
+    need(c.delay_spread_ns > 0, f"{key}.delay_spread_ns", c.delay_spread_ns,
+         "> 0 nanoseconds (TR 38.901 lists 10 ns 'very short' to 1000 ns 'very long')")
+    need(c.speed_mps >= 0, f"{key}.speed_mps", c.speed_mps, ">= 0 m/s")
+    need(0.5 <= c.carrier_ghz <= 100, f"{key}.carrier_ghz", c.carrier_ghz,
+         "0.5 .. 100 GHz (TR 38.901's range)")
+    need(c.subcarrier_spacing_khz in (15, 30, 60, 120, 240), f"{key}.subcarrier_spacing_khz",
+         c.subcarrier_spacing_khz, "one of 15, 30, 60, 120, 240 (5G NR numerologies)")
+    need(c.fft_size >= 12, f"{key}.fft_size", c.fft_size, ">= 12 subcarriers")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from common.config.checks import check_experiment
-from common.config.schema import ConfigError, ExperimentConfig, workload_sections
+from common.config.schema import RENAMED_KEYS, ConfigError, ExperimentConfig, workload_sections
 from common.workloads import WORKLOADS
 
 # common/config/loading.py -> the repository root.
@@ -100,8 +100,9 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     for key, value in raw.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
+            renamed = f" ('{path}' is now {RENAMED_KEYS[path]})" if path in RENAMED_KEYS else ""
             raise ConfigError(
-                f"unknown config key '{path}'. Allowed keys here: {', '.join(names)}"
+                f"unknown config key '{path}'{renamed}. Allowed keys here: {', '.join(names)}"
             )
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)

@@ -37,6 +37,17 @@ WEIGHT_STRATEGIES: tuple[str, ...] = typing.get_args(WeightStrategy)
 STRATEGY_NAMES: tuple[str, ...] = typing.get_args(StrategyName)
 
 
+ChannelModel = Literal["none", "awgn", "rayleigh", "tdl-a", "tdl-b", "tdl-c", "tdl-d", "tdl-e"]
+CHANNEL_MODELS: tuple[str, ...] = typing.get_args(ChannelModel)
+# Keys renamed since earlier configs, with what to write now.
+RENAMED_KEYS = {
+    "channel.kind": "channel.model (none | awgn | rayleigh | tdl-a .. tdl-e)",
+    "channel.rician_k": "channel.model: tdl-d or tdl-e (TDL models with a line-of-sight path)",
+    "split.downlink.kind": "split.downlink.model",
+    "split.downlink.rician_k": "split.downlink.model: tdl-d or tdl-e",
+}
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
@@ -71,11 +82,21 @@ class LoraConfig:
 
 @dataclass
 class ChannelConfig:
-    kind: Literal["awgn", "rayleigh", "rician", "none"] = "awgn"
-    snr_db: float = 10.0
+    """The wireless channel (Sionna's PHY, models/channel.py): AWGN, Rayleigh block
+    fading, or a 3GPP TR 38.901 tapped-delay-line model on an OFDM grid (TDL-D and
+    TDL-E have a line-of-sight path)."""
+
+    model: ChannelModel = "awgn"
+    snr_db: float = 10.0  # Es/N0 per complex symbol
     snr_range_db: list[float] | None = None  # [low, high]: SNR sampled per example
-    rician_k: float = 4.0  # Rician K-factor (linear): LOS power / scattered power
     sweep_snr_db: list[float] = field(default_factory=list)  # dB; evaluated at each after the last round
+    # The TDL models only.
+    delay_spread_ns: float = 100.0  # RMS delay spread
+    speed_mps: float = 0.0  # terminal speed: the Doppler over an example's slots
+    carrier_ghz: float = 3.5
+    subcarrier_spacing_khz: float = 30.0
+    fft_size: int = 64  # subcarriers of the OFDM grid
+    csi: Literal["perfect", "ls"] = "perfect"  # what the receiver equalises with
 
 
 @dataclass
@@ -112,7 +133,7 @@ class SplitConfig:
     mode: Literal["off", "sequential", "parallel"] = "off"
     compression: Literal["none", "float16", "bfloat16", "int8"] = "none"
     # A second channel for the server's output on its way back to the client.
-    downlink: ChannelConfig = field(default_factory=lambda: ChannelConfig(kind="none"))
+    downlink: ChannelConfig = field(default_factory=lambda: ChannelConfig(model="none"))
     steps_per_round: int | None = None  # None: train.local_epochs over the client's data
     # A client silent this long in a step is dropped for the round (the first message,
     # which loads data and builds the model, and evaluation wait round_timeout_s).

@@ -74,7 +74,7 @@ def send_bits(bits: np.ndarray, modulation: str, code: str, channel: str, snr_db
     """The received bits and the channel symbols spent."""
     coded = hamming74_encode(bits) if code == "hamming74" else bits
     symbols = modulate(coded, modulation)
-    link = WirelessChannel(ChannelConfig(kind=channel, snr_db=snr_db))
+    link = WirelessChannel(ChannelConfig(model=channel, snr_db=snr_db))
     y = link(symbols[None], torch.tensor([snr_db]), generator)[0]
     received = demodulate(y, modulation, len(coded))
     if code == "hamming74":
