@@ -131,22 +131,34 @@ class WirelessChannel(nn.Module):
 
     def forward(self, symbols: Tensor, snr_db: Tensor,
                 generator: torch.Generator | None = None) -> Tensor:
-        """The receiver's estimate of `symbols` [B, ...] after the channel at `snr_db` [B]."""
+        """The receiver's MMSE estimate of `symbols` [B, ...] after the channel at
+        `snr_db` [B]: what a learned decoder after the channel reads."""
+        if self.cfg.model in ("none", "awgn"):
+            return self.equalise(symbols, snr_db, generator)[0]
+        x_hat, no_eff = self.equalise(symbols, snr_db, generator)
+        return x_hat / (1 + no_eff)
+
+    def equalise(self, symbols: Tensor, snr_db: Tensor,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """The unbiased estimate of `symbols` [B, ...] and its noise variance per symbol
+        (no_eff), what a soft demapper needs (models/digital_phy.py)."""
         model = self.cfg.model
-        if model == "none":
-            return symbols
         no = noise_variance(snr_db.float())
+        if model == "none":  # error-free: a tiny noise variance keeps LLRs finite
+            return symbols, torch.full(symbols.shape, 1e-10, device=symbols.device)
         if model == "awgn":
             with _draws_from(generator, symbols.device):
-                return _awgn(str(symbols.device))(symbols, no)
+                y = _awgn(str(symbols.device))(symbols, no)
+            return y, no.reshape(-1, *[1] * (symbols.dim() - 1)).expand(symbols.shape)
         flat = symbols.reshape(symbols.shape[0], -1)
         if model == "rayleigh":
-            out = self._rayleigh(flat, no, generator)
+            x_hat, no_eff = self._rayleigh(flat, no, generator)
         else:
-            out = self._tdl(flat, no, generator)
-        return out.reshape(symbols.shape)
+            x_hat, no_eff = self._tdl(flat, no, generator)
+        return x_hat.reshape(symbols.shape), no_eff.reshape(symbols.shape)
 
-    def _rayleigh(self, x: Tensor, no: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _rayleigh(self, x: Tensor, no: Tensor,
+                  generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         from sionna.phy.mimo import lmmse_equalizer
 
         device = str(x.device)
@@ -156,9 +168,10 @@ class WirelessChannel(nn.Module):
         n = x.shape[1]
         x_hat, no_eff = lmmse_equalizer(y[..., None], h[:, None].expand(-1, n, 1, 1),
                                         no[:, None, None, None].expand(-1, n, 1, 1).to(y.dtype))
-        return (x_hat / (1 + no_eff))[..., 0]
+        return x_hat[..., 0], no_eff[..., 0]
 
-    def _tdl(self, x: Tensor, no: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _tdl(self, x: Tensor, no: Tensor,
+             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         c = self.cfg
         key = (c.model, c.delay_spread_ns, c.carrier_ghz, c.speed_mps,
                c.subcarrier_spacing_khz, c.fft_size)
@@ -174,7 +187,7 @@ class WirelessChannel(nn.Module):
         else:
             h_hat, err_var = estimator(y, no)
         x_hat, no_eff = equaliser(y, h_hat, err_var, no)
-        return (x_hat / (1 + no_eff))[:, 0, 0, :n]
+        return x_hat[:, 0, 0, :n], no_eff[:, 0, 0, :n]
 
 
 def analog_transmission(x: Tensor, channel: WirelessChannel, snr_db: Tensor,
