@@ -16,13 +16,15 @@ from fl_client.client_app import app
 from fl_client.node import PRIVATE_STATE
 from fl_client.trust import node_config_of
 from fl_server.loop import initial_arrays
+from models.digital_phy import MCS_TABLE, channel_uses, select_mcs
 from models.taco import workload as taco
 from models.taco.codec import DOWNSAMPLE, ensure_codec, load_codec
+from models.taco.config import MCS_ROWS
 from models.taco.digital_link import (
-    hamming74_decode,
-    hamming74_encode,
+    context_only,
+    fallback_image,
     payload_over_link,
-    send_bits,
+    received_image,
 )
 from models.taco.payload import (
     Payload,
@@ -215,28 +217,52 @@ def test_task_switching_never_sends_an_index_twice(trained):
     assert extra > 0, "no request asked for anything"
 
 
-def test_hamming74_corrects_one_error_per_word_and_the_link_is_clean_at_high_snr(trained):
-    bits = np.random.default_rng(0).integers(0, 2, 403).astype(np.uint8)
-    coded = hamming74_encode(bits)
-    for offset in range(7):
-        flipped = coded.copy()
-        flipped[offset::7] ^= 1
-        assert (hamming74_decode(flipped, len(bits)) == bits).all()
-    g = torch.Generator().manual_seed(0)
-    received, symbols = send_bits(np.tile(bits, 50), "bpsk", "none", "awgn", 0.0, g)
-    ber = float((received != np.tile(bits, 50)).mean())
-    assert abs(ber - 0.0786) < 0.01  # Q(sqrt(2 Es/N0)) at 0 dB
-    assert symbols == 50 * len(bits)
+def test_the_link_delivers_payloads_at_high_snr_and_erases_blocks_at_low_snr(trained):
+    assert MCS_ROWS == len(MCS_TABLE)
+    for bad in ("taco.link.mcs=8", "taco.link.channels=[none]"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config("configs/taco_quickstart.yaml", [bad])
     _, model, _, images, scores = trained
+    g = torch.Generator().manual_seed(0)
     tx = Transmitter(model.codec, model.classifier, images[:1], scores[0], K)
     sent = tx.at_rate(30)
-    noisy, errors, n_bits, _ = payload_over_link(sent.payload, K, "qpsk", "hamming74",
-                                                 "awgn", 30.0, g)
-    assert errors == 0 and n_bits == 9 * (len(sent.payload.task_indices)
-                                          + len(sent.payload.context_indices))
-    assert torch.equal(Receiver(model.codec, tx.grid).receive(noisy), sent.image)
-    noisy, errors, _, _ = payload_over_link(sent.payload, K, "bpsk", "none", "awgn", -5.0, g)
-    assert errors > 0 and not torch.equal(noisy.task_indices, sent.payload.task_indices)
+    ctx_bits, task_bits = 9 * len(sent.payload.context_indices), 9 * len(sent.payload.task_indices)
+    assert ctx_bits and task_bits
+    grey = fallback_image(None, images.shape[-1])
+    assert grey.shape == (1, *images.shape[1:]) and bool((grey == 0.5).all())
+    # (a) 20 dB AWGN, the MCS the link adaptation picks there: everything arrives.
+    got = payload_over_link(sent.payload, K, "auto", "awgn", 20.0, g)
+    assert not got.context_lost and not got.task_lost and got.bit_errors == 0
+    assert got.mcs == select_mcs("auto", 20.0) and got.bits == ctx_bits + task_bits
+    assert torch.equal(got.payload.task_indices, sent.payload.task_indices)
+    assert torch.equal(got.payload.context_indices, sent.payload.context_indices)
+    assert torch.equal(received_image(Receiver(model.codec, tx.grid), got, grey), sent.image)
+    # (c) the channel uses are those of the two transport blocks.
+    assert got.channel_uses == channel_uses(ctx_bits, got.mcs) + channel_uses(task_bits, got.mcs)
+    # (b) -10 dB with 64-QAM r=5/6: both CRCs fail; no index reaches the image, the
+    # receiver shows the fallback.
+    lost = payload_over_link(sent.payload, K, 7, "awgn", -10.0, g)
+    assert lost.context_lost and lost.task_lost and lost.payload is None
+    assert lost.mcs == MCS_TABLE[7] and lost.bit_errors == 0
+    assert lost.channel_uses == (channel_uses(ctx_bits, MCS_TABLE[7])
+                                 + channel_uses(task_bits, MCS_TABLE[7]))
+    mean = fallback_image(images, images.shape[-1])
+    assert torch.equal(mean, images.mean(0, keepdim=True))
+    assert received_image(Receiver(model.codec, tx.grid), lost, mean) is mean
+    # A lost task block alone (p = 100 sends no context) decodes as p = 0: every
+    # context index is the filler 0, the one an unsent context index gets.
+    full = tx.at_rate(100).payload
+    assert len(full.context_indices) == 0
+    only = payload_over_link(full, K, 7, "awgn", -10.0, g)
+    assert not only.context_lost and only.task_lost
+    assert only.payload.rate == 0 and not only.payload.mask.any()
+    assert len(only.payload.task_indices) == 0
+    assert torch.equal(only.payload.context_indices, torch.zeros(4, dtype=torch.int64))
+    # With a mask that covers no whole block, that is exactly what p = 0 sends.
+    ten = tx.at_rate(10).payload
+    assert not covered_context(ten.mask).any()
+    context = context_only(ten.mask, ten.context_indices)
+    assert torch.equal(Receiver(model.codec, tx.grid).receive(context), tx.at_rate(0).image)
 
 
 # ----------------------------------------------------------------------------- the federation

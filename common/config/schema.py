@@ -45,6 +45,8 @@ RENAMED_KEYS = {
     "channel.rician_k": "channel.model: tdl-d or tdl-e (TDL models with a line-of-sight path)",
     "split.downlink.kind": "split.downlink.model",
     "split.downlink.rician_k": "split.downlink.model: tdl-d or tdl-e",
+    "taco.link.modulations": "taco.link.mcs ('auto' or a row of models.digital_phy.MCS_TABLE)",
+    "taco.link.codes": "taco.link.mcs (5G LDPC at the MCS row's code rate)",
 }
 
 

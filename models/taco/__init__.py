@@ -8,7 +8,7 @@ and Context Embedding" (arXiv 2505.10834), as a client-side pipeline in the fede
     payload.py   the payload (p, mask, context and task indices) as bits, and the
                  Flower message that carries it
     pipeline.py  transmitter (LSF), receiver (Eq. 7 fusion), task switching
-    digital_link.py  the index bits over a noisy digital link (BPSK/QPSK, Hamming(7,4))
+    digital_link.py  the index bits over a noisy digital link (5G LDPC + CRC + QAM, models/digital_phy.py; a failed CRC is an erasure)
     train.py     local training (codec fine-tuning, task models) and evaluation
     workload.py  its side of the seam (models/seam.py): build, shared_state (the codec),
                  prepare, initial_shared_state, ...

@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from common.config import WEIGHT_STRATEGIES, ExperimentConfig, need
+from common.config import CHANNEL_MODELS, WEIGHT_STRATEGIES, ExperimentConfig, need
 
 # The LSF candidate rates of the paper (Sec. III-A-4), in percent of latent positions.
 PAPER_RATES = [0, 10, 20, 30, 50, 70, 90, 100]
+# len(models.digital_phy.MCS_TABLE), written out so that a config check loads no torch
+# (tests/test_taco.py holds the two equal).
+MCS_ROWS = 8
+LINK_CHANNELS = tuple(m for m in CHANNEL_MODELS if m != "none")
 
 
 @dataclass
@@ -33,12 +37,14 @@ class CodecConfig:
 
 @dataclass
 class LinkConfig:
-    """The index bits over a noisy digital link (what the paper leaves open)."""
+    """The index bits over a noisy digital link (what the paper leaves open): 5G LDPC,
+    CRC and QAM (models/digital_phy.py), context and task indices in two blocks."""
 
-    modulations: list[str] = field(default_factory=lambda: ["bpsk", "qpsk"])
-    codes: list[str] = field(default_factory=lambda: ["none", "hamming74"])
+    # "auto": the link adaptation picks the MCS per SNR; an int: that row of
+    # models.digital_phy.MCS_TABLE at every SNR.
+    mcs: Literal["auto"] | int = "auto"
     channels: list[str] = field(default_factory=lambda: ["awgn", "rayleigh"])
-    sweep_snr_db: list[float] = field(default_factory=lambda: [0.0, 3.0, 6.0, 9.0, 12.0])
+    sweep_snr_db: list[float] = field(default_factory=lambda: [-5.0, 0.0, 5.0, 10.0, 15.0, 20.0])
     images: int = 30  # per client: the first LSF payloads of its evaluation images
 
 
@@ -108,9 +114,8 @@ def check(cfg: ExperimentConfig) -> None:
     need(t.eval_images is None or t.eval_images >= 1, "taco.eval_images", t.eval_images,
          "null (all test images) or >= 1")
     need(link.images >= 1, "taco.link.images", link.images, ">= 1")
-    need(all(m in ("bpsk", "qpsk") for m in link.modulations), "taco.link.modulations",
-         link.modulations, "a list of 'bpsk' and 'qpsk'")
-    need(all(k in ("none", "hamming74") for k in link.codes), "taco.link.codes", link.codes,
-         "a list of 'none' and 'hamming74'")
-    need(all(k in ("awgn", "rayleigh") for k in link.channels), "taco.link.channels",
-         link.channels, "a list of 'awgn' and 'rayleigh'")
+    need(link.mcs == "auto" or 0 <= link.mcs < MCS_ROWS, "taco.link.mcs", link.mcs,
+         f"'auto' (per SNR) or a row index 0 .. {MCS_ROWS - 1} of models.digital_phy.MCS_TABLE")
+    need(bool(link.channels) and all(k in LINK_CHANNELS for k in link.channels),
+         "taco.link.channels", link.channels,
+         "a non-empty list of " + ", ".join(repr(m) for m in LINK_CHANNELS))
