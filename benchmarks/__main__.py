@@ -13,7 +13,10 @@
   BART-base-sized one built from the config, and int8 split compression: bytes and
   the change in accuracy after a fixed budget (benchmarks/wire.py);
 - peak memory of a 100- and a 1000-client simulation, summed over every process it
-  starts (benchmarks/scale.py).
+  starts (benchmarks/scale.py);
+- a training step with Sionna's channel over the same step with the previous
+  hand-written channel, and 5G LDPC decoding time per information bit
+  (benchmarks/phy.py).
 
 Prints the table (Markdown) and writes bench.json and bench.png to --out. Measured
 numbers only: nothing here asserts a speed. The sizes are options; `--quick` shrinks
@@ -34,7 +37,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("split", "deploy", "ray", "lora", "int8", "memory")
+SECTIONS = ("split", "deploy", "ray", "lora", "int8", "memory", "phy")
 GB = 1024**3
 
 
@@ -100,6 +103,24 @@ def table(res: dict) -> str:
                      f"{m['peak_rss_sum_bytes'] / GB:.2f} GB over {m['processes_at_peak']} "
                      f"processes; {m['wall_s']:.0f} s"
                      + ("" if m["returncode"] == 0 else f"; exit {m['returncode']}") + " |")
+    phy = res.get("phy")
+    if phy:
+        for r in phy["steps"]:
+            if "ratio" in r:
+                lines.append(f"| training step, Sionna / previous channel, {r['channel']} | "
+                             f"{r['ratio']:.2f} | mtsc quickstart, batch {r['batch']}: "
+                             f"{1e3 * r['sionna_s_per_step']:.0f} ms vs "
+                             f"{1e3 * r['previous_s_per_step']:.0f} ms |")
+            else:
+                lines.append(f"| training step, Sionna {r['channel']} (ms) | "
+                             f"{1e3 * r['sionna_s_per_step']:.0f} | OFDM grid, no previous "
+                             "channel to compare with |")
+        for r in phy["ldpc"]:
+            lines.append(f"| LDPC decoding, {r['mcs']} (us per info bit) | "
+                         f"{r['decode_us_per_info_bit']:.1f} | {r['blocks']} blocks of "
+                         f"{r['payload_bits']} bits, 20 iterations; whole link "
+                         f"{r['link_us_per_info_bit']:.1f} us/bit; BLER "
+                         f"{r['bler_at_threshold']:.2f} at {r['threshold_snr_db']:g} dB |")
     return "\n".join(lines)
 
 
@@ -137,6 +158,9 @@ def plot(res: dict, path: Path) -> None:
         bars.append(("int8/fp32\nsplit bytes", res["int8"]["bytes_ratio"]))
     if res.get("ray"):
         bars.append(("Ray round/\nsequential", res["ray"]["ray_round_s"] / res["ray"]["sequential_s"]))
+    for r in (res.get("phy") or {}).get("steps", []):
+        if "ratio" in r:
+            bars.append((f"Sionna/previous\n{r['channel']} step", r["ratio"]))
     if bars:
         c.bar([n for n, _ in bars], [v for _, v in bars])
         c.set(yscale="log", ylabel="ratio", title="ratios")
@@ -175,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     deploy_steps = args.deploy_steps or (2 if args.quick else 3)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    from benchmarks import scale, split_step, wire
+    from benchmarks import phy, scale, split_step, wire
 
     jobs = {
         "split": lambda: split_step.measure(batches, steps),
@@ -185,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                          wire.lora_bytes("BART-base-sized", wire.BART_BASE)],
         "int8": lambda: wire.int8_compression(int8_rounds, args.int8_steps),
         "memory": lambda: [scale.simulation_memory(n) for n in args.memory_clients],
+        "phy": lambda: {"steps": phy.training_step(10 if args.quick else 20),
+                        "ldpc": phy.ldpc_decoding(40 if args.quick else 100)},
     }
     todo = [s for s in SECTIONS if s not in args.skip]
     console = Console(stderr=True)
