@@ -20,11 +20,21 @@ uses: the curves every deep-JSCC paper plots, and the cliff they are meant to be
    channel: the lowest SNR from which on at least half its images arrive) and
    report.png (metric vs. SNR, both systems, both channels), and prints a table.
 
-Workloads: mtsc (classification accuracy; reconstruction PSNR and SSIM: the received
-image for the separate system, the reconstruction head's output for the learned one)
-and tosc (classification accuracy). MS-SSIM needs images of at least 161 pixels a side
-with its five scales, so images smaller than that report SSIM; LPIPS needs ImageNet
-weights for its backbone (a download), so it is not computed.
+What each workload measures (the same heads score both systems):
+- mtsc: classification accuracy; reconstruction PSNR and SSIM (the reconstruction
+  head's output for the learned system, the received image for the separate one);
+- tosc: classification accuracy;
+- taco: the client classifier's accuracy and the received image's PSNR and SSIM.
+  TACO's transmitter is digital too: its learned point is each image's LSF payload over
+  the same 5G LDPC + QAM link (models/taco/digital_link.py), and images whose context
+  block was lost (they show the mean training image) count as "lost";
+- diffusion: the receiver's task net on the phase-3 reconstruction (classification
+  accuracy, the share of pixels segmented right) and PSNR / SSIM. Its phase-1 map and
+  phase-3 edges each cross the same link as one transport block
+  (models/diffusion/link.py `DigitalLink`); a lost phase-1 map counts as "lost".
+MS-SSIM needs images of at least 161 pixels a side for its five scales, so smaller
+images report SSIM; LPIPS needs ImageNet weights for its backbone (a download), so it
+is not computed.
 """
 
 from __future__ import annotations
@@ -44,15 +54,14 @@ from torchmetrics.functional.image import (
 )
 
 from common.config import CHANNEL_MODELS, ChannelConfig, ExperimentConfig, need
-from common.data import load_partition
 from common.seeding import seeded
-from models import separate
+from models import get_workload, separate
 from models.channel import WirelessChannel
 from reports.cli import report_config, report_folder, report_parser
 from reports.runs import finished_run, restore_client, simulation_run
 
 SNRS = [-5.0, -2.5, 0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5, 20.0]
-WORKLOADS = ("mtsc", "tosc")
+WORKLOADS = ("mtsc", "tosc", "taco", "diffusion")
 MS_SSIM_MIN_SIZE = 161  # (11 - 1) * 2^4 + 1: the 11-pixel window at the fifth scale
 NOISELESS = ChannelConfig(model="none")
 TOP_SNR_DB = 20.0  # the SNR the semantic link is told when it carries a received image
@@ -73,11 +82,12 @@ def image_quality(images: Tensor, reference: Tensor) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------ the workloads' two ends
-# learned(cfg, model, batch, channel, snr) -> (per-image metrics, symbols sent per image)
+# learned(cfg, model, batch, channel, snr, fallback) -> (per-image metrics, symbols sent
+#   per image); `fallback` [3, S, S] is what a receiver shows for an image it lost
 # heads(model, images, batch) -> per-image metrics of the task heads on received images
 
 def _mtsc_learned(cfg: ExperimentConfig, model, batch: dict[str, Tensor],
-                  channel: ChannelConfig, snr: float):
+                  channel: ChannelConfig, snr: float, fallback: Tensor):
     from models.mtsc.model import Q_CLS
 
     model.channel = WirelessChannel(channel)
@@ -98,7 +108,7 @@ def _mtsc_heads(model, images: Tensor, batch: dict[str, Tensor]):
 
 
 def _tosc_learned(cfg: ExperimentConfig, model, batch: dict[str, Tensor],
-                  channel: ChannelConfig, snr: float):
+                  channel: ChannelConfig, snr: float, fallback: Tensor):
     model.channel = WirelessChannel(channel)
     image = batch["image"]
     logits = model(image, torch.full((image.shape[0],), snr)).logits
@@ -112,7 +122,79 @@ def _tosc_heads(model, images: Tensor, batch: dict[str, Tensor]):
     return {"accuracy": (logits.argmax(-1) == batch["label"]).float()}
 
 
-ENDS = {"mtsc": (_mtsc_learned, _mtsc_heads), "tosc": (_tosc_learned, _tosc_heads)}
+_LSF: dict[str, Any] = {}  # the last batch's LSF payloads: they do not depend on the link
+
+
+def _lsf_payloads(cfg: ExperimentConfig, model, images: Tensor) -> list:
+    """TACO's LSF payload of each image, as its transmitter chooses it (reports/taco.py)."""
+    from models.taco.pipeline import Transmitter
+    from models.taco.task import gradcam_scores
+
+    if _LSF.get("model") is model and _LSF.get("images") is images:
+        return _LSF["payloads"]
+    t, clf = cfg.taco, model.classifier
+    scores = gradcam_scores(clf, images, clf(images).argmax(-1))
+    payloads = [Transmitter(model.codec, clf, images[i:i + 1], scores[i], t.codec.codebook_size)
+                .lsf(t.rates, t.lsf_rule, t.lsf_tolerance, t.lsf_fallback).payload
+                for i in range(len(images))]
+    _LSF.update(model=model, images=images, payloads=payloads)
+    return payloads
+
+
+def _taco_learned(cfg: ExperimentConfig, model, batch: dict[str, Tensor],
+                  channel: ChannelConfig, snr: float, fallback: Tensor):
+    from models.taco.digital_link import payload_over_link, received_image
+    from models.taco.pipeline import Receiver
+
+    images, K = batch["image"], cfg.taco.codec.codebook_size
+    g = torch.Generator().manual_seed(cfg.seed)
+    hats, lost, uses = [], [], []
+    for payload in _lsf_payloads(cfg, model, images):
+        result = payload_over_link(payload, K, "auto", channel.model, snr, g)
+        rx = Receiver(model.codec, tuple(payload.mask.shape))
+        hats.append(received_image(rx, result, fallback[None]))
+        lost.append(result.context_lost)
+        uses.append(result.channel_uses)
+    hats = torch.cat(hats)
+    correct = (model.classifier(hats).argmax(-1) == batch["label"]).float()
+    lost = torch.tensor(lost, dtype=torch.float32)
+    return ({"accuracy": correct, **image_quality(hats, images), "delivered": 1 - lost,
+             "lost": lost}, torch.tensor(uses, dtype=torch.float32))
+
+
+def _taco_heads(model, images: Tensor, batch: dict[str, Tensor]):
+    correct = (model.classifier(images).argmax(-1) == batch["label"]).float()
+    return {"accuracy": correct, **image_quality(images, batch["image"])}
+
+
+def _diffusion_tasks(model, images: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The receiver's task net on an image: its classification hits and the share of
+    pixels it segments right, per image; and the image's quality."""
+    seg_logits, _, class_logits = model.task_net(images)
+    return {"accuracy": (class_logits.argmax(1) == batch["label"]).float(),
+            "pixel_accuracy": (seg_logits.argmax(1) == batch["segmentation"]).float().mean((1, 2)),
+            **image_quality(images, batch["image"])}
+
+
+def _diffusion_learned(cfg: ExperimentConfig, model, batch: dict[str, Tensor],
+                       channel: ChannelConfig, snr: float, fallback: Tensor):
+    from models.diffusion.link import PHASE1, DigitalLink, three_phase_link
+
+    dc = cfg.diffusion
+    mode = "cam" if dc.feedback == "class" else "clip"
+    link = DigitalLink(channel.model, snr, "auto", torch.Generator().manual_seed(cfg.seed))
+    result = three_phase_link(model, batch["image"], cfg, dc.tau, mode, cfg.seed, link=link)
+    lost = result.lost[PHASE1].float()
+    return ({**_diffusion_tasks(model, result.recon3, batch), "delivered": 1 - lost,
+             "lost": lost}, result.channel_uses)
+
+
+def _diffusion_heads(model, images: Tensor, batch: dict[str, Tensor]):
+    return _diffusion_tasks(model, images, batch)
+
+
+ENDS = {"mtsc": (_mtsc_learned, _mtsc_heads), "tosc": (_tosc_learned, _tosc_heads),
+        "taco": (_taco_learned, _taco_heads), "diffusion": (_diffusion_learned, _diffusion_heads)}
 
 
 def _batch(data, n: int) -> dict[str, Tensor]:
@@ -151,7 +233,7 @@ def compare(cfg: ExperimentConfig, run_dir: Path, clients: int, images: int,
     mcs_names: dict[float, str] = {}
     for pid in range(clients):
         model = restore_client(cfg, run_dir, pid)
-        train, test = load_partition(cfg.data, pid, cfg.num_clients)
+        train, test = get_workload(cfg.workload).load_data(cfg, pid, cfg.num_clients)
         batch, fallback = _batch(test, images), _mean_image(train)
         pixels = [separate.to_uint8(img) for img in batch["image"]]
         encodings = {c: [separate.all_qualities(p, c) for p in pixels] for c in codecs}
@@ -160,7 +242,7 @@ def compare(cfg: ExperimentConfig, run_dir: Path, clients: int, images: int,
                 channel = dataclasses.replace(cfg.channel, model=ch, snr_db=snr,
                                               snr_range_db=None)
                 with seeded(cfg.seed + pid):
-                    metrics, symbols = learned_end(cfg, model, batch, channel, snr)
+                    metrics, symbols = learned_end(cfg, model, batch, channel, snr, fallback)
                 budgets = [int(s) for s in symbols.round().tolist()]
                 per_image = sum(budgets) / len(budgets)
                 add(("learned", ch, snr), metrics, {"symbols_per_image": per_image})
@@ -262,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def check(cfg: ExperimentConfig) -> None:
         need(cfg.workload in WORKLOADS, "workload", cfg.workload,
-             f"one of {', '.join(WORKLOADS)} for this report (TACO's digital link has its own "
-             "comparison in reports/taco.py)")
+             f"one of {', '.join(WORKLOADS)} for this report")
         need(args.fading in CHANNEL_MODELS and args.fading not in ("none", "awgn"),
              "--fading", args.fading,
              f"one of {', '.join(m for m in CHANNEL_MODELS if m not in ('none', 'awgn'))}")

@@ -178,6 +178,31 @@ def test_bytes_counted_equal_the_bytes_in_the_messages(cfg):
     assert n == min(len(test), cfg.diffusion.eval_samples)
 
 
+def test_over_the_physical_layer_blocks_arrive_or_are_known_lost(cfg):
+    from models.digital_phy import MCS_TABLE, bytes_to_bits, channel_uses, select_mcs
+
+    model = diffusion.build(cfg)
+    _, test = diffusion.load_data(cfg, 1, cfg.num_clients)
+    image = test.tensors["image"][:4]
+    clean = link.three_phase_link(model, image, cfg, tau=0.3, mode="all", seed=0)
+    assert not clean.lost[link.PHASE1].any() and not clean.channel_uses.any()
+    g = torch.Generator().manual_seed(0)
+    good = link.three_phase_link(model, image, cfg, tau=0.3, mode="all", seed=0,
+                                 link=link.DigitalLink("awgn", 20.0, "auto", g))
+    assert not good.lost[link.PHASE1].any() and not good.lost[link.PHASE3].any()
+    for name in ("seg_small", "x_att", "recon1", "recon3"):  # as over the error-free link
+        assert torch.equal(getattr(good, name), getattr(clean, name)), name
+    expected = [sum(channel_uses(n, select_mcs("auto", 20.0, n)) for n in (
+        len(bytes_to_bits(link.message_payload(m1))), len(bytes_to_bits(link.message_payload(m3)))))
+        for m1, m3 in zip(good.messages[link.PHASE1], good.messages[link.PHASE3])]
+    assert good.channel_uses.tolist() == expected
+    bad = link.three_phase_link(model, image, cfg, tau=0.3, mode="all", seed=0,
+                                link=link.DigitalLink("awgn", -10.0, len(MCS_TABLE) - 1, g))
+    assert bad.lost[link.PHASE1].all() and bad.lost[link.PHASE3].all()
+    # erasures, not garbage: an all-background map and no edges at the receiver
+    assert not bad.seg_small.any() and not bad.x_att.any()
+
+
 def test_all_edges_send_at_least_the_cam_patches_and_seg_only_sends_none(cfg):
     model = diffusion.build(cfg)
     _, test = diffusion.load_data(cfg, 0, cfg.num_clients)

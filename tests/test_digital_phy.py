@@ -117,8 +117,11 @@ def test_capacity_and_channel_uses_agree():
 
 
 def test_link_adaptation_and_its_errors():
-    rows = [phy.mcs_for_snr(s).index for s in range(-10, 25)]
-    assert rows == sorted(rows) and rows[0] == 0 and rows[-1] == len(phy.MCS_TABLE) - 1
+    for length in (None, 40):
+        rows = [phy.mcs_for_snr(s, length).index for s in range(-10, 25)]
+        assert rows == sorted(rows) and rows[0] == 0 and rows[-1] == len(phy.MCS_TABLE) - 1
+    # a short block takes a more robust row at the same SNR
+    assert phy.mcs_for_snr(17.5, 40).index < phy.mcs_for_snr(17.5).index
     assert phy.select_mcs("auto", 7.0) == phy.mcs_for_snr(7.0)
     assert phy.select_mcs(3, -10.0) == phy.MCS_TABLE[3]
     with pytest.raises(ValueError, match="'auto' or a row index 0..7"):

@@ -6,7 +6,7 @@ import json
 import pytest
 from test_server_rounds import LoopbackGrid
 
-from common.config import config_from_dict
+from common.config import config_from_dict, load_config
 from fl_server.rounds import run_federated
 from reports import separate as report
 
@@ -36,9 +36,57 @@ def test_both_systems_spend_the_same_channel_uses_and_the_cliff_is_found(
     assert "| separate-jpeg | awgn | 20 |" in report.markdown_table(r)
 
 
+def test_taco_sends_its_lsf_payloads_over_the_link_at_the_baselines_channel_uses(
+        flower_message_context, tmp_path, pretrained_dir):
+    run_dir = tmp_path / "run"
+    cfg = load_config("configs/taco_quickstart.yaml", [
+        "num_clients=2", "rounds=1", "data.num_samples=160", "train.local_epochs=1",
+        "taco.eval_images=3", "taco.codec.public_samples=32", "taco.codec.epochs=1",
+        f"taco.codec.checkpoint={pretrained_dir / 'codec-tiny.pt'}", f"output_dir={tmp_path}",
+        f"client_state_dir={run_dir / 'client-state'}"])
+    _check_a_digital_learned_system(cfg, run_dir)
+
+
+def test_diffusion_sends_its_phase_payloads_over_the_link_at_the_baselines_channel_uses(
+        flower_message_context, tmp_path, pretrained_dir):
+    from test_diffusion import tiny_cfg as diffusion_cfg
+
+    from models.diffusion.pretrain import ensure_pretrained
+
+    run_dir = tmp_path / "run"
+    cfg = diffusion_cfg(pretrained_dir / "ddpm-tiny.pt", "rounds=1", "num_clients=2",
+                        f"client_state_dir={run_dir / 'client-state'}")
+    ensure_pretrained(cfg, log=lambda _: None)
+    _check_a_digital_learned_system(cfg, run_dir)
+
+
+def _check_a_digital_learned_system(cfg, run_dir):
+    """TACO and diffusion send bytes: their learned system crosses the same LDPC link,
+    loses blocks as the baseline does, and sets the baseline's budget image by image."""
+    run_federated(LoopbackGrid(cfg.num_clients), cfg, run_dir)
+    r = report.compare(cfg, run_dir, clients=1, images=4, codecs=["jpeg"],
+                       channels=["awgn", "rayleigh"], snrs=[-5.0, 20.0])
+    points = {(p["system"], p["channel"], p["snr_db"]): p for p in r["points"]}
+    assert len(points) == 8 and all(p["images"] == 4 for p in points.values())
+    for (system, ch, snr), p in points.items():
+        # the baseline's budget is the learned system's channel uses, image by image
+        assert p["symbols_per_image"] == points[("learned", ch, snr)]["symbols_per_image"]
+        assert p["symbols_per_image"] > 0
+        assert 0 <= p["accuracy"] <= 1 and "psnr" in p and "ssim" in p
+        assert 0 <= p["lost"] <= 1
+        if system == "learned":
+            assert p["delivered"] + p["lost"] == pytest.approx(1)
+        else:
+            assert p["delivered"] + p["unsent"] + p["lost"] == pytest.approx(1)
+    top = points[("learned", "awgn", 20.0)]
+    assert top["lost"] == 0.0 and top["psnr"] > 0
+    assert "| learned | awgn | 20 |" in report.markdown_table(r)
+    json.dumps(r)  # the report is plain JSON
+
+
 @pytest.mark.parametrize("args, message", [
     (["--fading", "awgn"], "--fading"), (["--clients", "99"], "--clients"),
-    (["--config", "configs/taco_quickstart.yaml"], "workload"),
+    (["--images", "0"], "--images"),
 ])
 def test_bad_arguments_name_the_value_and_the_fix(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as stop:

@@ -16,7 +16,13 @@ Flower messages.
    from the same initial noise.
 
 Every payload travels as bytes in a ConfigRecord of a real Flower `Message`, and the
-byte counts are read back from those messages. Transmitter and receiver both run on
+byte counts are read back from those messages. By default the link between the two
+ends is error-free; with a `DigitalLink` the phase-1 and phase-3 payloads each cross
+the physical layer as one transport block (models/digital_phy.py: 5G LDPC, CRC24A,
+QAM, over any channel model) and a failed CRC is an erasure the receiver knows about:
+a lost phase-1 map leaves the receiver an all-background map (it then asks for
+nothing it could see), a lost phase-3 block leaves x_att = 0 (the phase-1 image
+stands). The one-byte feedback goes on a reliable control channel. Transmitter and receiver both run on
 the client (the link is evaluated where the private nets live); `mode` gives the
 attention ("cam", "clip") or the paper's baselines: "all" (all edges, no attention),
 "none" (seg only).
@@ -35,12 +41,14 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor
 
-from common.config import ExperimentConfig
+from common.config import ChannelConfig, ExperimentConfig
+from models.channel import WirelessChannel
 from models.diffusion import codec, feedback
 from models.diffusion.clip_attention import clip_attention, load_clip
 from models.diffusion.config import DiffusionConfig
 from models.diffusion.ddpm import conditions, ddim_sample, one_step_decode
 from models.diffusion.model import DiffusionSemCom
+from models.digital_phy import bits_to_bytes, bytes_to_bits, select_mcs, transmit
 
 TRANSMITTER, RECEIVER = 1, 2  # node ids of the two ends inside one client
 PAYLOAD = "payload"
@@ -67,6 +75,35 @@ def message_bytes(messages: list[Message]) -> int:
 
 
 @dataclass
+class DigitalLink:
+    """The payloads over the physical layer: `channel` (a channel.model name) at
+    `snr_db`, the MCS `mcs` ("auto": per SNR and block length, or a row of
+    models.digital_phy.MCS_TABLE)."""
+
+    channel: str
+    snr_db: float
+    mcs: str | int = "auto"
+    generator: torch.Generator | None = None
+
+    def send(self, payload: bytes) -> tuple[bytes | None, int]:
+        """The payload as received (None: its block failed the CRC) and the channel
+        uses it took."""
+        bits = bytes_to_bits(payload)[None]
+        row = select_mcs(self.mcs, self.snr_db, bits.shape[1])
+        link = WirelessChannel(ChannelConfig(model=self.channel, snr_db=self.snr_db))
+        out, ok, uses = transmit(bits, row, link, self.snr_db, self.generator)
+        return (bits_to_bytes(out[0]) if bool(ok[0]) else None), uses
+
+
+def _over(link: DigitalLink | None, messages: list[Message]) -> tuple[list[bytes | None], Tensor]:
+    """What the receiver gets of each message's payload, and the channel uses [B]."""
+    if link is None:
+        return [message_payload(m) for m in messages], torch.zeros(len(messages))
+    sent = [link.send(message_payload(m)) for m in messages]
+    return [got for got, _ in sent], torch.tensor([float(uses) for _, uses in sent])
+
+
+@dataclass
 class LinkResult:
     seg_small: Tensor  # [B, s, s]: x_seg as decoded by the receiver
     requested: Tensor  # [B]: the class the receiver asked for (what its tasks score)
@@ -75,6 +112,10 @@ class LinkResult:
     recon3: Tensor  # [B, 3, S, S] phase-3 reconstruction
     messages: dict[str, list[Message]] = field(default_factory=dict)
     prompts: list[str] | None = None  # the prompts CLIP attended to (mode "clip")
+    # Over a DigitalLink: the blocks that failed their CRC and the channel uses per image
+    # (phases 1 and 3); all False / 0 over the error-free link.
+    lost: dict[str, Tensor] = field(default_factory=dict)
+    channel_uses: Tensor | None = None
 
     def nbytes(self, kind: str) -> int:
         return message_bytes(self.messages.get(kind, []))
@@ -110,6 +151,8 @@ class Phase1(NamedTuple):
     messages: list[Message]  # phase 1
     feedback: list[Message]
     requested: Tensor  # [B]
+    lost: Tensor | None = None  # bool [B]: the phase-1 block failed its CRC
+    channel_uses: Tensor | None = None  # [B]
 
 
 def transmitter_attention(model: DiffusionSemCom, image: Tensor, fb: list[Message],
@@ -133,14 +176,15 @@ def transmitter_attention(model: DiffusionSemCom, image: Tensor, fb: list[Messag
 @torch.no_grad()
 def three_phase_link(model: DiffusionSemCom, image: Tensor, cfg: ExperimentConfig, tau: float,
                      mode: str = "cam", seed: int = 0, decoder: torch.nn.Module | None = None,
-                     phase1: Phase1 | None = None) -> LinkResult:
+                     phase1: Phase1 | None = None, link: DigitalLink | None = None) -> LinkResult:
     """Run the link on a batch of images; `decoder` replaces the DDPM by the one-step
-    decoder; `phase1` reuses phases 1-2 of an earlier call (the tau sweep shares them)."""
+    decoder; `phase1` reuses phases 1-2 of an earlier call (the tau sweep shares them);
+    `link`: the payloads over the physical layer (None: error-free)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: use one of {list(MODES)}")
     model.eval()
     if phase1 is None:
-        phase1 = run_phase1(model, image, cfg, seed, decoder)
+        phase1 = run_phase1(model, image, cfg, seed, decoder, link)
     edges = codec.edge_map(image, cfg.diffusion.edge_threshold)
     prompts = None
     if mode in ("cam", "clip"):
@@ -151,26 +195,30 @@ def three_phase_link(model: DiffusionSemCom, image: Tensor, cfg: ExperimentConfi
         x_att_tx = edges
     else:
         x_att_tx = torch.zeros_like(edges)
-    return run_phase3(model, x_att_tx, phase1, cfg, seed, decoder, prompts)
+    return run_phase3(model, x_att_tx, phase1, cfg, seed, decoder, prompts, link)
 
 
 @torch.no_grad()
 def run_phase3(model: DiffusionSemCom, x_att_tx: Tensor, phase1: Phase1, cfg: ExperimentConfig,
                seed: int = 0, decoder: torch.nn.Module | None = None,
-               prompts: list[str] | None = None) -> LinkResult:
+               prompts: list[str] | None = None, link: DigitalLink | None = None) -> LinkResult:
     """Phases 3-4 for the transmitter's x_att [B, S, S]: its non-zero patches over the
     link, and the receiver's reconstruction from x_seg and the x_att it decodes from
-    those messages alone."""
+    those messages alone (zero where a block was lost)."""
     dc, size = cfg.diffusion, x_att_tx.shape[-1]
     msgs3 = [link_message(PHASE3, codec.encode_edge_patches(x.cpu().numpy(), dc.edge_patch),
                           TRANSMITTER, RECEIVER) for x in x_att_tx]
-    x_att = torch.stack([torch.from_numpy(codec.decode_edge_patches(
-        message_payload(m), size, dc.edge_patch)) for m in msgs3]).to(x_att_tx.device)
+    got, uses3 = _over(link, msgs3)
+    x_att = torch.stack([torch.zeros(size, size) if p is None else torch.from_numpy(
+        codec.decode_edge_patches(p, size, dc.edge_patch)) for p in got]).to(x_att_tx.device)
     seg_full = codec.upsample_classes(phase1.seg_small, size)
     recon3 = _decode(model, conditions(seg_full, x_att), cfg, seed, decoder)
+    lost1 = phase1.lost if phase1.lost is not None else torch.zeros(len(got), dtype=torch.bool)
+    uses1 = phase1.channel_uses if phase1.channel_uses is not None else torch.zeros(len(got))
     return LinkResult(phase1.seg_small, phase1.requested, x_att, phase1.recon1, recon3,
                       {PHASE1: phase1.messages, FEEDBACK: phase1.feedback, PHASE3: msgs3},
-                      prompts)
+                      prompts, {PHASE1: lost1, PHASE3: torch.tensor([p is None for p in got])},
+                      uses1 + uses3)
 
 
 def feedback_messages(model: DiffusionSemCom, recon1: Tensor, seg_small: Tensor, kind: str
@@ -191,19 +239,22 @@ def with_feedback(model: DiffusionSemCom, phase1: Phase1, kind: str) -> Phase1:
 
 @torch.no_grad()
 def run_phase1(model: DiffusionSemCom, image: Tensor, cfg: ExperimentConfig, seed: int,
-               decoder: torch.nn.Module | None = None) -> Phase1:
-    """Phases 1 and 2: x_seg over the link, the receiver's reconstruction and feedback
-    (of the kind `diffusion.feedback` names)."""
+               decoder: torch.nn.Module | None = None, link: DigitalLink | None = None) -> Phase1:
+    """Phases 1 and 2: x_seg over the link (all background where its block was lost),
+    the receiver's reconstruction and feedback (of the kind `diffusion.feedback` names)."""
     dc, size = cfg.diffusion, image.shape[-1]
     side = size // dc.seg_downsample
     model.eval()
     seg_tx = codec.downsample_classes(model.seg_net(image).argmax(1), dc.seg_downsample)
     msgs1 = [link_message(PHASE1, codec.encode_class_map(s.cpu().numpy()), TRANSMITTER, RECEIVER)
              for s in seg_tx]
-    seg_small = torch.stack([torch.from_numpy(codec.decode_class_map(message_payload(m), side))
-                             for m in msgs1]).to(image.device)
+    got, uses = _over(link, msgs1)
+    seg_small = torch.stack([torch.zeros(side, side, dtype=torch.int64) if p is None else
+                             torch.from_numpy(codec.decode_class_map(p, side))
+                             for p in got]).to(image.device)
     cond = conditions(codec.upsample_classes(seg_small, size), torch.zeros(
         seg_small.shape[0], size, size, device=image.device))
     recon1 = _decode(model, cond, cfg, seed, decoder)
     fb, requested = feedback_messages(model, recon1, seg_small, dc.feedback)
-    return Phase1(seg_small, recon1, msgs1, fb, requested)
+    return Phase1(seg_small, recon1, msgs1, fb, requested,
+                  torch.tensor([p is None for p in got]), uses)

@@ -4,12 +4,13 @@ names channel noise as future work).
 The context indices and the task indices of a payload (ceil(log2 K) bits each) travel
 as two transport blocks through models/digital_phy.py: 5G NR LDPC with a CRC24A per
 code block and QAM with soft demapping (Sionna), at one row of its MCS table (fixed, or
-chosen per SNR by its link adaptation), over the project's channel (models/channel.py:
-AWGN, Rayleigh block fading, TDL-A .. TDL-E). p and the mask (2-9 bytes) are taken as
-side information on a reliable control channel: they fix how many indices follow, and
-a flipped mask bit would desynchronise every later field rather than show what the
-link does to the indices. The SNR is per complex channel symbol (Es/N0); a block costs
-the channel uses of its codeword, and a lower code rate spends more of them.
+chosen per SNR and block length by its link adaptation, for the shorter block), over
+the project's channel (models/channel.py: AWGN, Rayleigh block fading, TDL-A .. TDL-E).
+p and the mask (2-9 bytes) are taken as side information on a reliable control
+channel: they fix how many indices follow, and a flipped mask bit would desynchronise
+every later field rather than show what the link does to the indices. The SNR is per
+complex channel symbol (Es/N0); a block costs the channel uses of its codeword, and a
+lower code rate spends more of them.
 
 A failed CRC is an erasure the receiver knows about, never garbage in the image:
 
@@ -75,10 +76,12 @@ def payload_over_link(payload: Payload, codebook_size: int, mcs: str | int, chan
     `mcs` ("auto" or a row of models.digital_phy.MCS_TABLE) over `channel` at
     `snr_db`; what the receiver holds afterwards (see the module docstring)."""
     k = bits_per_index(codebook_size)
-    row = select_mcs(mcs, snr_db)
     link = WirelessChannel(ChannelConfig(model=channel, snr_db=snr_db))
     empty = torch.zeros(0, dtype=torch.int64)
     context = payload.context_indices if payload.context_indices is not None else empty
+    # one MCS for both blocks, chosen for the shorter one (short LDPC blocks need more SNR)
+    lengths = [k * len(x) for x in (context, payload.task_indices) if len(x)]
+    row = select_mcs(mcs, snr_db, min(lengths) if lengths else None)
     ctx, ctx_ok, ctx_err, ctx_uses = _send(context, k, codebook_size, row, link, snr_db, generator)
     task, task_ok, task_err, task_uses = _send(payload.task_indices, k, codebook_size, row,
                                                link, snr_db, generator)
