@@ -53,12 +53,12 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
-from common.config import CHANNEL_MODELS, ChannelConfig, ExperimentConfig, need
+from common.config import CHANNEL_MODELS, ChannelConfig, ConfigError, ExperimentConfig, need
 from common.seeding import seeded
 from models import get_workload, separate
 from models.channel import WirelessChannel
 from reports.cli import report_config, report_folder, report_parser
-from reports.runs import finished_run, restore_client, simulation_run
+from reports.runs import RunFolderError, finished_run, restore_client, simulation_run
 
 SNRS = [-5.0, -2.5, 0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5, 20.0]
 WORKLOADS = ("mtsc", "tosc", "taco", "diffusion")
@@ -352,14 +352,20 @@ def main(argv: list[str] | None = None) -> int:
              f"1 .. num_clients ({cfg.num_clients})")
         need(args.images >= 1, "--images", args.images, ">= 1")
 
-    cfg = report_config(args, check)
+    cfg = report_config(args, None if args.run else check)
+    if args.run is not None:  # the run's own config, checked as --config's would be
+        try:
+            cfg, _ = finished_run(args.run)
+            check(cfg)
+        except (ConfigError, RunFolderError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     out = report_folder(args, cfg, "separate")
     if args.run is None:
         run_dir = out / "run"
         simulation_run(args.config, args.overrides, run_dir)
     else:
         run_dir = args.run
-        cfg, _ = finished_run(run_dir)
     report = compare(cfg, run_dir, args.clients, args.images, args.codecs,
                      ["awgn", args.fading], args.snr)
     (out / "report.json").write_text(json.dumps(report, indent=2))

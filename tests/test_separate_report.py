@@ -92,3 +92,8 @@ def test_bad_arguments_name_the_value_and_the_fix(args, message, capsys, tmp_pat
     with pytest.raises(SystemExit) as stop:
         report.main([*args, "--out", str(tmp_path)])
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_folder_that_is_no_finished_run_is_refused_with_the_fix(capsys, tmp_path):
+    assert report.main(["--run", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "no metrics.json there" in capsys.readouterr().err
