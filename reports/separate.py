@@ -305,22 +305,22 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = metric_names(report)
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    names = [*metric_names(report), "delivered"]  # the last panel: images that arrived
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4), squeeze=False)
     colours = dict(zip(report["channels"], ("tab:blue", "tab:red", "tab:green")))
     systems = ["learned"] + [f"separate-{c}" for c in report["codecs"]]
     styles = dict(zip(systems, ("-", "--", ":", "-.")))
     for ax, name in zip(axes[0], names):
         for ch in report["channels"]:
             for system in systems:
-                pts = sorted((p["snr_db"], p[name]) for p in report["points"]
+                pts = sorted((p["snr_db"], p.get(name, 1.0)) for p in report["points"]
                              if p["system"] == system and p["channel"] == ch)
                 ax.plot(*zip(*pts), styles[system], color=colours[ch], marker=".",
                         label=f"{system} ({ch})")
         ax.set_xlabel("SNR (dB)")
-        ax.set_ylabel(name)
+        ax.set_ylabel(name if name != "delivered" else "share of images delivered")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7)
     symbols = sorted({round(p["symbols_per_image"]) for p in report["points"]})
     fig.suptitle(f"{report['workload']}: learned JSCC vs. separate coding at equal channel "
                  f"uses ({symbols[0]}-{symbols[-1]} symbols per {report['image_size']}px image)")
