@@ -33,13 +33,15 @@ What each workload measures (the same heads score both systems):
   phase-3 edges each cross the same link as one transport block
   (models/diffusion/link.py `DigitalLink`); a lost phase-1 map counts as "lost".
 MS-SSIM needs images of at least 161 pixels a side for its five scales, so smaller
-images report SSIM; LPIPS needs ImageNet weights for its backbone (a download), so it
-is not computed.
+images report SSIM. LPIPS (torchmetrics, AlexNet) is scored when torchvision's ImageNet
+AlexNet weights are already in torch's hub cache; nothing is downloaded, and without
+them report.json says where the file would go.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -63,12 +65,33 @@ from reports.runs import RunFolderError, finished_run, restore_client, simulatio
 SNRS = [-5.0, -2.5, 0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5, 20.0]
 WORKLOADS = ("mtsc", "tosc", "taco", "diffusion")
 MS_SSIM_MIN_SIZE = 161  # (11 - 1) * 2^4 + 1: the 11-pixel window at the fifth scale
+LPIPS_MIN_SIZE = 32  # AlexNet's strides and pools leave nothing of a smaller image
 NOISELESS = ChannelConfig(model="none")
 TOP_SNR_DB = 20.0  # the SNR the semantic link is told when it carries a received image
 
 
+def lpips_backbone() -> Path:
+    """Where torchvision keeps its ImageNet AlexNet weights (LPIPS's backbone)."""
+    from torchvision.models import AlexNet_Weights
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(AlexNet_Weights.DEFAULT.url).name
+
+
+@functools.lru_cache(maxsize=1)
+def _lpips() -> torch.nn.Module | None:
+    """torchmetrics' LPIPS with the AlexNet backbone (its linear heads ship with
+    torchmetrics) when the backbone's weights are already in torch's hub cache, else
+    None: nothing is downloaded."""
+    if not lpips_backbone().is_file():
+        return None
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True).eval()
+
+
 def image_quality(images: Tensor, reference: Tensor) -> dict[str, Tensor]:
-    """Per-image PSNR (dB) and SSIM, or MS-SSIM where the images are large enough."""
+    """Per-image PSNR (dB) and SSIM, or MS-SSIM where the images are large enough, and
+    LPIPS where its backbone's weights are at hand."""
     images, reference = images.clamp(0, 1), reference.clamp(0, 1)
     out = {"psnr": peak_signal_noise_ratio(images, reference, data_range=1.0,
                                            reduction="none", dim=(1, 2, 3))}
@@ -78,6 +101,10 @@ def image_quality(images: Tensor, reference: Tensor) -> dict[str, Tensor]:
     else:
         out["ssim"] = structural_similarity_index_measure(images, reference, data_range=1.0,
                                                           reduction="none")
+    lpips = _lpips()
+    if lpips is not None and images.shape[-1] >= LPIPS_MIN_SIZE:
+        out["lpips"] = torch.stack([lpips(a[None].cpu(), b[None].cpu()).detach()
+                                    for a, b in zip(images, reference)])
     return out
 
 
@@ -274,7 +301,9 @@ def compare(cfg: ExperimentConfig, run_dir: Path, clients: int, images: int,
             "images_per_client": images, "image_size": cfg.data.image_size,
             "channels": channels, "codecs": codecs, "snr_db": snrs, "points": points,
             "cliff_snr_db": cliffs,
-            "not_computed": {"lpips": "its backbone needs ImageNet weights, a download"}}
+            "not_computed": {} if _lpips() is not None else {"lpips": (
+                f"its AlexNet backbone's ImageNet weights are not at {lpips_backbone()} "
+                "(torchvision's cache; nothing is downloaded: put the file there to score it)")}}
 
 
 def metric_names(report: dict[str, Any]) -> list[str]:

@@ -97,3 +97,25 @@ def test_bad_arguments_name_the_value_and_the_fix(args, message, capsys, tmp_pat
 def test_a_folder_that_is_no_finished_run_is_refused_with_the_fix(capsys, tmp_path):
     assert report.main(["--run", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "no metrics.json there" in capsys.readouterr().err
+
+
+def test_lpips_is_scored_only_where_its_backbone_weights_are_at_hand(monkeypatch, tmp_path):
+    import torch
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    report._lpips.cache_clear()
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    try:
+        assert "lpips" not in report.image_quality(images, images)
+        # any AlexNet state dict at torchvision's cache path (here a random one: the
+        # check is the wiring, not the score's meaning); nothing is downloaded
+        report.lpips_backbone().parent.mkdir(parents=True)
+        torch.save(torchvision.models.alexnet(weights=None).state_dict(), report.lpips_backbone())
+        report._lpips.cache_clear()
+        same = report.image_quality(images, images)["lpips"]
+        other = report.image_quality(images, images.roll(1, 0))["lpips"]
+        assert same.shape == (3,) and torch.allclose(same, torch.zeros(3), atol=1e-6)
+        assert (other > same).all()
+    finally:
+        report._lpips.cache_clear()
