@@ -31,6 +31,7 @@ CRC = "CRC24A"
 CRC_BITS = 24
 MAX_CB_PAYLOAD = 3840 - CRC_BITS  # info bits per code block: base graph 2's largest k
 LDPC_ITERATIONS = 20
+MAX_EFFECTIVE_RATE = 948 / 1024  # TS 38.212 5.4.2.1
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,12 @@ def _blocks(payload_bits: int) -> tuple[int, int]:
 
 
 def _codeword_bits(k: int, mcs: Mcs) -> int:
-    """n for k info bits at the row's rate (or just above it), a whole number of QAM
-    symbols."""
+    """n for k info bits at the row's rate (or just above it: never under 5G's lowest
+    1/5), a whole number of QAM symbols; just below the rate where rounding down would
+    pass 948/1024, 5G's highest effective rate (a short block at r=5/6)."""
     m = mcs.bits_per_symbol
-    return math.floor(k / mcs.code_rate / m) * m
+    n = math.floor(k / mcs.code_rate / m) * m
+    return n if k / n <= MAX_EFFECTIVE_RATE else math.ceil(k / mcs.code_rate / m) * m
 
 
 def channel_uses(payload_bits: int, mcs: Mcs) -> int:

@@ -95,7 +95,7 @@ def test_failed_crc_is_a_known_erasure():
     assert ok.all() and torch.equal(out, bits.to(torch.uint8))
 
 
-@pytest.mark.parametrize("length", [1, 100, phy.MAX_CB_PAYLOAD + 1, 9000])
+@pytest.mark.parametrize("length", [1, 5, 100, phy.MAX_CB_PAYLOAD + 1, 9000])
 def test_a_transport_block_of_any_length_round_trips(length):
     bits = torch.randint(0, 2, (2, length), generator=torch.Generator().manual_seed(length))
     clean = WirelessChannel(ChannelConfig(model="none"))
