@@ -108,7 +108,7 @@ class Received:
     unsent: Tensor  # bool [B]: not even quality 1 fit the budget
     quality: Tensor  # int [B]: the quality sent (0: unsent)
     payload_bytes: Tensor  # int [B]: the codec's bytes sent
-    mcs: phy.Mcs
+    mcs: list[phy.Mcs]  # per image: the row its block went at
 
 
 def transmit_images(images: Tensor, budgets: list[int], channel: WirelessChannel,
@@ -120,14 +120,17 @@ def transmit_images(images: Tensor, budgets: list[int], channel: WirelessChannel
     if codec not in CODECS:
         raise ValueError(f"codec {codec!r} unknown: use one of {', '.join(CODECS)}")
     b, _, h, w = images.shape
-    row = phy.select_mcs(mcs, snr_db)
     out = fallback.detach().cpu().expand(b, -1, -1, -1).clone()
     lost = torch.zeros(b, dtype=torch.bool)
     unsent = torch.zeros(b, dtype=torch.bool)
     quality = torch.zeros(b, dtype=torch.int64)
     sent_bytes = torch.zeros(b, dtype=torch.int64)
+    rows: list[phy.Mcs] = []
     for i in range(b):
-        versions = encodings[i] if encodings is not None else all_qualities(to_uint8(images[i]), codec)
+        versions = (encodings[i] if encodings is not None
+                    else all_qualities(to_uint8(images[i]), codec))
+        row = _row(mcs, snr_db, budgets[i])
+        rows.append(row)
         room = phy.capacity_bits(budgets[i], row) // 8 - HEADER_BYTES
         q = best_fit(versions, room)
         if q is None:
@@ -147,4 +150,11 @@ def transmit_images(images: Tensor, budgets: list[int], channel: WirelessChannel
             out[i] = from_uint8(pixels)
         except (OSError, ValueError, SyntaxError):
             lost[i] = True
-    return Received(out, lost, unsent, quality, sent_bytes, row)
+    return Received(out, lost, unsent, quality, sent_bytes, rows)
+
+
+def _row(mcs: str | int, snr_db: float, budget: int) -> phy.Mcs:
+    """The MCS of a block that fills `budget` channel uses: the link adaptation's for
+    the block that fits at the long-block row, or, if that block is short, for it."""
+    long_row = phy.select_mcs(mcs, snr_db)
+    return phy.select_mcs(mcs, snr_db, phy.capacity_bits(budget, long_row))

@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -278,7 +279,7 @@ def compare(cfg: ExperimentConfig, run_dir: Path, clients: int, images: int,
                     g = torch.Generator().manual_seed(cfg.seed * 1000 + pid)
                     got = separate.transmit_images(batch["image"], budgets, link, snr, codec,
                                                    "auto", fallback, g, encodings[codec])
-                    mcs_names[snr] = got.mcs.name
+                    mcs_names[snr] = Counter(r.name for r in got.mcs).most_common(1)[0][0]
                     with seeded(cfg.seed + pid):
                         metrics = heads_end(model, got.images, batch)
                     arrived = ~(got.lost | got.unsent)

@@ -45,7 +45,7 @@ def test_noiseless_channel_gives_the_codec_output_bit_exact(codec):
         expected = np.asarray(Image.open(io.BytesIO(full.getvalue())).convert("RGB"))
         assert np.array_equal(sep.to_uint8(got.images[i]), expected)
         # and it is the largest quality that fits the block
-        room = phy.capacity_bits(budget, got.mcs) // 8 - sep.HEADER_BYTES
+        room = phy.capacity_bits(budget, got.mcs[i]) // 8 - sep.HEADER_BYTES
         versions = sep.all_qualities(pixels, codec)
         assert len(versions[q - 1]) <= room
         assert all(len(versions[k - 1]) > room for k in range(q + 1, 101))
@@ -86,6 +86,14 @@ def test_a_better_channel_buys_a_higher_quality():
     assert not low.lost.any() and not high.lost.any()
     assert (high.quality > low.quality).all()
     assert ((high.images - images) ** 2).mean() < ((low.images - images) ** 2).mean()
+
+
+def test_a_short_block_takes_the_short_block_row():
+    images = _images(2)
+    got = sep.transmit_images(images, [30, 600], AWGN, 17.5, "jpeg", "auto", images.mean(0))
+    # 30 channel uses carry < 256 bits: 64-QAM r=5/6 needs 20.5 dB for a block that short
+    assert got.mcs[0] == phy.mcs_for_snr(17.5, 40) and got.mcs[1] == phy.mcs_for_snr(17.5)
+    assert got.mcs[0].index < got.mcs[1].index
 
 
 def test_unknown_codec_names_the_choices():
