@@ -24,7 +24,8 @@ This module is the thin adapter that maps our tensors and SNR convention onto Si
   the caller's generator, or from torch's default one when none is given (`seeded`
   blocks then repeat).
 
-Sionna is imported on the first transmission: a config check never loads it.
+Sionna is imported on the first transmission (a config check never loads it), in a way
+that leaves torch's random state as the caller had it (`import_sionna`).
 """
 
 from __future__ import annotations
@@ -53,9 +54,27 @@ def _default_generator(device: torch.device) -> torch.Generator:
     return torch.default_generator
 
 
+@functools.lru_cache(maxsize=1)
+def import_sionna() -> None:
+    """Import the Sionna modules we use, once, without touching the caller's random
+    state: importing `sionna.phy` reseeds torch's default generator from entropy
+    (its config seeds its own generators at random), which would make every seeded run
+    that first transmits after seeding draw differently each time."""
+    with torch.random.fork_rng():
+        import sionna.phy  # noqa: F401
+        import sionna.phy.channel  # noqa: F401
+        import sionna.phy.channel.tr38901  # noqa: F401
+        import sionna.phy.fec.crc  # noqa: F401
+        import sionna.phy.fec.ldpc  # noqa: F401
+        import sionna.phy.mapping  # noqa: F401
+        import sionna.phy.mimo  # noqa: F401
+        import sionna.phy.ofdm  # noqa: F401
+
+
 @contextlib.contextmanager
 def _draws_from(generator: torch.Generator | None, device: torch.device):
     """Sionna's draws come from `generator` (torch's default one if None) in the block."""
+    import_sionna()
     from sionna.phy import config
 
     gen = generator if generator is not None else _default_generator(device)
@@ -144,6 +163,7 @@ class WirelessChannel(nn.Module):
         (no_eff), what a soft demapper needs (models/digital_phy.py)."""
         model = self.cfg.model
         no = noise_variance(snr_db.float())
+        import_sionna()
         if model == "none":  # error-free: a tiny noise variance keeps LLRs finite
             return symbols, torch.full(symbols.shape, 1e-10, device=symbols.device)
         if model == "awgn":

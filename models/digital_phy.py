@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from models.channel import WirelessChannel
+from models.channel import WirelessChannel, import_sionna
 
 CRC = "CRC24A"
 CRC_BITS = 24
@@ -128,6 +128,7 @@ def capacity_bits(symbols: int, mcs: Mcs) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _coder(k: int, n: int, m: int, device: str):
+    import_sionna()
     from sionna.phy.fec.crc import CRCDecoder, CRCEncoder
     from sionna.phy.fec.ldpc import LDPC5GDecoder, LDPC5GEncoder
 
@@ -139,6 +140,7 @@ def _coder(k: int, n: int, m: int, device: str):
 
 @functools.lru_cache(maxsize=8)
 def _mapper(m: int, device: str):
+    import_sionna()
     from sionna.phy.mapping import Mapper
 
     return Mapper("qam", m, device=device)
@@ -146,6 +148,7 @@ def _mapper(m: int, device: str):
 
 @functools.lru_cache(maxsize=8)
 def _demapper(m: int, device: str):
+    import_sionna()
     from sionna.phy.mapping import Demapper
 
     return Demapper("app", "qam", m, device=device)

@@ -185,3 +185,23 @@ def test_jscc_importance_gets_gradient_through_the_hard_mask():
     dec(out.symbols, out.mask, snr).pow(2).sum().backward()
     assert enc.importance.weight.grad is not None
     assert enc.importance.weight.grad.abs().sum() > 0
+
+
+def test_importing_sionna_leaves_a_seeded_callers_draws_alone():
+    """Importing sionna.phy reseeds torch's default generator from entropy; the first
+    transmission of a fresh process (which imports it) must draw what every later one
+    under the same seed draws, and the same in every process."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from common.config import ChannelConfig; "
+            "from models.channel import WirelessChannel; "
+            "ch = WirelessChannel(ChannelConfig(model='awgn')); "
+            "x = torch.ones(1, 4, dtype=torch.complex64); out = []\n"
+            "for _ in range(2):\n"
+            "    torch.manual_seed(0); out.append(ch(x, torch.tensor([0.0])))\n"
+            "assert torch.equal(out[0], out[1]), out\n"
+            "print(out[0].real.sum().item())")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout.split()[-1] for _ in range(2)]
+    assert runs[0] == runs[1]
