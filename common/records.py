@@ -1,5 +1,6 @@
 """Run results: `runs/<run-id>/metrics.json`, rewritten after every round (so a run that
-fails half-way keeps what it measured), and `metrics.png` beside it."""
+fails half-way keeps what it measured), and `metrics.png` beside it; with the config's
+`tracking`, each round and both files also go to TensorBoard / MLflow (common/tracking.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+
+from common.tracking import Tracker  # noqa: E402
 
 
 class Panel(NamedTuple):
@@ -52,6 +55,7 @@ class RunRecorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data: dict[str, Any] = {"config": config, "rounds": list(rounds or []),
                                      "status": "running"}
+        self.tracker = Tracker(config, self.run_dir)
 
     @property
     def rounds(self) -> list[dict[str, Any]]:
@@ -60,11 +64,15 @@ class RunRecorder:
     def add_round(self, row: dict[str, Any]) -> None:
         self.rounds.append(row)
         self._save()
+        self.tracker.log_round(row["round"], row)
 
     def finish(self, status: str = "completed", **extra: Any) -> None:
         self.data["status"] = status
         self.data.update(extra)
         self._save()
+        for name in ("metrics.json", "metrics.png"):
+            self.tracker.log_artifact(self.run_dir / name)
+        self.tracker.close("FINISHED" if status == "completed" else "FAILED")
 
     def _save(self) -> None:
         _write_atomic(self.run_dir / "metrics.json", json.dumps(self.data, indent=2))

@@ -27,7 +27,8 @@ ENGINE_TRAIN_METRICS = ("train_loss", "bytes_up", "bytes_down", "clients_accepte
 ENGINE_PANELS = (Panel("train loss", ("train_loss",)),
                  Panel("bytes per client per round", ("bytes_up", "bytes_down")))
 # Keys that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("rounds", "round_timeout_s", "output_dir", "client_state_dir")
+RESUMABLE_CHANGES = ("rounds", "round_timeout_s", "output_dir", "client_state_dir", "tracking",
+                     "tracking_uri")
 
 
 def make_strategy(cfg: ExperimentConfig):

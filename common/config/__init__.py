@@ -35,6 +35,7 @@ from common.config.schema import (
     LORA_STRATEGIES,
     STRATEGY_NAMES,
     TASKS,
+    TRACKERS,
     WEIGHT_STRATEGIES,
     ChannelConfig,
     ConfigError,
@@ -55,7 +56,8 @@ from common.config.schema import (
 
 __all__ = [
     "CENTRAL_DP_REFUSED", "CHANNEL_MODELS", "LORA_STRATEGIES", "MEAN_STRATEGIES", "MODULE_PATTERN",
-    "NAME_PATTERN", "PROJECT_ROOT", "STRATEGY_NAMES", "TASKS", "WEIGHT_STRATEGIES",
+    "NAME_PATTERN", "PROJECT_ROOT", "STRATEGY_NAMES", "TASKS", "TRACKERS",
+    "WEIGHT_STRATEGIES",
     "ChannelConfig", "ConfigError", "DataConfig", "DPConfig", "ExperimentConfig",
     "LabelLeakageConfig", "LoraConfig", "PrivacyConfig", "SimulationConfig", "SplitConfig",
     "SplitDefenceConfig", "StrategyConfig", "StrategyName", "TrainConfig",

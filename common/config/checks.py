@@ -12,7 +12,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from common.config.schema import STRATEGY_NAMES, TASKS, ConfigError, ExperimentConfig
+from common.config.schema import (
+    STRATEGY_NAMES,
+    TASKS,
+    TRACKERS,
+    ConfigError,
+    ExperimentConfig,
+)
 from common.workloads import WORKLOADS, workload_module
 
 
@@ -69,6 +75,11 @@ def check_experiment(cfg: ExperimentConfig) -> None:
         cfg.device,
         "'auto', 'cpu', 'cuda' or 'cuda:N'",
     )
+    unknown = [t for t in cfg.tracking if t not in TRACKERS]
+    need(not unknown and len(set(cfg.tracking)) == len(cfg.tracking), "tracking", cfg.tracking,
+         f"a list of distinct trackers drawn from {', '.join(TRACKERS)} ([] is off)")
+    need(cfg.tracking_uri is None or "mlflow" in cfg.tracking, "tracking_uri", cfg.tracking_uri,
+         "null unless tracking lists mlflow (the URI is MLflow's)")
     d = cfg.data
     need(d.num_samples >= 2 * cfg.num_clients, "data.num_samples", d.num_samples,
          f">= 2 * num_clients ({2 * cfg.num_clients})")

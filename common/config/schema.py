@@ -23,6 +23,8 @@ from common.workloads import WORKLOADS, workload_module
 # The tasks the synthetic scenes annotate (a label, a question with its answer, a
 # caption, the image itself); `train.loss_weights` weights them.
 TASKS = ("classification", "vqa", "captioning", "reconstruction")
+# Where a run's metrics may also be logged (common/tracking.py), besides metrics.json.
+TRACKERS = ("tensorboard", "mlflow")
 
 # Strategies that aggregate LoRA adapters (the A and B factors a client shares), for
 # workloads that fine-tune a frozen model with LoRA.
@@ -221,6 +223,11 @@ class ExperimentConfig:
     # (fl_client/trust.py); the simulation's virtual nodes use this one. None: kept
     # in memory only (a resumed run restarts the private modules from scratch).
     client_state_dir: str | None = None
+    # Trackers the run also logs to, drawn from TRACKERS (common/tracking.py); [] is off.
+    tracking: list[str] = field(default_factory=list)
+    # MLflow's tracking URI; None: sqlite:///<output_dir>/mlflow.db, one store for every
+    # run of that output folder.
+    tracking_uri: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)
