@@ -82,11 +82,12 @@ def test_split_steps_over_flower_messages_equal_end_to_end_training(tmp_path, on
 
 @pytest.mark.parametrize("codec", CODECS)
 def test_codecs_round_trip_within_their_precision(codec):
-    x = torch.randn(64, 19, 32) * 3
+    x = torch.randn(64, 19, 32, generator=torch.Generator().manual_seed(0)) * 3
     record = ArrayRecord(encode("t", x, codec))
     err = (decode(record, "t") - x).abs().max().item()
     bound = {"none": 0.0, "float16": 1e-2, "bfloat16": 1e-1, "int8": x.abs().max().item() / 254}
-    assert err <= bound[codec] + 1e-7
+    # int8's half step, exact in real numbers; float32 rounding may add a few ulps
+    assert err <= bound[codec] * (1 + 1e-5) + 1e-7
     per_value = record_bytes(record) / x.numel()
     assert per_value == pytest.approx({"none": 4, "float16": 2, "bfloat16": 2, "int8": 1}[codec],
                                       rel=1e-2)  # + a small npy header
