@@ -115,6 +115,20 @@ class Tracker:
             self.client = None
 
 
+REPORT_FILES = ("*.json", "*.png", "*.md")
+
+
+def log_report(config: dict[str, Any], folder: Path) -> None:
+    """A report's files (JSON, PNG, Markdown directly in `folder`) as the artefacts of
+    one MLflow run named after the folder, in the config's experiment; TensorBoard
+    holds no files, so a report logs to MLflow only."""
+    tracker = Tracker({**config, "tracking": ["mlflow"]}, folder)
+    for pattern in REPORT_FILES:
+        for path in sorted(Path(folder).glob(pattern)):
+            tracker.log_artifact(path)
+    tracker.close()
+
+
 def _mlflow_key(key: str) -> str:
     # MLflow's names take letters, digits and _ - . space : / only.
     return "".join(c if c.isalnum() or c in "_-. :/" else "_" for c in key)

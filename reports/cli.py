@@ -1,6 +1,7 @@
 """What every report's command line takes: `--config` (a YAML experiment file),
 `--out` (the report folder; a completed run already in it is reused) and `key=value`
-overrides; and the config, checked before any work starts."""
+overrides; the config, checked before any work starts; and, with MLflow in the
+config's `tracking`, the finished report's files logged as artefacts."""
 
 from __future__ import annotations
 
@@ -46,3 +47,12 @@ def report_folder(args: argparse.Namespace, cfg: ExperimentConfig, name: str) ->
     out = Path(args.out) if args.out else new_run_dir(cfg.output_dir, f"{name}_report")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def track_report(cfg: ExperimentConfig, out: Path) -> None:
+    """With "mlflow" in `cfg.tracking`, the report's files in `out` as the artefacts of an
+    MLflow run (common/tracking.py `log_report`); nothing otherwise."""
+    if "mlflow" in cfg.tracking:
+        from common.tracking import log_report
+
+        log_report(cfg.to_dict(), out)

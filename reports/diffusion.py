@@ -54,7 +54,7 @@ from models.diffusion.link import (
 from models.diffusion.model import presence
 from models.diffusion.pretrain import ensure_pretrained, load_pretrained
 from models.diffusion.train import eval_batches, link_metrics
-from reports.cli import report_config, report_folder, report_parser
+from reports.cli import report_config, report_folder, report_parser, track_report
 from reports.runs import restore_client, simulation_run
 
 matplotlib.use("Agg")  # files only
@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "report.md").write_text(table + "\n")
     print(table)
     print(f"\nwritten to {out} ({report['seconds']:.0f} s)")
+    track_report(cfg, out)
     return 0
 
 

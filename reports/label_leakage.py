@@ -19,7 +19,7 @@ from typing import Any
 
 from common.config import need
 from common.records import plt
-from reports.cli import report_config, report_folder, report_parser
+from reports.cli import report_config, report_folder, report_parser, track_report
 from reports.runs import simulation_run
 
 SETTINGS = {
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows)
     (out / "leakage_report.md").write_text(table + "\n")
     print(table)
+    track_report(cfg, out)
     return 0
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common.records import plt
-from reports.cli import report_config, report_folder, report_parser
+from reports.cli import report_config, report_folder, report_parser, track_report
 from reports.membership import AuditError, audit
 from reports.runs import simulation_run
 
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows)
     (out / "privacy_report.md").write_text(table + "\n")
     print(table)
+    track_report(cfg, out)
     return 0
 
 

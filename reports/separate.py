@@ -60,7 +60,7 @@ from common.config import CHANNEL_MODELS, ChannelConfig, ConfigError, Experiment
 from common.seeding import seeded
 from models import get_workload, separate
 from models.channel import WirelessChannel
-from reports.cli import report_config, report_folder, report_parser
+from reports.cli import report_config, report_folder, report_parser, track_report
 from reports.runs import RunFolderError, finished_run, restore_client, simulation_run
 
 SNRS = [-5.0, -2.5, 0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5, 20.0]
@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(report, out / "report.png")
     print(markdown_table(report))
     print(f"results in {out}")
+    track_report(cfg, out)
     return 0
 
 

@@ -41,7 +41,7 @@ from models.taco.payload import deserialise, message_bytes, message_payload
 from models.taco.pipeline import Receiver, Transmitter, switch_request
 from models.taco.task import gradcam_scores, random_mask
 from models.taco.train import evaluation_images, image_quality
-from reports.cli import report_config, report_folder, report_parser
+from reports.cli import report_config, report_folder, report_parser, track_report
 from reports.runs import restore_client, simulation_run
 
 JPEG_QUALITIES = (1, 5, 10, 20, 30, 50, 75, 90)
@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(first transmission {1000 * sw['first_kb_per_image']:.1f} B; on the original "
           f"{sw['iou_on_original']:.3f}); positions sent twice: {sw['repeated_positions']}")
     print(f"results in {out}")
+    track_report(cfg, out)
     return 0
 
 

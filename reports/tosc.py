@@ -32,7 +32,7 @@ from common.data import num_classes
 from common.data.tensor_dataset import TensorDictDataset
 from models.tosc import teacher as tosc_teacher
 from models.tosc import workload as tosc
-from reports.cli import report_config, report_folder, report_parser
+from reports.cli import report_config, report_folder, report_parser, track_report
 from reports.runs import simulation_run
 
 LATENCY_BATCH, LATENCY_SNR_DB = 32, 10.0
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{p['seconds_saved']:.1f} s saved over the run (a student epoch over all clients: "
           f"{p['student_epoch_seconds']:.2f} s)")
     print(f"results in {out}")
+    track_report(cfg, out)
     return 0
 
 

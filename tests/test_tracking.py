@@ -106,3 +106,25 @@ def test_a_run_that_fails_half_way_ends_failed_in_the_default_store(tmp_path):
     assert run.data.metrics == {"train_loss": 2.5, "dp_epsilon_max": 0.7}
     assert "metrics.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     assert (tmp_path / "mlartifacts").is_dir()  # beside the store, not in the cwd
+
+
+def test_a_reports_files_become_the_artefacts_of_one_mlflow_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from reports.cli import track_report
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folder = tmp_path / "separate_report-1"
+    (folder / "run").mkdir(parents=True)
+    for name in ("report.json", "report.png", "report.md", "run/metrics.json"):
+        (folder / name).write_text("{}")
+    track_report(load_config(QUICKSTART, [f"output_dir={tmp_path}"]), folder)  # tracking off
+    assert not (tmp_path / "mlflow.db").exists()
+    cfg = load_config(QUICKSTART, ["name=reported", "tracking=[mlflow]", f"tracking_uri={uri}"])
+    track_report(cfg, folder)
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("reported").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "separate_report-1"
+    # the report's own files; the run it trained is tracked as a run of its own
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == [
+        "report.json", "report.md", "report.png"]
