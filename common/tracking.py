@@ -48,7 +48,7 @@ class Tracker:
         names = config.get("tracking") or ()
         self.writer = None  # TensorBoard's SummaryWriter
         self.client, self.run_id = None, None  # MLflow's
-        params = flatten(config)
+        params = flatten(config) if names else {}
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
 

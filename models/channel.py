@@ -163,9 +163,9 @@ class WirelessChannel(nn.Module):
         (no_eff), what a soft demapper needs (models/digital_phy.py)."""
         model = self.cfg.model
         no = noise_variance(snr_db.float())
-        import_sionna()
         if model == "none":  # error-free: a tiny noise variance keeps LLRs finite
             return symbols, torch.full(symbols.shape, 1e-10, device=symbols.device)
+        import_sionna()  # before any block is built (the TDL grid's imports run first)
         if model == "awgn":
             with _draws_from(generator, symbols.device):
                 y = _awgn(str(symbols.device))(symbols, no)

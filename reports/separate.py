@@ -217,12 +217,8 @@ def _diffusion_learned(cfg: ExperimentConfig, model, batch: dict[str, Tensor],
              "lost": lost}, result.channel_uses)
 
 
-def _diffusion_heads(model, images: Tensor, batch: dict[str, Tensor]):
-    return _diffusion_tasks(model, images, batch)
-
-
 ENDS = {"mtsc": (_mtsc_learned, _mtsc_heads), "tosc": (_tosc_learned, _tosc_heads),
-        "taco": (_taco_learned, _taco_heads), "diffusion": (_diffusion_learned, _diffusion_heads)}
+        "taco": (_taco_learned, _taco_heads), "diffusion": (_diffusion_learned, _diffusion_tasks)}
 
 
 def _batch(data, n: int) -> dict[str, Tensor]:
@@ -258,7 +254,7 @@ def compare(cfg: ExperimentConfig, run_dir: Path, clients: int, images: int,
                         **{k: x * n for k, x in extra.items()}}.items():
             row[name] = row.get(name, 0.0) + v
 
-    mcs_names: dict[float, str] = {}
+    mcs_names: dict[tuple, str] = {}  # the most common row of a point (its budgets differ)
     for pid in range(clients):
         model = restore_client(cfg, run_dir, pid)
         train, test = get_workload(cfg.workload).load_data(cfg, pid, cfg.num_clients)
@@ -279,7 +275,8 @@ def compare(cfg: ExperimentConfig, run_dir: Path, clients: int, images: int,
                     g = torch.Generator().manual_seed(cfg.seed * 1000 + pid)
                     got = separate.transmit_images(batch["image"], budgets, link, snr, codec,
                                                    "auto", fallback, g, encodings[codec])
-                    mcs_names[snr] = Counter(r.name for r in got.mcs).most_common(1)[0][0]
+                    mcs_names[(f"separate-{codec}", ch, snr)] = Counter(
+                        r.name for r in got.mcs).most_common(1)[0][0]
                     with seeded(cfg.seed + pid):
                         metrics = heads_end(model, got.images, batch)
                     arrived = ~(got.lost | got.unsent)
@@ -294,7 +291,7 @@ def compare(cfg: ExperimentConfig, run_dir: Path, clients: int, images: int,
     for (system, ch, snr), row in totals.items():
         n = row.pop("n")
         points.append({"system": system, "channel": ch, "snr_db": snr, "images": n,
-                       **({"mcs": mcs_names[snr]} if system != "learned" else {}),
+                       **({"mcs": mcs_names[(system, ch, snr)]} if system != "learned" else {}),
                        **{k: v / n for k, v in row.items()}})
     cliffs = {ch: {c: cliff([p for p in points if p["system"] == f"separate-{c}"
                              and p["channel"] == ch]) for c in codecs} for ch in channels}

@@ -25,6 +25,16 @@ def taco_with_batchnorm(monkeypatch):
     monkeypatch.setattr(task, "norm_layer", lambda channels: torch.nn.BatchNorm2d(channels))
 
 
+def tiny_taco_cfg(pretrained_dir, tmp_path, run_dir, *extra):
+    """A 2-client TACO run on a tiny codec (one pre-trained file per test run), its
+    clients' state kept in the run folder as `python -m simulation` keeps it."""
+    return load_config("configs/taco_quickstart.yaml", [
+        "num_clients=2", "data.num_samples=160", "train.local_epochs=1",
+        "taco.eval_images=3", "taco.codec.public_samples=32", "taco.codec.epochs=1",
+        f"taco.codec.checkpoint={pretrained_dir / 'codec-tiny.pt'}", f"output_dir={tmp_path}",
+        f"client_state_dir={run_dir / 'client-state'}", *extra])
+
+
 def _equal_models(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -34,11 +44,7 @@ def _equal_models(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
 def test_a_restored_taco_client_evaluates_bit_for_bit_as_it_ended_the_run(
         taco_with_batchnorm, flower_message_context, tmp_path, pretrained_dir, monkeypatch):
     run_dir = tmp_path / "run"
-    cfg = load_config("configs/taco_quickstart.yaml", [
-        "num_clients=2", "rounds=2", "data.num_samples=160", "train.local_epochs=1",
-        "taco.eval_images=3", "taco.codec.public_samples=32", "taco.codec.epochs=1",
-        f"taco.codec.checkpoint={pretrained_dir / 'codec-tiny.pt'}", f"output_dir={tmp_path}",
-        f"client_state_dir={run_dir / 'client-state'}"])
+    cfg = tiny_taco_cfg(pretrained_dir, tmp_path, run_dir, "rounds=2")
     # The client as it evaluates the final global state in the run's last round.
     seen: dict[int, torch.nn.Module] = {}
     tests = [taco.load_data(cfg, pid, cfg.num_clients)[1] for pid in range(cfg.num_clients)]

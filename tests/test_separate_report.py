@@ -6,7 +6,7 @@ import json
 import pytest
 from test_server_rounds import LoopbackGrid
 
-from common.config import config_from_dict, load_config
+from common.config import config_from_dict
 from fl_server.rounds import run_federated
 from reports import separate as report
 
@@ -38,13 +38,11 @@ def test_both_systems_spend_the_same_channel_uses_and_the_cliff_is_found(
 
 def test_taco_sends_its_lsf_payloads_over_the_link_at_the_baselines_channel_uses(
         flower_message_context, tmp_path, pretrained_dir):
+    from test_restore_client import tiny_taco_cfg
+
     run_dir = tmp_path / "run"
-    cfg = load_config("configs/taco_quickstart.yaml", [
-        "num_clients=2", "rounds=1", "data.num_samples=160", "train.local_epochs=1",
-        "taco.eval_images=3", "taco.codec.public_samples=32", "taco.codec.epochs=1",
-        f"taco.codec.checkpoint={pretrained_dir / 'codec-tiny.pt'}", f"output_dir={tmp_path}",
-        f"client_state_dir={run_dir / 'client-state'}"])
-    _check_a_digital_learned_system(cfg, run_dir)
+    _check_a_digital_learned_system(tiny_taco_cfg(pretrained_dir, tmp_path, run_dir, "rounds=1"),
+                                    run_dir)
 
 
 def test_diffusion_sends_its_phase_payloads_over_the_link_at_the_baselines_channel_uses(
