@@ -33,6 +33,7 @@ from fl_client.node import (
     PRIVATE_STATE,
     load_saved_state,
     partition,
+    record_data_indices,
     save_state_file,
     saved_state_file,
 )
@@ -82,7 +83,7 @@ def _metric_record(metrics: dict[str, float]) -> MetricRecord:
 
 
 def train(msg: Message, context: Context) -> Message:
-    cfg, pid, workload, model, train_ds, _, dp_history = _setup(msg, context)
+    cfg, pid, workload, model, train_ds, test_ds, dp_history = _setup(msg, context)
     lora_train = trust.lora_train(msg)
     server_round = trust.server_round(msg)
     seed = round_seed(cfg.seed, server_round, pid)
@@ -103,6 +104,7 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update(dp_epsilon=dp.epsilon(), dp_noise_multiplier=dp.noise_multiplier)
         extra = {HISTORY_KEY: dp.history()}
     _save_private(model, msg, context, cfg, pid, server_round, extra)
+    record_data_indices(cfg, msg, context, pid, train_ds, test_ds)
     shared = workload.shared_state(model, lora_train)
     content = RecordDict({
         "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in shared.items()}),

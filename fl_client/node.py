@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -11,7 +12,14 @@ from flwr.app import Context, Message
 
 from common.config import ExperimentConfig
 from fl_client import trust
-from models.client_state import partition_folder, read_state_file, round_file, saved_rounds
+from models.client_state import (
+    DATA_INDICES_FILE,
+    data_record,
+    partition_folder,
+    read_state_file,
+    round_file,
+    saved_rounds,
+)
 
 log = logging.getLogger("fedsemcom")
 
@@ -80,3 +88,26 @@ def save_state_file(params: dict[str, np.ndarray], path: Path | None) -> None:
     # before its checkpoint resumes from this node's state before this round.
     for _, old in saved_rounds(path.parent)[:-2]:
         old.unlink()
+
+
+_recorded: set[Path] = set()
+
+
+def record_data_indices(cfg: ExperimentConfig, msg: Message, context: Context, pid: int,
+                        train_ds, test_ds) -> None:
+    """Write, once per run, which examples of its source this node trains on and which
+    it holds out (`.indices` of its datasets, common/data), beside its saved rounds: a
+    membership audit's members and non-members (reports/membership.py). Indices only,
+    on the node's own disk; nothing here enters a reply."""
+    path = saved_state_file(cfg, msg, context, pid, 0)
+    if path is None:
+        return
+    path = path.parent / DATA_INDICES_FILE
+    if path in _recorded or path.is_file():
+        _recorded.add(path)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data_record(cfg, train_ds, test_ds)))
+    os.replace(tmp, path)
+    _recorded.add(path)

@@ -55,6 +55,7 @@ from fl_client.node import (
     PRIVATE_STATE,
     load_saved_state,
     partition,
+    record_data_indices,
     save_state_file,
     saved_state_file,
 )
@@ -343,6 +344,7 @@ def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 def begin(msg: Message, context: Context) -> Message:
     half = ClientHalf(msg, context, resume=False)  # from the node's private state
     half.start_round(msg)
+    record_data_indices(half.cfg, msg, context, half.pid, *half.data())
     content = half.activations(0)
     half.save(msg)
     return Message(content=content, reply_to=msg)

@@ -4,7 +4,8 @@ fedsemcom's nodes are run by other people than the server. A message from the se
 may steer training (the experiment config, the global arrays, split tensors); it may
 never steer the node's disk, network or device. So:
 
-- Node-only keys (NODE_KEYS): the state folder, the data root, dataset download, local
+- Node-only keys (NODE_KEYS): the state folder, the data's paths (root, masks, files,
+  Hugging Face dataset), dataset download and hub access, local
   checkpoints, the teacher's pre-stored outputs and the device come from the SuperNode's
   node config or the node's own defaults. A server-sent value that differs is ignored
   with a warning, or refused where ignoring it would silently change the results
@@ -46,6 +47,10 @@ NODE_KEYS = {
     "client_state_dir": "state-dir",
     "data.root": "data-root",
     "data.download": "data-download",
+    "data.hf_dataset": "data-hf-dataset",
+    "data.data_files": "data-files",
+    "data.masks_root": "data-masks-root",
+    "data.allow_hub": "data-allow-hub",
     "device": "device",
     "model.checkpoint": "model-checkpoint",
     "distill.teacher.checkpoint": "teacher-checkpoint",
@@ -56,7 +61,8 @@ NODE_KEYS = {
 # A pre-trained LAM changes every result: a server that asks for one is refused unless
 # the node has its own copy, rather than silently training a randomly built LAM.
 REFUSED_UNLESS_SET_ON_NODE = {"model.checkpoint"}
-BOOL_NODE_KEYS = {"data-download"}
+BOOL_NODE_KEYS = {"data-download", "data-allow-hub"}
+LIST_NODE_KEYS = {"data-files"}  # comma-separated in the node config
 
 MAX_EXPERIMENT_CHARS = 1_000_000  # the experiment JSON; real ones are a few kB
 # All arrays of one message, before any is decoded (node config `max-message-mb`).
@@ -110,6 +116,8 @@ def node_value(node_config: Mapping, dotted: str) -> Any:
         return value
     if not isinstance(value, str) or not value:
         raise Refused(f"node config {key}={value!r}: expected a non-empty string")
+    if key in LIST_NODE_KEYS:
+        return [v.strip() for v in value.split(",") if v.strip()]
     return value
 
 
@@ -118,6 +126,7 @@ def node_config_of(cfg: ExperimentConfig) -> dict[str, Any]:
     engine, in-process tests): the experiment's own values of the node-only keys."""
     raw = cfg.to_dict()
     out = {key: _get(raw, dotted) for dotted, key in NODE_KEYS.items()}
+    out.update({k: ",".join(out[k]) or None for k in LIST_NODE_KEYS if k in out})
     # Node config has no null, and an empty value is refused (node_value): a key that is
     # off ("" for diffusion.clip_checkpoint) is left out, so the node's default applies.
     return {k: v for k, v in out.items() if v is not None and v != ""}

@@ -5,18 +5,23 @@ that look at a finished run (reports/runs.py) read them back. Both use this modu
 the two never disagree on which tensors a client keeps or where the file lies:
 
     <state dir>/<run key>/partition-<id>/round-<r>.npz
+    <state dir>/<run key>/partition-<id>/data-indices.json   (which examples it holds)
 
 The shared tensors (`shared_state` of a workload) travel to the server; these stay.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common import data
 from common.config import ExperimentConfig
+
+DATA_INDICES_FILE = "data-indices.json"
 
 
 def client_lora_rank(cfg: ExperimentConfig, partition_id: int) -> int:
@@ -76,3 +81,19 @@ def saved_rounds(folder: Path) -> list[tuple[int, Path]]:
 def read_state_file(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+def data_record(cfg: ExperimentConfig, train_ds, test_ds) -> dict:
+    """What data-indices.json holds: the source (with its fingerprint, so an audit can
+    tell that the files changed) and the indices into it of the client's train and test
+    examples."""
+    return {"source": cfg.data.name, "fingerprint": data.source_fingerprint(cfg.data),
+            "train": [int(i) for i in train_ds.indices],
+            "test": [int(i) for i in test_ds.indices]}
+
+
+def read_data_record(folder: Path) -> dict | None:
+    path = folder / DATA_INDICES_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())

@@ -1,8 +1,8 @@
 """Weights pre-trained once on public scenes, cached in a fingerprinted local file.
 
 The tosc teacher, the taco codec and the diffusion DDPM each start from weights the
-server trains centrally before round 1, on a public split of synthetic scenes that no
-client owns. Training takes minutes, so the result is written to a local file (the
+server trains centrally before round 1, on a public split of the source that no client
+owns (common/data). Training takes minutes, so the result is written to a local file (the
 workload's checkpoint key) and read back on every later run; an edge device receives
 that file once, like a pretrained model, and never trains it.
 
@@ -26,22 +26,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
+from common import data
 from common.config import DataConfig
-from common.data.scenes import SyntheticScenes
 
 
-def public_split(data_cfg: DataConfig, size: int) -> SyntheticScenes:
-    """`size` scenes past the clients' range (indices num_samples ..): no client owns them."""
-    first = data_cfg.num_samples
-    return SyntheticScenes(data_cfg, range(first, first + size))
+def public_split(data_cfg: DataConfig, size: int, key: str) -> Dataset:
+    """`size` examples of the source that no client owns (common/data: the public split);
+    `key` is the config key of `size`, for the error when the source is too small."""
+    return data.public_split(data_cfg, size, key)
 
 
 def public_data_fingerprint(data_cfg: DataConfig) -> dict:
-    """The data values that change the public split's scenes (its size is each workload's own)."""
-    return {"seed": data_cfg.seed, "image_size": data_cfg.image_size,
-            "max_objects": data_cfg.max_objects, "texture": data_cfg.texture,
-            "public_first_index": data_cfg.num_samples}
+    """The data values that change the public split's examples (its size is each
+    workload's own)."""
+    return data.public_fingerprint(data_cfg)
 
 
 def ensure(path: Path, kind: str, fingerprint: dict, key: str,

@@ -81,6 +81,16 @@ class InitialSharedState(Protocol):
 
 
 @runtime_checkable
+class PublicSplit(Protocol):
+    """A workload whose server pre-trains on a public split of the source (common/data):
+    the examples after the clients' that no client owns, and no audit may count as
+    held out."""
+
+    def public_samples(self, cfg: ExperimentConfig) -> int:
+        """The size of the public split."""
+
+
+@runtime_checkable
 class ClassLogits(Protocol):
     """A workload with a classification head the membership audit can score."""
 

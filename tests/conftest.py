@@ -64,6 +64,23 @@ def pretrained_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("pretrained")
 
 
+@pytest.fixture(scope="session")
+def user_folder(tmp_path_factory):
+    """Overrides for a tiny image folder of 48 scenes with masks and texts
+    (tests/user_data.py)."""
+    from tests.user_data import folder_overrides, write_image_folder
+
+    return folder_overrides(*write_image_folder(tmp_path_factory.mktemp("user-folder")))
+
+
+@pytest.fixture(scope="session")
+def user_parquet(tmp_path_factory):
+    """Overrides for the same 48 scenes as a Hugging Face dataset saved as parquet."""
+    from tests.user_data import parquet_overrides, write_parquet
+
+    return parquet_overrides(write_parquet(tmp_path_factory.mktemp("user-hf") / "train.parquet"))
+
+
 @pytest.fixture
 def tiny_cfg():
     """A quick mtsc experiment: a few clients, a small synthetic dataset."""

@@ -12,9 +12,9 @@ import torch
 
 from common import data as D
 from common.config import DataConfig
-from common.data import images as I
 from common.data import partition as P
 from common.data import scenes as S
+from common.data import sources as SRC
 
 SIZE = 32
 
@@ -321,7 +321,9 @@ def test_real_images_are_scaled_and_resized(monkeypatch):
     images = np.zeros((40, 3, 96, 96), dtype=np.uint8)
     images[:, 0] = 255  # pure red
     labels = np.arange(40) % 10
-    monkeypatch.setattr(I, "_real_arrays", lambda name, root, download=False: (images, labels))
+    monkeypatch.setattr(SRC, "_torchvision", lambda cfg: SRC._array_source(
+        "stl10", "fake", images, labels, [str(c) for c in range(10)]))
+    SRC._get_source.cache_clear()
     cfg = DataConfig(name="stl10", root="fake-stl10-for-resize-test", image_size=32,
                      num_samples=30, partitioner="iid")
     train, test = D.load_partition(cfg, 1, 3)

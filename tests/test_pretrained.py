@@ -3,12 +3,13 @@ settings, of another kind or not ours refused with the fix; atomic writes; and t
 public split that the tosc teacher, the taco codec and the diffusion DDPM share.
 Tiny dummy payloads stand in for the weights: nothing here trains a model."""
 
+import dataclasses
 import os
 
 import pytest
 import torch
 
-from common.config import load_config
+from common.config import ConfigError, load_config
 from common.data import load_partition
 from models import pretrained
 from models.diffusion import pretrain as diffusion_pretrain
@@ -202,7 +203,7 @@ def test_the_public_split_lies_past_every_clients_range():
     cfg = load_config("configs/distill_quickstart.yaml",
                       ["num_clients=3", "data.num_samples=60", "data.image_size=16",
                        "data.partitioner=iid"])
-    public = pretrained.public_split(cfg.data, 16)
+    public = pretrained.public_split(cfg.data, 16, "distill.teacher.public_samples")
     assert list(public.indices) == list(range(60, 76))  # the indices every result used
     owned = set()
     for cid in range(cfg.num_clients):
@@ -213,6 +214,25 @@ def test_the_public_split_lies_past_every_clients_range():
     for split in (tosc_teacher.public_split, taco_codec.public_split,
                   diffusion_pretrain.public_split):
         assert split(cfg).indices[0] == cfg.data.num_samples
+
+
+def test_a_real_sources_public_split_is_disjoint_from_the_clients_and_checked_for_room():
+    cfg = load_config("configs/distill_quickstart.yaml",
+                      ["num_clients=3", "data.name=digits", "data.num_samples=1500",
+                       "data.image_size=16", "data.partitioner=iid"])
+    public = tosc_teacher.public_split(dataclasses.replace(
+        cfg, distill=dataclasses.replace(cfg.distill, teacher=dataclasses.replace(
+            cfg.distill.teacher, public_samples=200))))
+    owned = set()
+    for cid in range(cfg.num_clients):
+        for part in load_partition(cfg.data, cid, cfg.num_clients):
+            owned |= set(part.indices.tolist())
+    assert len(owned) == 1500 and len(public) == 200
+    assert owned.isdisjoint(public.indices.tolist())
+    assert set(public.tensors["label"].tolist()) == set(range(10))  # a seeded order, not sorted
+    with pytest.raises(ConfigError, match=r"digits.*1797 examples.*distill.teacher"
+                       r".public_samples=2000: lower data.num_samples to 0"):
+        tosc_teacher.public_split(cfg)  # 297 left for the default 2000
 
 
 def test_the_three_workloads_fingerprints_share_the_same_data_part_with_texture():

@@ -108,11 +108,15 @@ def test_without_a_node_state_dir_the_servers_client_state_dir_writes_nothing(
 def test_the_node_config_sets_the_node_only_keys(tiny_cfg, tmp_path):
     node = {"state-dir": "s", "data-root": "d", "data-download": "true", "device": "cpu",
             "model-checkpoint": "lam", "teacher-checkpoint": "t.pt", "teacher-store-dir": "o",
-            "diffusion-checkpoint": "ddpm.pt", "diffusion-clip-checkpoint": "clip"}
+            "diffusion-checkpoint": "ddpm.pt", "diffusion-clip-checkpoint": "clip",
+            "data-hf-dataset": "parquet", "data-files": "a.parquet, b.parquet",
+            "data-masks-root": "m", "data-allow-hub": "false"}
     assert set(node) == set(NODE_KEYS.values())
     cfg = node_experiment(message(tiny_cfg), node_context(node))
     assert (cfg.client_state_dir, cfg.data.root, cfg.data.download, cfg.device) == \
         ("s", "d", True, "cpu")
+    assert (cfg.data.hf_dataset, cfg.data.data_files, cfg.data.masks_root,
+            cfg.data.allow_hub) == ("parquet", ["a.parquet", "b.parquet"], "m", False)
     assert (cfg.model.checkpoint, cfg.distill.teacher.checkpoint, cfg.distill.store_dir,
             cfg.diffusion.checkpoint, cfg.diffusion.clip_checkpoint) == \
         ("lam", "t.pt", "o", "ddpm.pt", "clip")

@@ -89,6 +89,21 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     need(d.texture == "flat" or d.name == "synthetic", "data.texture", d.texture,
          "'flat' unless data.name is 'synthetic' (textures are painted into the scenes)")
     need(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "0 < x < 1")
+    need(d.classes_per_partition >= 1, "data.classes_per_partition", d.classes_per_partition,
+         ">= 1")
+    need(d.shards_per_partition >= 1, "data.shards_per_partition", d.shards_per_partition,
+         ">= 1")
+    need(d.seg_classes is None or d.seg_classes >= 2, "data.seg_classes", d.seg_classes,
+         ">= 2 (background and one class), or null to count them from the masks")
+    need(d.name != "hf" or d.hf_dataset is not None, "data.hf_dataset", d.hf_dataset,
+         "a builder (imagefolder, parquet, csv, json) with data.root or data.data_files, "
+         "or a hub dataset with data.allow_hub=true, for data.name=hf")
+    need(d.partitioner != "natural_id" or d.name in ("photos", "hf"), "data.partitioner",
+         d.partitioner, "natural_id only for sources that name each example's owner: "
+         "photos (the photograph a patch is cut from) or hf with data.natural_id_column")
+    need(d.partitioner != "natural_id" or d.name != "hf" or d.natural_id_column is not None,
+         "data.natural_id_column", d.natural_id_column,
+         "the column that names each example's owner, for data.partitioner=natural_id")
     lo = cfg.lora
     need(lo.rank >= 1, "lora.rank", lo.rank, ">= 1")
     need(lo.target_modules and all(MODULE_PATTERN.fullmatch(m) for m in lo.target_modules),
@@ -189,9 +204,10 @@ def check_experiment(cfg: ExperimentConfig) -> None:
          is not None, "simulation.ray_address", s.ray_address,
          "HOST:PORT of a running Ray head (e.g. 10.0.0.5:6379), 'auto', or null")
     workload_module(cfg.workload, "config").check(cfg)  # its section, its strategies, its data
-    if d.name in ("cifar10", "stl10"):
-        need(d.root is not None, "data.root", d.root,
-             f"a local folder holding {d.name} (nothing is downloaded)")
+    if d.name in ("cifar10", "stl10", "folder"):
+        what = "an image folder, one sub-folder per class" if d.name == "folder" else \
+            f"a local folder holding {d.name} (nothing is downloaded)"
+        need(d.root is not None, "data.root", d.root, what)
 
 
 def _check_central_dp(cfg: ExperimentConfig) -> None:

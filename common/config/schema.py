@@ -56,12 +56,27 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
+DataSource = Literal["synthetic", "folder", "hf", "photos", "digits", "cifar10", "stl10"]
+DATA_SOURCES: tuple[str, ...] = typing.get_args(DataSource)
+Partitioner = Literal["iid", "dirichlet", "pathological", "shard", "natural_id"]
+
+
 @dataclass
 class DataConfig:
-    name: Literal["synthetic", "cifar10", "stl10", "digits"] = "synthetic"
-    root: str | None = None  # local folder holding CIFAR-10 / STL-10
+    """Where the examples come from (common/data): the synthetic scenes, a user's image
+    folder or Hugging Face dataset, or a bundled real source; and how they are shared
+    among the clients."""
+
+    name: DataSource = "synthetic"
+    # folder: the image folder (one sub-folder per class); cifar10 / stl10: the folder
+    # holding the extracted archive; hf: the data_dir of a local builder.
+    root: str | None = None
     download: bool = False  # fetch CIFAR-10 / STL-10 into `root` (needs internet); off by default
-    num_samples: int = 3000  # synthetic scenes across all clients
+    # Examples the clients share: synthetic scenes 0 .. num_samples-1, or the first
+    # num_samples of a real source in a seeded order (all of it when it has fewer). The
+    # examples after them are the public split (workloads that pre-train centrally) and
+    # then the held-out examples a membership audit draws from.
+    num_samples: int = 3000
     image_size: int = 32
     max_objects: int = 3
     # Synthetic scenes only. "flat": uniform shapes on a dark background (the
@@ -69,9 +84,29 @@ class DataConfig:
     # objects, hard enough that image codecs pay for detail (labels stay true).
     texture: Literal["flat", "textured"] = "flat"
     seed: int = 0
-    partitioner: Literal["iid", "dirichlet"] = "dirichlet"
+    partitioner: Partitioner = "dirichlet"
     alpha: float = 0.5  # Dirichlet concentration; smaller is more heterogeneous
+    classes_per_partition: int = 2  # pathological: the classes each partition holds
+    shards_per_partition: int = 2  # shard: label-sorted shards per partition
     test_fraction: float = 0.2  # share of each client's partition held out locally
+    # hf: the dataset (a local builder: imagefolder, parquet, csv, json; or a hub name,
+    # which needs the network and allow_hub), its files, split and subset.
+    hf_dataset: str | None = None
+    data_files: list[str] = field(default_factory=list)
+    hf_split: str = "train"
+    hf_subset: str | None = None
+    allow_hub: bool = False
+    # folder: masks mirroring `root` (one PNG of class ids per image, same stem).
+    masks_root: str | None = None
+    seg_classes: int | None = None  # segmentation classes; None: the largest id + 1
+    # Column (hf) or metadata.jsonl field (folder) of each annotation.
+    image_column: str = "image"
+    label_column: str = "label"
+    mask_column: str = "mask"
+    caption_column: str = "caption"
+    question_column: str = "question"
+    answer_column: str = "answer"
+    natural_id_column: str | None = None  # hf: who owns each example (natural_id)
 
 
 @dataclass

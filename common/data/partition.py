@@ -1,5 +1,6 @@
 """Partitioning: each client's share of a dataset through Flower Datasets partitioners
-(IID or Dirichlet label skew), and its split into a local train and test set."""
+(IID, Dirichlet or pathological label skew, shards of sorted labels, or the data's own
+owners: natural id), and its split into a local train and test set."""
 
 from __future__ import annotations
 
@@ -31,15 +32,27 @@ def _top_up(parts: list[np.ndarray], min_size: int) -> list[np.ndarray]:
     return parts
 
 
+PARTITIONERS = ("iid", "dirichlet", "pathological", "shard", "natural_id")
+
+
 @functools.lru_cache(maxsize=16)
 def _partition_table(label_bytes: bytes, num_partitions: int, partitioner: str,
-                     alpha: float, seed: int) -> tuple[np.ndarray, ...]:
+                     alpha: float, seed: int, classes_per_partition: int = 2,
+                     shards_per_partition: int = 2) -> tuple[np.ndarray, ...]:
     """Sample indices of every partition, from a Flower Datasets partitioner.
 
-    Cached: all clients of a process share one assignment and it is computed once.
+    `label_bytes` holds what the partitioner splits by: the labels, or for natural_id
+    each example's owner. Cached: all clients of a process share one assignment and it
+    is computed once.
     """
     import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+        ShardPartitioner,
+    )
 
     labels = np.frombuffer(label_bytes, dtype=np.int64)
     order = np.arange(len(labels))
@@ -55,8 +68,45 @@ def _partition_table(label_bytes: bytes, num_partitions: int, partitioner: str,
 
     if partitioner == "iid":
         return tuple(run(IidPartitioner(num_partitions=num_partitions)))
-    if partitioner != "dirichlet":
-        raise ValueError(f"unknown data.partitioner {partitioner!r}: use iid or dirichlet")
+    if partitioner == "natural_id":
+        owners = len(np.unique(labels))
+        if owners != num_partitions:
+            raise ValueError(f"data.partitioner=natural_id gives one partition per owner: "
+                             f"the source has {owners} owners, so set num_clients={owners} "
+                             f"(it is {num_partitions})")
+        return tuple(run(NaturalIdPartitioner(partition_by="label")))  # p: the p-th owner
+    if partitioner == "pathological":
+        classes = len(np.unique(labels))
+        if not 1 <= classes_per_partition <= classes:
+            raise ValueError(f"data.classes_per_partition={classes_per_partition} is out of "
+                             f"range: use 1 .. {classes} (the classes in the data)")
+        make = lambda: PathologicalPartitioner(  # noqa: E731
+            num_partitions=num_partitions, partition_by="label",
+            num_classes_per_partition=classes_per_partition,
+            class_assignment_mode="first-deterministic", seed=seed)
+    elif partitioner == "shard":
+        if num_partitions * shards_per_partition > len(labels):
+            raise ValueError(f"data.shards_per_partition={shards_per_partition} x "
+                             f"{num_partitions} partitions is more shards than the "
+                             f"{len(labels)} samples: lower it or raise data.num_samples")
+        make = lambda: ShardPartitioner(  # noqa: E731
+            num_partitions=num_partitions, partition_by="label",
+            num_shards_per_partition=shards_per_partition, seed=seed)
+    elif partitioner == "dirichlet":
+        make = None
+    else:
+        raise ValueError(f"unknown data.partitioner {partitioner!r}: use one of "
+                         f"{', '.join(PARTITIONERS)}")
+    if make is not None:  # label skew by construction: top up partitions it left small
+        parts = run(make())
+        if min(len(p) for p in parts) >= min_size:
+            return tuple(parts)
+        warnings.warn(
+            f"{partitioner} partitioning of {len(labels)} samples into {num_partitions} "
+            f"partitions left some with fewer than {min_size} samples; moved samples there "
+            "from the largest partitions. Raise data.num_samples or lower num_clients to "
+            "avoid this.", stacklevel=3)
+        return tuple(_top_up(parts, min_size))
 
     def dirichlet(min_partition_size: int) -> DirichletPartitioner:
         return DirichletPartitioner(
@@ -81,8 +131,11 @@ def partition_indices(labels: np.ndarray, num_partitions: int, partition_id: int
                       cfg: DataConfig) -> np.ndarray:
     """Indices (into `labels`) of the samples in partition `partition_id`.
 
-    Partitions are disjoint, cover every sample and are never empty. Dirichlet
-    partitions split each label among the partitions with concentration cfg.alpha.
+    Partitions are disjoint and never empty; they cover every sample except for
+    pathological partitions of fewer class slots (partitions x classes_per_partition)
+    than classes, which leave the classes no partition draws out. Dirichlet
+    partitions split each label among the partitions with concentration cfg.alpha;
+    for natural_id, `labels` holds each sample's owner.
     """
     labels = np.asarray(labels, dtype=np.int64)
     if not isinstance(num_partitions, (int, np.integer)) or not 1 <= num_partitions <= len(labels):
@@ -92,7 +145,8 @@ def partition_indices(labels: np.ndarray, num_partitions: int, partition_id: int
         raise ValueError(f"partition_id={partition_id!r} is out of range: use "
                          f"0..{num_partitions - 1} for num_partitions={num_partitions}")
     table = _partition_table(labels.tobytes(), int(num_partitions), cfg.partitioner,
-                             float(cfg.alpha), int(cfg.seed))
+                             float(cfg.alpha), int(cfg.seed), int(cfg.classes_per_partition),
+                             int(cfg.shards_per_partition))
     return table[partition_id].copy()
 
 

@@ -13,11 +13,13 @@ class TensorDictDataset(Dataset):
     cost nothing next to the model.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    def __init__(self, tensors: dict[str, torch.Tensor], indices=None):
         lengths = {k: len(v) for k, v in tensors.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"all tensors need the same first dimension, got {lengths}")
         self.tensors = tensors
+        if indices is not None:  # the examples' indices into their source (common/data)
+            self.indices = indices
 
     def __len__(self) -> int:
         return len(next(iter(self.tensors.values())))

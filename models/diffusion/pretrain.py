@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.config import ExperimentConfig, resolve_path
-from common.data.scenes import SyntheticScenes
+from common.data.tensor_dataset import TensorDictDataset
 from common.device import resolve_device
 from common.seeding import seeded
 from models import pretrained
@@ -43,11 +43,12 @@ def checkpoint_path(cfg: ExperimentConfig) -> Path:
     return resolve_path(cfg.diffusion.checkpoint)
 
 
-def public_split(cfg: ExperimentConfig) -> SyntheticScenes:
-    return pretrained.public_split(cfg.data, cfg.diffusion.public_samples)
+def public_split(cfg: ExperimentConfig) -> TensorDictDataset:
+    return pretrained.public_split(cfg.data, cfg.diffusion.public_samples,
+                                   "diffusion.public_samples")
 
 
-def _batches(data: SyntheticScenes, batch_size: int, steps: int, generator: torch.Generator):
+def _batches(data: TensorDictDataset, batch_size: int, steps: int, generator: torch.Generator):
     n = len(data)
     for _ in range(steps):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)

@@ -18,7 +18,7 @@ from models.diffusion.pretrain import ensure_pretrained
 from models.diffusion.train import evaluate, train_local
 from models.shared_state import copy_into
 
-__all__ = ["build", "shared_state", "load_shared_state", "load_data", "train_local",
+__all__ = ["build", "public_samples", "shared_state", "load_shared_state", "load_data", "train_local",
            "evaluate", "prepare", "TRAIN_METRICS", "EVAL_METRICS", "SUMMARY", "PANELS"]
 
 PREFIX = "unet."
@@ -36,6 +36,11 @@ PANELS = (Panel("requested-class IoU", ("iou_phase1", "iou_phase3")),
           Panel("depth RMSE", ("depth_rmse_phase1", "depth_rmse_phase3")),
           Panel("bytes per image", ("bytes_phase1", "bytes_phase3", "bytes_feedback")),
           Panel("DDPM loss", ("loss_denoise",)))
+
+
+def public_samples(cfg: ExperimentConfig) -> int:
+    """The public split the server pre-trains on (models/seam.py PublicSplit)."""
+    return cfg.diffusion.public_samples
 
 
 def prepare(cfg: ExperimentConfig) -> None:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from common.config import ExperimentConfig, resolve_path
-from common.data.scenes import SyntheticScenes
+from common.data.tensor_dataset import TensorDictDataset
 from common.seeding import seeded
 from models import pretrained
 
@@ -141,9 +141,10 @@ def codec_path(cfg: ExperimentConfig) -> Path:
     return resolve_path(cfg.taco.codec.checkpoint)
 
 
-def public_split(cfg: ExperimentConfig) -> SyntheticScenes:
+def public_split(cfg: ExperimentConfig) -> TensorDictDataset:
     """Scenes past the clients' range: no client owns them."""
-    return pretrained.public_split(cfg.data, cfg.taco.codec.public_samples)
+    return pretrained.public_split(cfg.data, cfg.taco.codec.public_samples,
+                                   "taco.codec.public_samples")
 
 
 @torch.no_grad()

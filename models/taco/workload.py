@@ -14,7 +14,7 @@ from models.shared_state import copy_into
 from models.taco.codec import codec_state, ensure_codec, load_codec
 from models.taco.train import CODEC, TacoSystem, build, evaluate, train_local
 
-__all__ = ["build", "shared_state", "load_shared_state", "load_data", "train_local",
+__all__ = ["build", "public_samples", "shared_state", "load_shared_state", "load_data", "train_local",
            "evaluate", "prepare", "initial_shared_state", "TRAIN_METRICS", "EVAL_METRICS",
            "SUMMARY", "PANELS"]
 
@@ -33,6 +33,11 @@ PANELS = (
     Panel("task switch: IoU of the requested class", ("switch_iou_after", "switch_iou_before")),
     Panel("codec fine-tuning MSE", ("codec_mse", "codec_context_mse")),
 )
+
+
+def public_samples(cfg: ExperimentConfig) -> int:
+    """The public split the server pre-trains on (models/seam.py PublicSplit)."""
+    return cfg.taco.codec.public_samples
 
 
 def prepare(cfg: ExperimentConfig) -> None:

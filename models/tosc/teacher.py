@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from common.config import ChannelConfig, ExperimentConfig, resolve_path
-from common.data.scenes import SyntheticScenes
+from common.data.tensor_dataset import TensorDictDataset
 from common.seeding import seeded
 from models import pretrained
 from models.tosc.losses import information_bottleneck_kl
@@ -52,9 +52,10 @@ def teacher_path(cfg: ExperimentConfig) -> Path:
     return resolve_path(cfg.distill.teacher.checkpoint)
 
 
-def public_split(cfg: ExperimentConfig) -> SyntheticScenes:
+def public_split(cfg: ExperimentConfig) -> TensorDictDataset:
     """The teacher's training data: scenes past the clients' range, so no client owns them."""
-    return pretrained.public_split(cfg.data, cfg.distill.teacher.public_samples)
+    return pretrained.public_split(cfg.data, cfg.distill.teacher.public_samples,
+                                   "distill.teacher.public_samples")
 
 
 def build_teacher(cfg: ExperimentConfig) -> TOSCModel:

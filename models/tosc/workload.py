@@ -15,7 +15,7 @@ from models.tosc.model import HEAD, TOSCModel, build
 from models.tosc.teacher import ensure_teacher
 from models.tosc.train import class_logits, evaluate, train_local
 
-__all__ = ["build", "shared_state", "load_shared_state", "load_data", "train_local",
+__all__ = ["build", "public_samples", "shared_state", "load_shared_state", "load_data", "train_local",
            "evaluate", "class_logits", "prepare", "TRAIN_METRICS", "EVAL_METRICS", "SUMMARY",
            "PANELS"]
 
@@ -25,6 +25,11 @@ TRAIN_METRICS = ("symbols_per_example", "loss_task", "loss_ib", "loss_kd", "loss
 EVAL_METRICS = ("accuracy", "majority_class_share")
 SUMMARY = {"accuracy": "acc {:.3f}"}
 PANELS = (Panel("accuracy", ("accuracy",), reference=("majority_class_share",)),)
+
+
+def public_samples(cfg: ExperimentConfig) -> int:
+    """The public split the server pre-trains on (models/seam.py PublicSplit)."""
+    return cfg.distill.teacher.public_samples
 
 
 def prepare(cfg: ExperimentConfig) -> None:
