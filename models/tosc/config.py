@@ -49,9 +49,6 @@ def check(cfg: ExperimentConfig) -> None:
     need(cfg.strategy.name in STRATEGIES, "strategy.name", cfg.strategy.name,
          f"{' or '.join(repr(n) for n in STRATEGIES)} for workload 'tosc' (it shares "
          "student weights)")
-    need(cfg.data.name == "synthetic", "data.name", cfg.data.name,
-         "'synthetic' for workload 'tosc' (the teacher's public split is drawn from "
-         "synthetic scenes that no client owns)")
     need(dc.beta >= 0, "distill.beta", dc.beta, ">= 0")
     need(dc.temperature > 0, "distill.temperature", dc.temperature, "> 0")
     for key in ("task_weight", "kd_weight", "feature_weight"):
