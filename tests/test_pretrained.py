@@ -3,7 +3,6 @@ settings, of another kind or not ours refused with the fix; atomic writes; and t
 public split that the tosc teacher, the taco codec and the diffusion DDPM share.
 Tiny dummy payloads stand in for the weights: nothing here trains a model."""
 
-import dataclasses
 import os
 
 import pytest
@@ -217,12 +216,11 @@ def test_the_public_split_lies_past_every_clients_range():
 
 
 def test_a_real_sources_public_split_is_disjoint_from_the_clients_and_checked_for_room():
-    cfg = load_config("configs/distill_quickstart.yaml",
-                      ["num_clients=3", "data.name=digits", "data.num_samples=1500",
-                       "data.image_size=16", "data.partitioner=iid"])
-    public = tosc_teacher.public_split(dataclasses.replace(
-        cfg, distill=dataclasses.replace(cfg.distill, teacher=dataclasses.replace(
-            cfg.distill.teacher, public_samples=200))))
+    digits = ["num_clients=3", "data.name=digits", "data.num_samples=1500",
+              "data.image_size=16", "data.partitioner=iid"]
+    cfg = load_config("configs/distill_quickstart.yaml", digits)
+    public = tosc_teacher.public_split(load_config(
+        "configs/distill_quickstart.yaml", [*digits, "distill.teacher.public_samples=200"]))
     owned = set()
     for cid in range(cfg.num_clients):
         for part in load_partition(cfg.data, cid, cfg.num_clients):
