@@ -2,11 +2,12 @@
 TensorBoard and/or MLflow, as the config's `tracking` list names them (empty: off).
 
 TensorBoard writes event files to `<run_dir>/tensorboard/`: the config as text, every
-numeric metric of a round's row with the round as step. MLflow logs one MLflow run per
+numeric metric of a round's row and of each client's reply with the round as step, and
+at the end the config as hyperparameters with the last round's metrics. MLflow logs one MLflow run per
 run, in the experiment named after the config's `name`, to `tracking_uri`, by default
 `sqlite:///<output_dir>/mlflow.db` (one store for every run of that output folder, its
 artefacts in `<output_dir>/mlartifacts/`): the config as params (dotted keys), the same
-metrics by round, result files as artefacts, and FINISHED or FAILED at the end. Both
+metrics by round (each client's as `clients/<node id>/<train|evaluate>/<metric>`), result files as artefacts, and FINISHED or FAILED at the end. Both
 packages load only when a tracker opens, so a config check never imports them.
 """
 
@@ -49,6 +50,7 @@ class Tracker:
         self.writer = None  # TensorBoard's SummaryWriter
         self.client, self.run_id = None, None  # MLflow's
         params = flatten(config) if names else {}
+        self.params, self.last_row = params, None
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -88,7 +90,18 @@ class Tracker:
 
     def log_round(self, rnd: int, row: dict[str, Any]) -> None:
         """Every numeric metric of the round's row, at step `rnd`."""
-        values = numeric(row)
+        self._log(rnd, numeric(row))
+        self.last_row = row
+
+    def log_clients(self, rnd: int, kind: str, clients: dict[str, dict[str, Any]]) -> None:
+        """Each client's own metrics of round `rnd` (`kind`: train or evaluate), as
+        `clients/<node id>/<kind>/<metric>`: what the server received before aggregating."""
+        self._log(rnd, {f"clients/{cid}/{kind}/{k}": v for cid, metrics in clients.items()
+                        for k, v in numeric(metrics).items()})
+
+    def _log(self, rnd: int, values: dict[str, float]) -> None:
+        if not values:
+            return
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, global_step=rnd)
@@ -106,8 +119,12 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path))
 
     def close(self, status: str = "FINISHED") -> None:
-        """End the run: FINISHED, or FAILED for one that stopped half-way."""
+        """End the run: FINISHED, or FAILED for one that stopped half-way. TensorBoard
+        also gets the config as hyperparameters beside the last round's metrics (its
+        HParams tab compares runs by them)."""
         if self.writer is not None:
+            if self.last_row is not None:
+                self.writer.add_hparams(self.params, numeric(self.last_row), run_name="hparams")
             self.writer.close()
             self.writer = None
         if self.client is not None:

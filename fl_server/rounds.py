@@ -44,6 +44,15 @@ from privacy.dp import PANELS as DP_PANELS
 log = logging.getLogger("fedsemcom")
 
 
+
+def client_metrics(replies) -> dict[str, dict[str, float]]:
+    """Each answering client's metrics record, by its node id (for the trackers)."""
+    out = {}
+    for reply in replies:
+        if not reply.has_error() and "metrics" in reply.content.metric_records:
+            out[str(reply.metadata.src_node_id)] = dict(reply.content.metric_records["metrics"])
+    return out
+
 def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None,
                   console: Console | None = None, resume: bool = False) -> dict[str, Any]:
     """Run `cfg.rounds` federated rounds; return the results dict.
@@ -97,6 +106,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                                                     cfg.round_timeout_s)
                     answered = sum(not r.has_error() for r in replies)  # errors never count
                     n_replies = len(replies)
+                    records.tracker.log_clients(rnd, "train", client_metrics(replies))
                     if answered >= cfg.min_train_clients:
                         new_arrays, train_metrics = strategy.aggregate_train(
                             rnd, canonical_order(replies))
@@ -116,6 +126,7 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                     eval_replies, _ = _log_missing(rnd, "evaluate", messages, sent_to,
                                                    eval_replies, cfg.round_timeout_s)
                     eval_metrics = strategy.aggregate_evaluate(rnd, canonical_order(eval_replies))
+                    records.tracker.log_clients(rnd, "evaluate", client_metrics(eval_replies))
                 row = round_row(workload, rnd, train_metrics, eval_metrics, n_replies,
                                 time.time() - t0)
                 row["clients_missing"] = len(missing)

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_a_run_logs_every_round_to_tensorboard_and_mlflow(flower_message_context, tmp_path):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     cfg = load_config(QUICKSTART, [
@@ -41,6 +42,17 @@ def test_a_run_logs_every_round_to_tensorboard_and_mlflow(flower_message_context
     for key in ("accuracy", "train_loss"):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted((m.step, m.value) for m in history) == [(r["round"], r[key]) for r in rows]
+    # Each client's own metrics, by node id, every round: the train losses the server
+    # averaged (weighted by examples) into the round's train_loss.
+    client_keys = [k for k in run.data.metrics if k.startswith("clients/")]
+    train_keys = sorted(k for k in client_keys if k.endswith("/train/train_loss"))
+    eval_keys = sorted(k for k in client_keys if k.endswith("/evaluate/accuracy"))
+    assert len(train_keys) == len(eval_keys) == 3
+    for rnd in (1, 2):
+        losses = [next(m.value for m in client.get_metric_history(run.info.run_id, k)
+                       if m.step == rnd) for k in train_keys]
+        row = rows[rnd - 1]
+        assert min(losses) <= row["train_loss"] <= max(losses)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "metrics.png"} <= artifacts
     local = client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path / "dl"))
@@ -53,6 +65,13 @@ def test_a_run_logs_every_round_to_tensorboard_and_mlflow(flower_message_context
         assert [(s.step, pytest.approx(s.value)) for s in scalars] == [
             (r["round"], r[key]) for r in rows]
     assert "config/text_summary" in events.Tags()["tensors"]  # the config, as text
+    assert len([t for t in events.Tags()["scalars"] if t.startswith("clients/")]) >= 6
+    hparams = EventAccumulator(str(run_dir / "tensorboard" / "hparams"))
+    hparams.Reload()  # the HParams plugin's summary and the last round's metrics
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        hparams.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["lora.rank"].string_value == "8"
+    assert hparams.Scalars("accuracy")[0].value == pytest.approx(rows[-1]["accuracy"])
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # tracking_uri was used
 
 
