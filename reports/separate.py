@@ -32,10 +32,11 @@ What each workload measures (the same heads score both systems):
   accuracy, the share of pixels segmented right) and PSNR / SSIM. Its phase-1 map and
   phase-3 edges each cross the same link as one transport block
   (models/diffusion/link.py `DigitalLink`); a lost phase-1 map counts as "lost".
-MS-SSIM needs images of at least 161 pixels a side for its five scales, so smaller
-images report SSIM. LPIPS (torchmetrics, AlexNet) is scored when torchvision's ImageNet
-AlexNet weights are already in torch's hub cache; nothing is downloaded, and without
-them report.json says where the file would go.
+MS-SSIM needs images of at least 176 pixels a side for its five scales, so smaller
+images report SSIM and "ms_ssim_3": MS-SSIM over its first three scales with a
+7-pixel window (at least 28 pixels a side). LPIPS (torchmetrics, AlexNet) is scored
+when torchvision's ImageNet AlexNet weights are already in torch's hub cache; nothing is
+downloaded, and without them report.json says where the file would go.
 """
 
 from __future__ import annotations
@@ -65,7 +66,12 @@ from reports.runs import RunFolderError, finished_run, restore_client, simulatio
 
 SNRS = [-5.0, -2.5, 0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5, 20.0]
 WORKLOADS = ("mtsc", "tosc", "taco", "diffusion")
-MS_SSIM_MIN_SIZE = 161  # (11 - 1) * 2^4 + 1: the 11-pixel window at the fifth scale
+MS_SSIM_MIN_SIZE = 176  # 11 * 2^4: the 11-pixel window still fits at the fifth scale
+# Smaller images get MS-SSIM over its first three scales with a 7-pixel window, the
+# standard exponents of those scales renormalised to sum to 1 (reported as "ms_ssim_3"):
+# 7 * 2^2 = 28 pixels a side at least (torchmetrics checks both sizes).
+MS_SSIM_3_BETAS = tuple(b / (0.0448 + 0.2856 + 0.3001) for b in (0.0448, 0.2856, 0.3001))
+MS_SSIM_3_MIN_SIZE = 28
 LPIPS_MIN_SIZE = 32  # AlexNet's strides and pools leave nothing of a smaller image
 NOISELESS = ChannelConfig(model="none")
 TOP_SNR_DB = 20.0  # the SNR the semantic link is told when it carries a received image
@@ -102,6 +108,10 @@ def image_quality(images: Tensor, reference: Tensor) -> dict[str, Tensor]:
     else:
         out["ssim"] = structural_similarity_index_measure(images, reference, data_range=1.0,
                                                           reduction="none")
+        if images.shape[-1] >= MS_SSIM_3_MIN_SIZE:
+            out["ms_ssim_3"] = multiscale_structural_similarity_index_measure(
+                images, reference, data_range=1.0, kernel_size=7, betas=MS_SSIM_3_BETAS,
+                reduction="none")
     lpips = _lpips()
     if lpips is not None and images.shape[-1] >= LPIPS_MIN_SIZE:
         out["lpips"] = torch.stack([lpips(a[None].cpu(), b[None].cpu()).detach()

@@ -4,6 +4,7 @@ uses, on a client restored from a finished run."""
 import json
 
 import pytest
+import torch
 from test_server_rounds import LoopbackGrid
 
 from common.config import config_from_dict
@@ -117,3 +118,17 @@ def test_lpips_is_scored_only_where_its_backbone_weights_are_at_hand(monkeypatch
         assert (other > same).all()
     finally:
         report._lpips.cache_clear()
+
+
+def test_small_images_get_ssim_and_a_three_scale_ms_ssim_large_ones_the_full_one():
+    from reports.separate import image_quality
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 32, 32, generator=g)
+    small, noisy = image_quality(x, x), image_quality(
+        (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1), x)
+    assert set(small) >= {"psnr", "ssim", "ms_ssim_3"} and "ms_ssim" not in small
+    assert torch.allclose(small["ms_ssim_3"], torch.ones(6))
+    assert (noisy["ms_ssim_3"] < 0.99).all() and (noisy["ssim"] < 0.99).all()
+    big = image_quality(torch.rand(1, 3, 176, 176, generator=g), torch.rand(1, 3, 176, 176))
+    assert "ms_ssim" in big and "ms_ssim_3" not in big
