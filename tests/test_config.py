@@ -35,7 +35,7 @@ def test_overrides_apply_dotted_keys_with_yaml_values():
     ("data.alpha=-1", ["'data.alpha'", "-1", "> 0"]),
     ("model.tasks=[translation]", ["'model.tasks'", "translation", "captioning"]),
     ("lora.client_ranks=[4,8]", ["'lora.client_ranks'", "svd_lora"]),
-    ("data.name=cifar10", ["'model.tasks'", "cifar10"]),
+    ("data.name=cifar10", ["'data.root'", "cifar10", "nothing is downloaded"]),
     ("fraction_train=1.5", ["'fraction_train'", "1.5"]),
     ("device=tpu", ["'device'", "'tpu'", "cuda"]),
 ])
@@ -44,6 +44,13 @@ def test_bad_values_name_the_key_the_value_and_the_fix(override, words):
         load_config(QUICKSTART, [override])
     for w in words:
         assert w in str(err.value)
+
+
+def test_text_tasks_are_allowed_on_any_source():
+    """Whether a source has captions, questions and answers is the data layer's to say,
+    when it is read (models/mtsc/model.py, data_needs), not the config's."""
+    cfg = load_config(QUICKSTART, ["data.name=photos"])
+    assert {"vqa", "captioning"} <= set(cfg.model.tasks)
 
 
 def test_missing_and_malformed_files(tmp_path):

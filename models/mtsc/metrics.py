@@ -9,7 +9,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.functional.text import bleu_score
 
 from common.config import ExperimentConfig
-from common.data.scenes import decode_tokens
+from common.data import text_vocab
 from common.records import Panel
 from models.mtsc.model import Q_CAP, Q_CLS, Q_VQA, TaskDecoders
 
@@ -32,11 +32,14 @@ class TaskScorer:
 
     accuracy (classification), vqa_accuracy, bleu (BLEU-4, smoothed, greedy captions),
     psnr (dB, images in [0, 1]) and majority_class_share: the accuracy a constant
-    guess of the most common local test label would get, to read accuracy against.
+    guess of the most common local test label would get, to read accuracy against
+    (only where the source has labels). Captions are decoded with the source's
+    vocabulary (`text_vocab`).
     """
 
     def __init__(self, cfg: ExperimentConfig):
         self.tasks, self.weights = cfg.model.tasks, cfg.train.loss_weights
+        self.vocab = text_vocab(cfg.data)
         self.n, self.loss, self.correct, self.vqa_correct, self.psnr = 0, 0.0, 0, 0, 0.0
         self.hyps: list[str] = []
         self.refs: list[list[str]] = []
@@ -47,7 +50,8 @@ class TaskScorer:
         losses = heads.losses(h, batch)
         self.loss += sum(self.weights.get(t, 1.0) * v for t, v in losses.items()).item() * n
         self.n += n
-        self.labels.append(batch["label"].cpu())
+        if "label" in batch:
+            self.labels.append(batch["label"].cpu())
         if "classification" in self.tasks:
             pred = heads.classification(h[:, Q_CLS]).argmax(-1)
             self.correct += (pred == batch["label"]).sum().item()
@@ -55,17 +59,18 @@ class TaskScorer:
             self.vqa_correct += (heads.vqa(h[:, Q_VQA]).argmax(-1) == batch["answer"]).sum().item()
         if "captioning" in self.tasks:
             gen = heads.captioning.generate(h[:, Q_CAP], batch["caption"].shape[1])
-            self.hyps += [decode_tokens(g.tolist()) for g in gen]
-            self.refs += [[decode_tokens(c.tolist())] for c in batch["caption"]]
+            self.hyps += [self.vocab.decode(g.tolist()) for g in gen]
+            self.refs += [[self.vocab.decode(c.tolist())] for c in batch["caption"]]
         if "reconstruction" in self.tasks:
             rec = heads.reconstruct(h).clamp(0.0, 1.0)
             self.psnr += peak_signal_noise_ratio(rec, batch["image"], data_range=1.0,
                                                  reduction="sum", dim=(1, 2, 3)).item()
 
     def result(self) -> dict[str, float]:
-        counts = torch.bincount(torch.cat(self.labels))
-        out = {"loss": self.loss / self.n, "num-examples": self.n,
-               "majority_class_share": counts.max().item() / self.n}
+        out = {"loss": self.loss / self.n, "num-examples": self.n}
+        if self.labels:
+            counts = torch.bincount(torch.cat(self.labels))
+            out["majority_class_share"] = counts.max().item() / self.n
         if "classification" in self.tasks:
             out["accuracy"] = self.correct / self.n
         if "vqa" in self.tasks:

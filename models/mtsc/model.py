@@ -25,14 +25,24 @@ from torch import Tensor, nn
 from transformers import BartConfig, BartModel
 
 from common.config import ExperimentConfig
-from common.data import num_classes
-from common.data.scenes import ANSWERS, BOS_ID, EOS_ID, PAD_ID, QUESTION_LEN, VOCAB
+from common.data import num_classes, require, source_keys, text_vocab
+from common.data.scenes import BOS_ID, EOS_ID, PAD_ID
 from common.seeding import seeded
 from models.channel import WirelessChannel
 from models.jscc import JSCCDecoder, JSCCEncoder, JSCCOutput, sent_positions
 
 # Decoder query layout: one query per scalar task, one per reconstructed image patch.
 Q_CLS, Q_VQA, Q_CAP, Q_REC = 0, 1, 2, 3
+
+# What each task needs from the data source besides the image (reconstruction: nothing).
+TASK_NEEDS = {"classification": ("label",), "vqa": ("question", "answer"),
+              "captioning": ("caption",)}
+
+
+def data_needs(cfg: ExperimentConfig) -> dict[str, str]:
+    """{annotation: task} for the configured tasks, for `load_partition(needs=...)`: a
+    source that lacks one fails naming the task, the column and how to add it."""
+    return {key: task for task in cfg.model.tasks for key in TASK_NEEDS.get(task, ())}
 
 
 # ----------------------------------------------------------------------------- LAM
@@ -50,8 +60,9 @@ def build_lam(cfg: ExperimentConfig) -> BartModel:
             )
         return BartModel.from_pretrained(path, local_files_only=True)
     n_patches = (cfg.data.image_size // m.patch_size) ** 2
+    vocab = text_vocab(cfg.data)
     bart_cfg = BartConfig(
-        vocab_size=len(VOCAB),
+        vocab_size=len(vocab.words),
         d_model=m.d_model,
         encoder_layers=m.layers,
         decoder_layers=m.layers,
@@ -59,7 +70,7 @@ def build_lam(cfg: ExperimentConfig) -> BartModel:
         decoder_attention_heads=m.heads,
         encoder_ffn_dim=m.ffn_dim,
         decoder_ffn_dim=m.ffn_dim,
-        max_position_embeddings=max(64, n_patches + QUESTION_LEN + 8),
+        max_position_embeddings=max(64, n_patches + vocab.question_len + 8),
         dropout=0.0,
         attention_dropout=0.0,
         activation_dropout=0.0,
@@ -107,7 +118,8 @@ class Transmitter(nn.Module):
         super().__init__()
         n_patches = (cfg.data.image_size // cfg.model.patch_size) ** 2
         self.image_encoder = PatchEncoder(d_model, cfg.model.patch_size, n_patches)
-        self.text_embedding = nn.Embedding(len(VOCAB), d_model, padding_idx=PAD_ID)
+        self.text_embedding = nn.Embedding(len(text_vocab(cfg.data).words), d_model,
+                                           padding_idx=PAD_ID)
         self.modality = nn.Embedding(2, d_model)  # 0 = image token, 1 = text token
         self.lam_encoder = lam_encoder
         self.jscc_encoder = JSCCEncoder(
@@ -148,14 +160,15 @@ class Receiver(nn.Module):
 
 
 class CaptionDecoder(nn.Module):
-    """A GRU language model conditioned on the caption query's state (teacher forcing)."""
+    """A GRU language model conditioned on the caption query's state (teacher forcing),
+    over the `vocab_size` words of the source's vocabulary (common/data/text.py)."""
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, vocab_size: int):
         super().__init__()
-        self.embed = nn.Embedding(len(VOCAB), d_model, padding_idx=PAD_ID)
+        self.embed = nn.Embedding(vocab_size, d_model, padding_idx=PAD_ID)
         self.init = nn.Linear(d_model, d_model)
         self.gru = nn.GRU(2 * d_model, d_model, batch_first=True)
-        self.out = nn.Linear(d_model, len(VOCAB))
+        self.out = nn.Linear(d_model, vocab_size)
 
     def forward(self, context: Tensor, tokens: Tensor) -> Tensor:
         x = self.embed(tokens)
@@ -179,16 +192,22 @@ class CaptionDecoder(nn.Module):
 
 
 class TaskDecoders(nn.Module):
-    """Client-private heads; they see labels and never leave the client."""
+    """Client-private heads; they see labels and never leave the client.
+
+    Every head is built whichever tasks are on (so a model's shapes and seeded values do
+    not depend on model.tasks); one whose annotation the source lacks gets a single
+    output, and its task is refused (`data_needs`) before it could be used."""
 
     def __init__(self, cfg: ExperimentConfig, d_model: int):
         super().__init__()
         p = cfg.model.patch_size
         self.tasks = list(cfg.model.tasks)
         self.patch, self.side = p, cfg.data.image_size // p
-        self.classification = nn.Linear(d_model, num_classes(cfg.data))
-        self.vqa = nn.Linear(d_model, len(ANSWERS))
-        self.captioning = CaptionDecoder(d_model)
+        vocab = text_vocab(cfg.data)
+        has_labels = "label" in source_keys(cfg.data)
+        self.classification = nn.Linear(d_model, num_classes(cfg.data) if has_labels else 1)
+        self.vqa = nn.Linear(d_model, max(len(vocab.answers), 1))
+        self.captioning = CaptionDecoder(d_model, len(vocab.words))
         self.reconstruction = nn.Sequential(
             nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, 3 * p * p)
         )
@@ -250,7 +269,10 @@ class MTSCModel(nn.Module):
 
 def build(cfg: ExperimentConfig, device: torch.device | str = "cpu",
           lora_rank: int | None = None) -> MTSCModel:
-    """The whole model: frozen LAM base + LoRA (shared seed) + private modules."""
+    """The whole model: frozen LAM base + LoRA (shared seed) + private modules. Fails
+    first when the data source lacks what a task needs (so the server, which builds
+    the model but reads no partition, refuses the run as a client would)."""
+    require(cfg.data, data_needs(cfg))
     lam = build_lam(cfg)
     lora = LoraConfig(
         r=lora_rank or cfg.lora.rank,

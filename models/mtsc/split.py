@@ -16,7 +16,7 @@ from common.data import load_partition
 from common.seeding import round_seed
 from models.channel import WirelessChannel, analog_transmission
 from models.jscc import prefix_mask
-from models.mtsc.model import Q_CLS, MTSCModel, Receiver, build, set_trainable
+from models.mtsc.model import Q_CLS, MTSCModel, Receiver, build, data_needs, set_trainable
 from models.split_wire import DOWNLINK, UPLINK, batch_plan, step_generator
 
 CLIENT_HALF = ("transmitter.", "task_decoders.")
@@ -51,7 +51,8 @@ def end_to_end_steps(cfg, partition_id: int, num_partitions: int, rnd: int, step
     set_trainable(model, "ab")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                             lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    train_ds, _ = load_partition(cfg.data, partition_id, num_partitions, cfg.model.caption_len)
+    train_ds, _ = load_partition(cfg.data, partition_id, num_partitions, cfg.model.caption_len,
+                                 needs=data_needs(cfg))
     plan = batch_plan(len(train_ds), cfg.train.batch_size, steps,
                       round_seed(cfg.seed, rnd, partition_id))
     downlink = WirelessChannel(cfg.split.downlink)

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from common.config import ExperimentConfig
 from common.data import load_partition
 from models.mtsc.metrics import EVAL_METRICS, PANELS, SUMMARY, TRAIN_METRICS, TaskScorer
-from models.mtsc.model import MTSCModel, build, set_trainable
+from models.mtsc.model import MTSCModel, build, data_needs, set_trainable
 from models.mtsc.split import LABEL_ROW, client_parameters, server_forward, server_half
 from models.mtsc.train import autocast_dtype, class_logits, eval_batches, evaluate, train_local
 
@@ -34,8 +34,11 @@ def prepare(cfg: ExperimentConfig) -> None:
 
 def load_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int
               ) -> tuple[Dataset, Dataset]:
-    """The client's local (train, test) split, captions cut to `model.caption_len`."""
-    return load_partition(cfg.data, partition_id, num_partitions, cfg.model.caption_len)
+    """The client's local (train, test) split, captions cut to `model.caption_len`.
+    Fails, naming the task, the column and how to add it, when the source lacks what
+    one of `model.tasks` needs (labels, captions, questions and answers)."""
+    return load_partition(cfg.data, partition_id, num_partitions, cfg.model.caption_len,
+                          needs=data_needs(cfg))
 
 
 def _lora_modules(model: MTSCModel) -> dict[str, nn.Module]:
