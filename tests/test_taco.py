@@ -353,3 +353,6 @@ def test_bad_taco_settings_name_the_key():
         load_config("configs/taco_quickstart.yaml", ["data.image_size=24"])
     with pytest.raises(ConfigError, match="strategy.name"):
         load_config("configs/taco_quickstart.yaml", ["strategy.name=fedavg_lora"])
+    # Any labelled source (tests/test_user_data_workloads.py runs them).
+    assert load_config("configs/taco_quickstart.yaml",
+                       ["data.name=digits", "data.texture=flat"]).data.name == "digits"

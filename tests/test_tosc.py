@@ -184,6 +184,16 @@ def test_config_errors_name_the_key_and_the_fix():
         load_config("configs/distill_quickstart.yaml", ["distill.latent_dim=5"])
     with pytest.raises(ConfigError, match="distill.top_k"):
         load_config("configs/distill_quickstart.yaml", ["distill.top_k=9"])
+    # A real source's class count is checked once the source is read (check_source).
+    assert load_config("configs/distill_quickstart.yaml",
+                       ["data.name=digits", "distill.top_k=9"]).distill.top_k == 9
+
+
+def test_the_config_checks_synthetic_class_count_is_the_scenes():
+    from common.data.scenes import CLASSES
+    from models.tosc.config import SYNTHETIC_CLASSES
+
+    assert SYNTHETIC_CLASSES == len(CLASSES)
     with pytest.raises(ConfigError, match="proximal_mu.*fedprox"):
         load_config("configs/distill_quickstart.yaml", ["strategy.proximal_mu=0.1"])
     with pytest.raises(ConfigError, match="strategy.name.*workload 'mtsc'"):

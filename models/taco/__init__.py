@@ -3,8 +3,10 @@ and Context Embedding" (arXiv 2505.10834), as a client-side pipeline in the fede
 
     config.py    its config section `taco:` (with `codec:` and `link:`) and checks
     codec.py     the VQ autoencoder (diffusers VQModel, 4x), its VQ loss, S_4 / U_4,
-                 its central pre-training on public scenes (models/pretrained.py)
-    task.py      the client's task models (classifier, segmenter) and the GradCAM mask
+                 its central pre-training on the source's public split
+                 (models/pretrained.py)
+    task.py      the client's task models (classifier, segmenter) and the GradCAM mask,
+                 what the task switch segments (none without masks)
     payload.py   the payload (p, mask, context and task indices) as bits, and the
                  Flower message that carries it
     pipeline.py  transmitter (LSF), receiver (Eq. 7 fusion), task switching

@@ -2,9 +2,9 @@
 
 TACO (Sec. III-A) codes an image x as z = Q(E(x)), one codebook index per 4x4 pixel
 block, and its context as z_c = Q(E(S_4(x))), the same codec applied to x downsampled
-4x. The codec is pre-trained centrally on public scenes that no client owns (scenes
-num_samples .. num_samples + public_samples - 1, as tosc's teacher) on both scales, and
-written to `taco.codec.checkpoint` by the server; the federation fine-tunes it.
+4x. The codec is pre-trained centrally on the source's public split, examples that no
+client owns (those after the clients', as tosc's teacher: common/data), on both scales,
+and written to `taco.codec.checkpoint` by the server; the federation fine-tunes it.
 
 Quantisation and the VQ loss are written here rather than taken from diffusers'
 `VectorQuantizer`: with `legacy=True` (VQModel's default) it puts the commitment weight
@@ -142,7 +142,8 @@ def codec_path(cfg: ExperimentConfig) -> Path:
 
 
 def public_split(cfg: ExperimentConfig) -> TensorDictDataset:
-    """Scenes past the clients' range: no client owns them."""
+    """The source's public split (the examples after the clients'): no client owns
+    them; too small a source is refused with the fix."""
     return pretrained.public_split(cfg.data, cfg.taco.codec.public_samples,
                                    "taco.codec.public_samples")
 

@@ -13,13 +13,17 @@ PAPER_RATES = [0, 10, 20, 30, 50, 70, 90, 100]
 # (tests/test_taco.py holds the two equal).
 MCS_ROWS = 8
 LINK_CHANNELS = tuple(m for m in CHANNEL_MODELS if m != "none")
+# What taco needs of its source, {annotation: task} (common.data.require). Segmentation
+# masks are optional: without them the task switch is off (models/taco/task.py).
+NEEDS = {"label": "classification"}
 
 
 @dataclass
 class CodecConfig:
     """The shared VQ autoencoder (diffusers VQModel, 4x spatial downsampling). It is
-    pre-trained centrally on public scenes no client owns (indices from num_samples on)
-    and written to `checkpoint`; the federation then fine-tunes it (FedAvg)."""
+    pre-trained centrally on the source's public split, the examples after the clients'
+    that no client owns (common/data), and written to `checkpoint`; the federation then
+    fine-tunes it (FedAvg)."""
 
     checkpoint: str = "runs/taco/codec.pt"  # server-side file; made when missing
     seed: int = 0
@@ -68,6 +72,7 @@ class TacoConfig:
     fixed_rate: int = 30  # the "fixed p without LSF" baseline (the paper's 30 %)
     # Task switching: the receiver requests the latent positions of the object it now
     # segments (predicted class pixels or pixels less confident than this), one cell wider.
+    # It needs segmentation masks; a source without them runs with the switch off.
     switch_confidence: float = 0.9
     eval_images: int | None = None  # evaluate on at most this many test images per client
 
@@ -82,9 +87,6 @@ def check(cfg: ExperimentConfig) -> None:
     need(cfg.strategy.name in STRATEGIES, "strategy.name", cfg.strategy.name,
          f"{' or '.join(repr(n) for n in STRATEGIES)} for workload 'taco' (it shares the "
          "codec's weights)")
-    need(cfg.data.name == "synthetic", "data.name", cfg.data.name,
-         "'synthetic' for workload 'taco' (the codec's public split and the task "
-         "switch's segmentation maps come from the synthetic scenes)")
     need(cfg.data.image_size % 16 == 0, "data.image_size", cfg.data.image_size,
          "a multiple of 16 for workload 'taco' (4x latents of a 4x-downsampled context)")
     need(cfg.privacy.dp.mode == "off", "privacy.dp.mode", cfg.privacy.dp.mode,
@@ -119,3 +121,12 @@ def check(cfg: ExperimentConfig) -> None:
     need(bool(link.channels) and all(k in LINK_CHANNELS for k in link.channels),
          "taco.link.channels", link.channels,
          "a non-empty list of " + ", ".join(repr(m) for m in LINK_CHANNELS))
+
+
+def check_source(cfg: ExperimentConfig) -> None:
+    """The checks that need the source read: run by the server before the codec trains
+    and by a client before it loads its share. Labels are needed (the classifier, LSF,
+    GradCAM); masks are not (without them the task switch is off, models/taco/task.py)."""
+    from common import data  # torch: not at config time
+
+    data.require(cfg.data, NEEDS)

@@ -14,7 +14,8 @@ on both sides, so that no batch-size-dependent kernel choice can tell them apart
 
 Task switching (Sec. IV-C): the receiver segments x_hat for a requested class, asks
 for the latent positions it needs, and the transmitter answers with the indices of
-the requested positions it has not sent before.
+the requested positions it has not sent before (on a source with segmentation masks:
+models/taco/task.py switch_mode).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from models.taco.payload import (
     payload_message,
     serialise,
 )
-from models.taco.task import Segmenter, TaskClassifier, top_mask
+from models.taco.task import Segmenter, TaskClassifier, segment, top_mask
 
 
 def fuse(z_u: Tensor, mask: Tensor, task_indices: Tensor) -> Tensor:
@@ -167,12 +168,13 @@ class Transmitter:
 
 @torch.no_grad()
 def switch_request(segmenter: Segmenter, x_hat: Tensor, requested_class: int,
-                   confidence: float) -> Tensor:
+                   confidence: float, foreground: bool = False) -> Tensor:
     """The receiver's request for a new task: the latent positions [H, W] of pixels the
-    segmenter gives to `requested_class` or is less than `confidence` sure of, widened
-    by one position (the object's border lives in the next block)."""
+    segmenter gives to `requested_class` (with `foreground`: to any non-background
+    class, models/taco/task.py switch_mode) or is less than `confidence` sure of,
+    widened by one position (the object's border lives in the next block)."""
     probs = segmenter(x_hat).softmax(1)[0]
     top, label = probs.max(0)
-    pixels = ((label == requested_class + 1) | (top < confidence)).float()
+    pixels = (segment(label, requested_class, foreground) | (top < confidence)).float()
     cells = F.max_pool2d(pixels[None, None], DOWNSAMPLE)
     return F.max_pool2d(cells, 3, stride=1, padding=1)[0, 0].bool()

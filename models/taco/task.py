@@ -4,15 +4,76 @@ The classifier is the downstream model of the first task (the transmitter runs i
 GradCAM and LSF, the receiver on x_hat); the segmenter is the second task a receiver
 switches to (Sec. IV-C: a new task after a classification-optimised transmission).
 Both are private: they are trained on the client's labels and never leave it.
+
+The task switch needs segmentation masks twice: to train the segmenter, whose output
+is what the receiver requests positions by, and as the truth its IoU is scored
+against. Nothing else a labelled source has stands in for them: GradCAM of the
+classifier is the first task's own mask, the one the transmitter already sent by, so
+a "segmenter" trained on it would only ask for what LSF judged unneeded, and score
+itself against itself. A source without masks therefore runs with the switch off
+(`switch_mode`, logged once): no segmenter, no switch metrics.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common import data
+from common.config import DataConfig
 from models.taco.codec import DOWNSAMPLE
+
+log = logging.getLogger("fedsemcom")
+
+# What the task switch segments (`switch_mode`).
+SWITCH_CLASS = "class"  # the class the receiver predicted: mask id = label + 1
+SWITCH_FOREGROUND = "foreground"  # every object: mask ids 1 .. seg_classes - 1
+_logged: set[tuple[str, str]] = set()  # (source, message): what was logged in this process
+
+
+def switch_mode(data_cfg: DataConfig) -> str | None:
+    """What the task switch segments on this source, from what it annotates:
+
+    SWITCH_CLASS       the masks have one class more than the labels (background 0, then
+                       label + 1, as the synthetic scenes): the predicted class's pixels
+    SWITCH_FOREGROUND  masks whose classes are not the labels' (say background /
+                       object): every non-background pixel
+    None               no masks: the switch is off (module docstring)
+
+    The choice is logged once per source when it is not SWITCH_CLASS."""
+    if "segmentation" not in data.source_keys(data_cfg):
+        try:
+            data.require(data_cfg, {"segmentation": "task switch"})
+        except data.DataError as err:  # always, without masks: its text says how to add them
+            _log_once(data_cfg, f"taco: {err}. This run has the task switch off: no "
+                                "segmenter is trained, and switch_iou_before, "
+                                "switch_iou_after and switch_extra_kb are not measured")
+        return None
+    seg, classes = data.seg_classes(data_cfg), data.num_classes(data_cfg)
+    if seg == classes + 1:
+        return SWITCH_CLASS
+    _log_once(data_cfg, f"taco: data.name={data_cfg.name!r} has {classes} classes and masks "
+                        f"of {seg} (background included), so a mask id is not a label + 1: "
+                        "the task switch segments every non-background pixel instead of "
+                        "the predicted class")
+    return SWITCH_FOREGROUND
+
+
+def _log_once(data_cfg: DataConfig, message: str) -> None:
+    """Log once per process: every client builds a model for every message."""
+    key = (data.source_fingerprint(data_cfg), message)
+    if key not in _logged:
+        _logged.add(key)
+        log.warning(message)
+
+
+def segment(ids: Tensor, requested_class: int, foreground: bool = False) -> Tensor:
+    """The pixels of `ids` (mask ids) in the segment the switch asks for: the requested
+    class (id requested_class + 1), or with `foreground` every non-background id."""
+    return ids > 0 if foreground else ids == requested_class + 1
 
 
 def norm_layer(channels: int) -> nn.Module:
@@ -49,8 +110,9 @@ class TaskClassifier(nn.Module):
 
 
 class Segmenter(nn.Module):
-    """Per-pixel classes (0 = background, class + 1) at full resolution; dilated convs
-    see about 30 pixels, enough to tell the shapes apart."""
+    """Per-pixel classes (0 = background, then `classes` mask ids: class + 1 on the
+    synthetic scenes) at full resolution; dilated convs see about 30 pixels, enough to
+    tell the shapes apart."""
 
     def __init__(self, width: int, classes: int):
         super().__init__()

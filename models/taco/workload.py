@@ -12,6 +12,8 @@ from common.data import load_partition
 from common.records import Panel
 from models.shared_state import copy_into
 from models.taco.codec import codec_state, ensure_codec, load_codec
+from models.taco.config import NEEDS, check_source
+from models.taco.task import switch_mode
 from models.taco.train import CODEC, TacoSystem, build, evaluate, train_local
 
 __all__ = ["build", "public_samples", "shared_state", "load_shared_state", "load_data", "train_local",
@@ -41,7 +43,11 @@ def public_samples(cfg: ExperimentConfig) -> int:
 
 
 def prepare(cfg: ExperimentConfig) -> None:
-    """Run by the server before round 1: the codec pre-trained on public scenes."""
+    """Run by the server before round 1: the codec pre-trained on the source's public
+    split. A source without labels is refused first; one without masks is logged as
+    running with the task switch off."""
+    check_source(cfg)
+    switch_mode(cfg.data)
     ensure_codec(cfg)
 
 
@@ -52,7 +58,10 @@ def initial_shared_state(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
 
 def load_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int
               ) -> tuple[Dataset, Dataset]:
-    return load_partition(cfg.data, partition_id, num_partitions)
+    """The client's local (train, test) split of the source (labels needed; masks used
+    where it has them)."""
+    check_source(cfg)
+    return load_partition(cfg.data, partition_id, num_partitions, needs=NEEDS)
 
 
 def shared_state(model: TacoSystem, lora_train: str = "ab") -> dict[str, np.ndarray]:

@@ -6,17 +6,23 @@ from dataclasses import dataclass, field
 
 from common.config import WEIGHT_STRATEGIES, ExperimentConfig, need
 
+# What tosc needs of its source, {annotation: task} (common.data.require).
+NEEDS = {"label": "classification"}
+# len(common.data.scenes.CLASSES), written out so that a config check loads no torch
+# (tests/test_tosc.py holds the two equal).
+SYNTHETIC_CLASSES = 4
+
 
 @dataclass
 class TeacherConfig:
     """The tosc teacher: the TOSC system around a ResNet-18 encoder, trained centrally
-    on a public split of synthetic scenes that no client owns, saved to `checkpoint`."""
+    on a public split of the source that no client owns, saved to `checkpoint`."""
 
     checkpoint: str = "runs/teachers/teacher.pt"  # local file; trained and written when missing
     seed: int = 0  # the teacher's own seed: students of any `seed` can share one teacher
     latent_dim: int = 32  # real latent dims of the teacher's channel input
     hidden: int = 256  # width of the teacher's semantic decoder
-    public_samples: int = 2000  # scenes num_samples .. num_samples + public_samples - 1
+    public_samples: int = 2000  # examples after the clients' (common/data: the public split)
     epochs: int = 8
     batch_size: int = 64
     lr: float = 1e-3
@@ -53,8 +59,11 @@ def check(cfg: ExperimentConfig) -> None:
     need(dc.temperature > 0, "distill.temperature", dc.temperature, "> 0")
     for key in ("task_weight", "kd_weight", "feature_weight"):
         need(getattr(dc, key) >= 0, f"distill.{key}", getattr(dc, key), ">= 0")
-    need(1 <= dc.top_k <= 4, "distill.top_k", dc.top_k,
-         "1 .. 4 (the synthetic scenes have 4 classes)")
+    if cfg.data.name == "synthetic":
+        need(1 <= dc.top_k <= SYNTHETIC_CLASSES, "distill.top_k", dc.top_k,
+             f"1 .. {SYNTHETIC_CLASSES} (the synthetic scenes have {SYNTHETIC_CLASSES} classes)")
+    else:  # a real source's classes are known once it is read: check_source
+        need(dc.top_k >= 1, "distill.top_k", dc.top_k, ">= 1")
     need(dc.latent_dim >= 2 and dc.latent_dim % 2 == 0, "distill.latent_dim", dc.latent_dim,
          "an even integer >= 2 (two real dims make one complex channel symbol)")
     need(dc.width >= 1, "distill.width", dc.width, ">= 1")
@@ -68,3 +77,14 @@ def check(cfg: ExperimentConfig) -> None:
     need(t.lr > 0, "distill.teacher.lr", t.lr, "> 0")
     need(bool(t.checkpoint), "distill.teacher.checkpoint", t.checkpoint,
          "a local file path (it is trained and written there when missing)")
+
+
+def check_source(cfg: ExperimentConfig) -> None:
+    """The checks that need the source read (its annotations, its class count): run by
+    the server before the teacher trains and by a client before it loads its share."""
+    from common import data  # torch: not at config time
+
+    data.require(cfg.data, NEEDS)
+    classes = data.num_classes(cfg.data)
+    need(1 <= cfg.distill.top_k <= classes, "distill.top_k", cfg.distill.top_k,
+         f"1 .. {classes} (data.name={cfg.data.name!r} has {classes} classes)")

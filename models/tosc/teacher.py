@@ -1,7 +1,7 @@
 """The tosc teacher and its pre-stored outputs.
 
 The teacher is the TOSC system around a ResNet-18 semantic encoder, trained centrally
-on a public split of synthetic scenes that no client owns and cached in a local file
+on a public split of the source that no client owns and cached in a local file
 (`distill.teacher.checkpoint`, models/pretrained.py); an edge device receives that file
 once, like a pre-trained model. (Not the `mtsc` model at a larger size: its BART-style
 LAM does not learn the classification task within minutes of CPU training;
@@ -53,7 +53,8 @@ def teacher_path(cfg: ExperimentConfig) -> Path:
 
 
 def public_split(cfg: ExperimentConfig) -> TensorDictDataset:
-    """The teacher's training data: scenes past the clients' range, so no client owns them."""
+    """The teacher's training data: the source's public split (the examples after the
+    clients'), so no client owns them; too small a source is refused with the fix."""
     return pretrained.public_split(cfg.data, cfg.distill.teacher.public_samples,
                                    "distill.teacher.public_samples")
 
@@ -136,7 +137,7 @@ class TeacherOutputs:
     """Compressed teacher outputs of a dataset, row i for example i."""
 
     topk_values: np.ndarray  # float16 [N, k]: the k largest logits
-    topk_indices: np.ndarray  # uint8 [N, k]: their classes
+    topk_indices: np.ndarray  # uint8 [N, k]: their classes (int16 past 256 classes)
     features: np.ndarray  # float16 [N, D], or [N, 0] without feature matching
 
     @property
@@ -148,11 +149,12 @@ class TeacherOutputs:
 def compute_teacher_outputs(teacher: TOSCModel, data: Dataset, cfg: ExperimentConfig
                             ) -> TeacherOutputs:
     values, indices, features = [], [], []
+    index_dtype = torch.uint8 if teacher.head.out_features <= 256 else torch.int16
     for batch in DataLoader(data, batch_size=256):
         logits, h = teacher_logits_features(teacher, batch["image"], cfg.channel)
         top = logits.topk(cfg.distill.top_k, dim=-1)
         values.append(top.values.half())
-        indices.append(top.indices.to(torch.uint8))
+        indices.append(top.indices.to(index_dtype))
         features.append(h.half() if cfg.distill.feature_weight > 0 else h[:, :0].half())
     return TeacherOutputs(*(torch.cat(x).numpy() for x in (values, indices, features)))
 

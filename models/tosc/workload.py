@@ -11,6 +11,7 @@ from common.config import ExperimentConfig
 from common.data import load_partition
 from common.records import Panel
 from models.shared_state import copy_into
+from models.tosc.config import NEEDS, check_source
 from models.tosc.model import HEAD, TOSCModel, build
 from models.tosc.teacher import ensure_teacher
 from models.tosc.train import class_logits, evaluate, train_local
@@ -33,14 +34,17 @@ def public_samples(cfg: ExperimentConfig) -> int:
 
 
 def prepare(cfg: ExperimentConfig) -> None:
-    """Run by the server before round 1: the clients need the teacher file."""
+    """Run by the server before round 1: the clients need the teacher file. A source
+    without labels, or with fewer classes than distill.top_k, is refused first."""
+    check_source(cfg)
     ensure_teacher(cfg)
 
 
 def load_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int
               ) -> tuple[Dataset, Dataset]:
-    """The client's local (train, test) split of the synthetic scenes."""
-    return load_partition(cfg.data, partition_id, num_partitions)
+    """The client's local (train, test) split of the source (labels needed)."""
+    check_source(cfg)
+    return load_partition(cfg.data, partition_id, num_partitions, needs=NEEDS)
 
 
 def shared_state(model: TOSCModel, lora_train: str = "ab") -> dict[str, np.ndarray]:
