@@ -39,8 +39,9 @@ from common.config import ExperimentConfig, config_from_dict, need
 from common.device import resolve_device
 from models.diffusion import codec, feedback
 from models.diffusion import workload as diffusion
+from models.diffusion.classes import main_object, mask_classes
 from models.diffusion.clip_attention import load_clip
-from models.diffusion.ddpm import COND_CHANNELS, make_unet
+from models.diffusion.ddpm import cond_channels, make_unet
 from models.diffusion.link import (
     LinkResult,
     Phase1,
@@ -61,8 +62,15 @@ matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
 
 MIN_GAIN = 0.01  # an all-edges IoU gain smaller than this has no share worth reporting
+# The depth columns only where the source has depth maps (the synthetic scenes).
 COLUMNS = (("iou", "IoU req. class"), ("psnr", "PSNR dB"), ("ssim", "SSIM"),
            ("depth_rmse", "depth RMSE"), ("depth_si_rmse", "SI-RMSE"), ("accuracy", "cls acc"))
+
+
+def columns_of(results: dict[str, dict]) -> tuple[tuple[str, str], ...]:
+    """The COLUMNS the link's metrics hold."""
+    first = next(iter(results.values()))
+    return tuple((k, t) for k, t in COLUMNS if f"{k}_phase1" in first)
 
 
 ORACLE = "oracle attention (true mask)"
@@ -82,8 +90,9 @@ def oracle_link(model: diffusion.DiffusionSemCom, batch: dict[str, Tensor], cfg:
     `dilation` pixels) instead of its CAM: what attention could reach, through the same
     messages and DDPM as `three_phase_link`."""
     image = batch["image"]
-    requested = torch.tensor([feedback.decode_class(message_payload(m)) for m in phase1.feedback],
-                             device=image.device)
+    objects = mask_classes(cfg.data).objects
+    requested = torch.tensor([feedback.decode_class(message_payload(m), objects)
+                              for m in phase1.feedback], device=image.device)
     x_att_tx = (class_region(batch["segmentation"], requested, dilation)
                 * codec.edge_map(image, cfg.diffusion.edge_threshold))
     return run_phase3(model, x_att_tx, phase1, cfg, seed)
@@ -93,24 +102,29 @@ def oracle_link(model: diffusion.DiffusionSemCom, batch: dict[str, Tensor], cfg:
 def probe_private_nets(model: diffusion.DiffusionSemCom, batch: dict[str, Tensor],
                        requested: Tensor, cfg: ExperimentConfig) -> dict[str, float]:
     """Sums over a batch of what the private nets do on the originals (pooled by
-    `probe_scores`): the segmentation nets' object IoU, the classifiers' accuracy, the
+    `probe_scores`): the segmentation nets' object IoU, the classifiers' accuracy on the
+    main object class (the synthetic scenes' label; classes.main_object), the
     receiver's requests, and how well the CAM localises a class: its energy inside the
     class's dilated true mask (the energy-based pointing game of Score-CAM, Wang et al.
     2020) against that mask's area share (what a CAM blind to the class scores)."""
     dc, image, seg = cfg.diffusion, batch["image"], batch["segmentation"]
-    present = presence(seg, codec.SEG_CLASSES - 1).bool()
+    mc = mask_classes(cfg.data)
+    present = presence(seg, mc.objects).bool()
+    main = main_object(batch, mc)
     out: dict[str, float] = {"n": len(image)}
     for name, pred in (("seg", model.seg_net(image).argmax(1)),
                        ("task", model.task_net(image)[0].argmax(1))):
-        for c in range(1, codec.SEG_CLASSES):
+        for c in range(1, mc.count):
             out[f"{name}_inter{c}"] = ((pred == c) & (seg == c)).sum().item()
             out[f"{name}_union{c}"] = ((pred == c) | (seg == c)).sum().item()
     top = model.classifier(image).argmax(1)
-    out["cls_label"] = (top == batch["label"]).sum().item()
+    out["cls_label"] = (top == main).sum().item()
     out["cls_present"] = present.gather(1, top[:, None]).sum().item()
     out["request_present"] = present.gather(1, requested[:, None]).sum().item()
-    out["request_label"] = (requested == batch["label"]).sum().item()
-    for name, classes in (("label", batch["label"]), ("request", requested)):
+    out["request_label"] = (requested == main).sum().item()
+    # A scene with no object in its mask has no main class: the CAM of its request there.
+    for name, classes in (("label", torch.where(main >= 0, main, requested)),
+                          ("request", requested)):
         cam = cam_attention(model.classifier, image, classes)
         region = class_region(seg, classes, dc.edge_patch)
         mask = codec.attention_mask(cam, dc.tau)
@@ -121,13 +135,15 @@ def probe_private_nets(model: diffusion.DiffusionSemCom, batch: dict[str, Tensor
     return out
 
 
-def probe_scores(parts: list[dict[str, float]]) -> dict[str, float]:
+def probe_scores(parts: list[dict[str, float]], seg_classes: int) -> dict[str, float]:
+    """`probe_private_nets`' sums pooled; object IoUs averaged over the mask's
+    `seg_classes` - 1 object classes."""
     tot = {k: sum(p[k] for p in parts) for k in parts[0]}
     n = tot.pop("n")
     out = {}
     for name in ("seg", "task"):
         ious = [tot[f"{name}_inter{c}"] / max(tot[f"{name}_union{c}"], 1)
-                for c in range(1, codec.SEG_CLASSES)]
+                for c in range(1, seg_classes)]
         out[f"{name}_object_iou"] = sum(ious) / len(ious)
     out.update({k: v / n for k, v in tot.items() if "_inter" not in k and "_union" not in k})
     return out
@@ -136,8 +152,8 @@ def probe_scores(parts: list[dict[str, float]]) -> dict[str, float]:
 def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict], dict, dict]:
     """Every configuration of the link, pooled over the clients; and client 0's first
     batch for the figure."""
-    dc = cfg.diffusion
-    decoder = make_unet(cfg, COND_CHANNELS).to(device)
+    dc, classes = cfg.diffusion, mask_classes(cfg.data)
+    decoder = make_unet(cfg, cond_channels(cfg)).to(device)
     decoder.load_state_dict(load_pretrained(cfg)["decoder"])
     decoder.eval()
     runs: dict[str, list] = {}
@@ -153,7 +169,8 @@ def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict]
             first = run_phase1(model, image, cfg, seed)
             # Grad-CAM scores a class: with text feedback the CAM rows get the class the
             # receiver asked for, from the same phase 1 (both ends on class feedback).
-            cam_first = first if dc.feedback == "class" else with_feedback(model, first, "class")
+            cam_first = (first if dc.feedback == "class"
+                         else with_feedback(model, first, "class", classes))
             jobs = [(f"CAM edges, tau={t:g}", "cam", t, cam_first, cam_cfg) for t in dc.tau_sweep]
             jobs.append(("all edges", "all", 0.0, cam_first, cam_cfg))
             if dc.clip_checkpoint:
@@ -171,7 +188,7 @@ def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict]
             probes.append(probe_private_nets(model, batch, cam_first.requested, cfg))
             first_d = run_phase1(model, image, cfg, seed, decoder=decoder)
             if dc.feedback != "class":
-                first_d = with_feedback(model, first_d, "class")
+                first_d = with_feedback(model, first_d, "class", classes)
             for name, mode in ((f"one-step decoder, CAM tau={dc.tau:g}", "cam"),
                                ("one-step decoder, all edges", "all")):
                 res = three_phase_link(model, image, cam_cfg, dc.tau, mode, seed, decoder=decoder,
@@ -182,7 +199,7 @@ def sweep(cfg: ExperimentConfig, run_dir: Path, device) -> tuple[dict[str, dict]
         print(f"client {pid}: {len(test)} test scenes, scored {min(len(test), dc.eval_samples)}",
               flush=True)
     return ({name: link_metrics(parts, cfg) for name, parts in runs.items()}, figure,
-            probe_scores(probes))
+            probe_scores(probes, classes.count))
 
 
 def clip_row(cfg: ExperimentConfig, tau: float) -> str:
@@ -194,18 +211,19 @@ def rows_of(results: dict[str, dict]) -> list[dict[str, Any]]:
     """Table rows: phase 1 (seg only) of the DDPM and of the one-step decoder, then
     every phase-3 configuration."""
     rows = []
+    columns = columns_of(results)
     ddpm1 = results["all edges"]
     rows.append({"method": "seg only (phase 1), DDPM", "bytes": ddpm1["bytes_phase1"],
                  "bytes_phase3": 0.0, "patches": 0.0, "rate": ddpm1["rate_phase1"],
-                 **{k: ddpm1[f"{k}_phase1"] for k, _ in COLUMNS}, "iou_gain": 0.0})
+                 **{k: ddpm1[f"{k}_phase1"] for k, _ in columns}, "iou_gain": 0.0})
     d1 = results["one-step decoder, all edges"]
     rows.append({"method": "seg only (phase 1), one-step decoder", "bytes": d1["bytes_phase1"],
                  "bytes_phase3": 0.0, "patches": 0.0, "rate": d1["rate_phase1"],
-                 **{k: d1[f"{k}_phase1"] for k, _ in COLUMNS}, "iou_gain": 0.0})
+                 **{k: d1[f"{k}_phase1"] for k, _ in columns}, "iou_gain": 0.0})
     for name, m in results.items():
         rows.append({"method": name, "bytes": m["bytes_phase1"] + m["bytes_phase3"],
                      "bytes_phase3": m["bytes_phase3"], "patches": m["edge_patches"],
-                     "rate": m["rate_phase3"], **{k: m[f"{k}_phase3"] for k, _ in COLUMNS},
+                     "rate": m["rate_phase3"], **{k: m[f"{k}_phase3"] for k, _ in columns},
                      "iou_gain": m["iou_gain"]})
     return rows
 
@@ -229,12 +247,13 @@ def goal(results: dict[str, dict], cfg: ExperimentConfig) -> list[dict[str, Any]
 
 def markdown(rows: list[dict[str, Any]], goals: list[dict[str, Any]],
              probe: dict[str, float]) -> str:
-    head = ("| method | " + " | ".join(t for _, t in COLUMNS)
+    columns = [(k, t) for k, t in COLUMNS if k in rows[0]]
+    head = ("| method | " + " | ".join(t for _, t in columns)
             + " | IoU gain | phase-3 B | patches | total B | rate |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(f"| {r['method']} | " + " | ".join(
-            f"{r[k]:.2f}" if k == "psnr" else f"{r[k]:.3f}" for k, _ in COLUMNS)
+            f"{r[k]:.2f}" if k == "psnr" else f"{r[k]:.3f}" for k, _ in columns)
             + f" | {r['iou_gain']:+.3f} | {r['bytes_phase3']:.1f} | {r['patches']:.1f} | "
               f"{r['bytes']:.1f} | {100 * r['rate']:.2f}% |")
     lines.append("")
@@ -286,6 +305,9 @@ def plot_reconstructions(figure: dict[str, Any], cfg: ExperimentConfig, path: Pa
     cam = figure[f"CAM edges, tau={cfg.diffusion.tau:g}"]
     full = figure["all edges"]
     n = min(n, len(figure["image"]))
+    seg_classes = mask_classes(cfg.data).count  # tab10 up to 10 classes, as before
+    class_cmap, class_vmax = ("tab10", 9) if seg_classes <= 10 else ("nipy_spectral",
+                                                                     seg_classes - 1)
     rows = [("original", figure["image"]),
             ("x_seg (phase 1)", cam.seg_small),
             ("phase 1", cam.recon1),
@@ -301,7 +323,8 @@ def plot_reconstructions(figure: dict[str, Any], cfg: ExperimentConfig, path: Pa
             if img.dim() == 3:
                 ax.imshow(img.permute(1, 2, 0).numpy().clip(0, 1))
             elif not img.is_floating_point():  # a class map: one colour per class
-                ax.imshow(img.numpy(), cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+                ax.imshow(img.numpy(), cmap=class_cmap, vmin=0, vmax=class_vmax,
+                          interpolation="nearest")
             else:
                 ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])

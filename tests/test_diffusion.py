@@ -8,7 +8,7 @@ import torch
 from flwr.app import Context, RecordDict
 
 from common.config import ConfigError, load_config
-from common.data import load_partition
+from common.data import load_partition, seg_classes
 from fl_client.node import PRIVATE_STATE
 from fl_client.trust import node_config_of
 from fl_server.loop import initial_arrays
@@ -45,20 +45,39 @@ def test_class_map_payload_round_trips_losslessly_and_codes_runs():
     maps = [rng.integers(0, 5, (8, 8)), np.zeros((8, 8), int), np.full((16, 16), 4),
             np.repeat(rng.integers(0, 5, (4, 1)), 16, axis=1).reshape(8, 8)]
     for m in maps:
-        payload = codec.encode_class_map(m)
-        assert np.array_equal(codec.decode_class_map(payload, m.shape[0]), m)
+        payload = codec.encode_class_map(m, 5)
+        assert np.array_equal(codec.decode_class_map(payload, m.shape[0], 5), m)
     # One run of 64 cells is two bytes (runs of at most 32); a constant 16x16 map is 8.
-    assert len(codec.encode_class_map(np.zeros((8, 8), int))) == 2
-    assert len(codec.encode_class_map(np.full((16, 16), 4))) == 8
+    assert len(codec.encode_class_map(np.zeros((8, 8), int), 5)) == 2
+    assert len(codec.encode_class_map(np.full((16, 16), 4), 5)) == 8
     with pytest.raises(ValueError, match="decodes to"):
-        codec.decode_class_map(codec.encode_class_map(maps[0]), 4)
+        codec.decode_class_map(codec.encode_class_map(maps[0], 5), 4, 5)
+    with pytest.raises(ValueError, match="0..4"):
+        codec.encode_class_map(np.full((4, 4), 5), 5)
+
+
+@pytest.mark.parametrize("num_classes, run_bytes", [(9, 2), (256, 2), (300, 3)])
+def test_class_maps_of_more_than_eight_classes_code_the_class_in_whole_bytes(num_classes,
+                                                                             run_bytes):
+    """A real source's masks may hold many classes: the class takes one byte (two above
+    256), the run length one more (runs of at most 256 cells)."""
+    rng = np.random.default_rng(1)
+    m = rng.integers(0, num_classes, (8, 8))
+    m[:4] = num_classes - 1  # one run of 32 cells
+    payload = codec.encode_class_map(m, num_classes)
+    assert np.array_equal(codec.decode_class_map(payload, 8, num_classes), m)
+    runs = 1 + int((np.diff(m.ravel()) != 0).sum())
+    assert len(payload) == run_bytes * runs
+    assert len(codec.encode_class_map(np.zeros((32, 32), int), num_classes)) == 4 * run_bytes
+    with pytest.raises(ValueError, match="whole number"):
+        codec.decode_class_map(payload[:-1], 8, num_classes)
 
 
 def test_block_majority_keeps_a_full_block_and_upsampling_restores_its_size():
     seg = torch.zeros(1, 8, 8, dtype=torch.long)
     seg[0, :4, :4] = 3  # one whole 4x4 block
     seg[0, 4:, 4:6] = 2  # half a block: a tie, won by the object
-    small = codec.downsample_classes(seg, 4)
+    small = codec.downsample_classes(seg, 4, 5)
     assert small.tolist() == [[[3, 0], [0, 2]]]
     assert codec.upsample_classes(small, 8)[0, :4, :4].eq(3).all()
 
@@ -113,11 +132,12 @@ def test_ddpm_training_lowers_the_denoising_loss(cfg, prediction):
     each prediction target."""
     cfg = tiny_cfg(cfg.diffusion.checkpoint, f"diffusion.prediction_type={prediction}")
     torch.manual_seed(0)
-    unet = ddpm.make_unet(cfg, 3 + ddpm.COND_CHANNELS)
+    unet = ddpm.make_unet(cfg, 3 + ddpm.cond_channels(cfg))
     sched = ddpm.noise_scheduler(cfg.diffusion)
     data = public_split(cfg)
     image, seg = data.tensors["image"][:32], data.tensors["segmentation"][:32]
-    cond = ddpm.training_conditions(image, seg, cfg.diffusion, torch.Generator().manual_seed(0))
+    cond = ddpm.training_conditions(image, seg, cfg.diffusion, torch.Generator().manual_seed(0),
+                                    seg_classes(cfg.data))
 
     def fixed_loss():
         with torch.no_grad():
@@ -138,7 +158,7 @@ def test_ddpm_training_lowers_the_denoising_loss(cfg, prediction):
 def test_ddim_sampling_with_a_fixed_seed_repeats(cfg):
     model = diffusion.build(cfg)
     seg = torch.randint(0, 5, (2, 16, 16))
-    cond = ddpm.conditions(seg, torch.zeros(2, 16, 16))
+    cond = ddpm.conditions(seg, torch.zeros(2, 16, 16), 5)
     a = ddpm.ddim_sample(model.unet, cond, cfg, seed=3)
     b = ddpm.ddim_sample(model.unet, cond, cfg, seed=3)
     c = ddpm.ddim_sample(model.unet, cond, cfg, seed=4)
@@ -165,8 +185,9 @@ def test_bytes_counted_equal_the_bytes_in_the_messages(cfg):
         assert result.nbytes(kind) == in_messages
     # The phase-1 bytes are the transmitter's run-length code, re-encoded here.
     with torch.no_grad():
-        seg = codec.downsample_classes(model.seg_net(image).argmax(1), cfg.diffusion.seg_downsample)
-    assert result.nbytes(link.PHASE1) == sum(len(codec.encode_class_map(s.numpy())) for s in seg)
+        seg = codec.downsample_classes(model.seg_net(image).argmax(1), cfg.diffusion.seg_downsample,
+                                       5)
+    assert result.nbytes(link.PHASE1) == sum(len(codec.encode_class_map(s.numpy(), 5)) for s in seg)
     assert torch.equal(result.seg_small, seg)
     assert result.nbytes(link.FEEDBACK) == 6  # one class byte per image
     # The receiver's x_att is what the transmitter masked, decoded from the messages.
@@ -295,7 +316,7 @@ def test_phase3_edges_raise_the_requested_class_iou_over_phase1(x0_cfg):
     unet = diffusion.build(cfg).unet.eval()  # LoRA B = 0: exactly the pretrained UNet
     train, test = load_partition(cfg.data, 0, cfg.num_clients)
     torch.manual_seed(0)
-    net = SegmentationNet(8)
+    net = SegmentationNet(8, codec.SEG_CLASSES)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
     for _ in range(30):
         for b in torch.utils.data.DataLoader(train, batch_size=16, shuffle=True):
@@ -307,13 +328,14 @@ def test_phase3_edges_raise_the_requested_class_iou_over_phase1(x0_cfg):
     image, seg = test.tensors["image"][:32], test.tensors["segmentation"][:32]
     present = torch.nn.functional.one_hot(seg.long(), codec.SEG_CLASSES).flatten(1, 2).amax(1)
     requested = present[:, 1:].argmax(1) + 1  # one object class of each scene
-    seg_full = codec.upsample_classes(codec.downsample_classes(seg, 4), 16)
+    seg_full = codec.upsample_classes(codec.downsample_classes(seg, 4, codec.SEG_CLASSES), 16)
     region = (seg == requested[:, None, None]).float()[:, None]
     region = torch.nn.functional.max_pool2d(region, 3, stride=1, padding=1)[:, 0]
     x_att = codec.edge_map(image, cfg.diffusion.edge_threshold) * region
 
     def iou(x_att):
-        recon = ddpm.ddim_sample(unet, ddpm.conditions(seg_full, x_att), cfg, seed=1)
+        recon = ddpm.ddim_sample(unet, ddpm.conditions(seg_full, x_att, codec.SEG_CLASSES), cfg,
+                                 seed=1)
         with torch.no_grad():
             got = net(recon).argmax(1) == requested[:, None, None]
         target = seg == requested[:, None, None]

@@ -1,8 +1,11 @@
 """What crosses the link, and its lossless coding (arXiv 2505.07980, Sec. III).
 
 Phase 1 sends the segmentation map x_seg as a downsampled class map (a block majority
-vote), run-length coded: one byte per run, class in the top 3 bits, run length - 1 in
-the low 5 (runs longer than 32 are split). Phase 3 sends x_att = M_A * x_edge
+vote), run-length coded: with up to 8 classes (the synthetic scenes' 5) one byte per
+run, class in the top 3 bits, run length - 1 in the low 5 (runs longer than 32 are
+split); with more, the class in one byte (up to 256 classes) or two, then run length - 1
+in one byte. Both ends know the class count (`common.data.seg_classes` of the
+config), so the payload carries no header. Phase 3 sends x_att = M_A * x_edge
 (Eq. M_A = 1[A > tau]) as its non-zero patches only: a 16-bit patch count, a 16-bit
 location per patch and the patch's edge bits packed eight to a byte.
 
@@ -18,15 +21,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SEG_CLASSES = 5  # background + the four shapes (scene segmentation ids 0..4)
-_RUN_BITS = 5
-_MAX_RUN = 1 << _RUN_BITS
+from models.diffusion.classes import SYNTHETIC
+
+# The synthetic scenes' classes (background + the four shapes). The workload codes the
+# source's own count, common.data.seg_classes (models/diffusion/classes.py).
+SEG_CLASSES = SYNTHETIC.count
+MAX_CLASSES = 1 << 16  # the widest run code holds a two-byte class
+
+
+def _run_code(num_classes: int) -> tuple[int, int]:
+    """(bytes per run, bits of run length - 1) of the run-length code for `num_classes`."""
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"a class map of {num_classes} classes: the code holds 1..{MAX_CLASSES}")
+    if num_classes <= 8:
+        return 1, 5
+    return (2 if num_classes <= 256 else 3), 8
 
 
 # ----------------------------------------------------------------------------- phase 1
 
 
-def downsample_classes(seg: Tensor, factor: int, num_classes: int = SEG_CLASSES) -> Tensor:
+def downsample_classes(seg: Tensor, factor: int, num_classes: int) -> Tensor:
     """[B, S, S] class ids -> [B, S/f, S/f]: the majority class of each f x f block
     (ties go to the higher class id, so small objects survive a background tie)."""
     if factor == 1:
@@ -41,29 +56,39 @@ def upsample_classes(small: Tensor, size: int) -> Tensor:
     return F.interpolate(small[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
 
 
-def encode_class_map(small: np.ndarray) -> bytes:
-    """Run-length code of one class map (row-major): one byte per run."""
+def encode_class_map(small: np.ndarray, num_classes: int) -> bytes:
+    """Run-length code of one class map (row-major) of ids 0..num_classes-1."""
+    width, run_bits = _run_code(num_classes)
     flat = np.asarray(small, dtype=np.int64).ravel()
-    if flat.size == 0 or flat.min() < 0 or flat.max() >= 1 << (8 - _RUN_BITS):
-        raise ValueError(f"class ids must lie in 0..{(1 << (8 - _RUN_BITS)) - 1}, got "
+    if flat.size == 0 or flat.min() < 0 or flat.max() >= num_classes:
+        raise ValueError(f"class ids must lie in 0..{num_classes - 1}, got "
                          f"{flat.min() if flat.size else 'an empty map'}..{flat.max() if flat.size else ''}")
     change = np.flatnonzero(np.diff(flat)) + 1
     starts = np.concatenate([[0], change])
     lengths = np.diff(np.concatenate([starts, [flat.size]]))
+    max_run = 1 << run_bits
     out = bytearray()
     for value, length in zip(flat[starts], lengths):
         while length > 0:
-            run = min(length, _MAX_RUN)
-            out.append((int(value) << _RUN_BITS) | (run - 1))
+            run = min(length, max_run)
+            out += ((int(value) << run_bits) | int(run - 1)).to_bytes(width, "big")
             length -= run
     return bytes(out)
 
 
-def decode_class_map(payload: bytes, side: int) -> np.ndarray:
+def decode_class_map(payload: bytes, side: int, num_classes: int) -> np.ndarray:
     """The class map [side, side] of `encode_class_map`'s bytes."""
-    codes = np.frombuffer(payload, dtype=np.uint8)
-    values = (codes >> _RUN_BITS).astype(np.int64)
-    runs = (codes & (_MAX_RUN - 1)).astype(np.int64) + 1
+    width, run_bits = _run_code(num_classes)
+    if len(payload) % width:
+        raise ValueError(f"a class map payload of {len(payload)} bytes is not a whole number "
+                         f"of {width}-byte runs")
+    codes = np.frombuffer(payload, dtype=np.uint8).astype(np.int64).reshape(-1, width)
+    codes = (codes << (8 * np.arange(width - 1, -1, -1))).sum(1)
+    values = codes >> run_bits
+    runs = (codes & ((1 << run_bits) - 1)) + 1
+    if values.size and values.max() >= num_classes:
+        raise ValueError(f"the class map payload holds class {values.max()}, expected "
+                         f"0..{num_classes - 1}")
     flat = np.repeat(values, runs)
     if flat.size != side * side:
         raise ValueError(f"the class map payload decodes to {flat.size} cells, expected "

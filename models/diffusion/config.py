@@ -16,11 +16,15 @@ UNET_LINEAR_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "time_emb_proj", "lin
 @dataclass
 class DiffusionConfig:
     """Segmentation map -> conditional DDPM -> feedback -> CAM-masked edges (the paper's
-    three phases), with the DDPM pretrained on public scenes and fine-tuned with LoRA."""
+    three phases), with the DDPM pretrained on public scenes and fine-tuned with LoRA.
+
+    Any source with segmentation masks will do (data.name synthetic, folder with
+    data.masks_root, hf with a mask column); whether it has them is checked where the
+    data is read (models/diffusion/classes.py), as checking a config reads no data."""
 
     # The pretrained DDPM (and the one-step baseline decoder): a local file, trained on
-    # the public scenes num_samples .. num_samples + public_samples - 1 and written
-    # there when missing. A node-only key (node config `diffusion-checkpoint`).
+    # the source's public split (the public_samples examples after the clients') and
+    # written there when missing. A node-only key (node config `diffusion-checkpoint`).
     checkpoint: str = "runs/diffusion/ddpm.pt"
     public_samples: int = 1500
     pretrain_steps: int = 800
@@ -70,9 +74,6 @@ def check(cfg: ExperimentConfig) -> None:
     dc, d = cfg.diffusion, cfg.data
     need(cfg.strategy.name in STRATEGIES, "strategy.name", cfg.strategy.name,
          f"one of {list(STRATEGIES)} for workload 'diffusion' (it shares LoRA adapters)")
-    need(d.name == "synthetic", "data.name", d.name,
-         "'synthetic' for workload 'diffusion' (it needs segmentation and depth maps, "
-         "which only the synthetic scenes carry)")
     need(d.image_size % 8 == 0, "data.image_size", d.image_size,
          "a multiple of 8 (the UNet halves it twice; e.g. 32)")
     need(len(dc.block_out_channels) == 3 and all(c >= 8 and c % 8 == 0

@@ -8,7 +8,8 @@ noisy image as channels, diffusers' `DDPMScheduler` adding the noise. Sampling: 
 Salimans 2022): eps = eps_u + w (eps_c - eps_u), the model trained with every condition
 dropped for a share `cond_drop` of the examples.
 
-The conditions: x_seg as a one-hot class map (5 channels, the phase-1 map upsampled by
+The conditions: x_seg as a one-hot class map (one channel per segmentation class of the
+source, background included: 5 for the synthetic scenes; the phase-1 map upsampled by
 nearest neighbour) and x_att (1 channel): zero in phase 1, the masked edges in phase 3.
 """
 
@@ -20,10 +21,14 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import Tensor
 
 from common.config import ExperimentConfig
-from models.diffusion.codec import SEG_CLASSES, downsample_classes, edge_map, upsample_classes
+from common.data import seg_classes
+from models.diffusion.codec import downsample_classes, edge_map, upsample_classes
 from models.diffusion.config import DiffusionConfig
 
-COND_CHANNELS = SEG_CLASSES + 1
+
+def cond_channels(cfg: ExperimentConfig) -> int:
+    """Channels of the conditions: the source's segmentation classes, and x_att."""
+    return seg_classes(cfg.data) + 1
 
 
 def make_unet(cfg: ExperimentConfig, in_channels: int) -> UNet2DModel:
@@ -45,32 +50,34 @@ def noise_scheduler(dc: DiffusionConfig) -> DDPMScheduler:
                          prediction_type=dc.prediction_type)
 
 
-def conditions(seg_full: Tensor, x_att: Tensor) -> Tensor:
-    """c = (one-hot x_seg [5 channels], x_att [1 channel]) as [B, 6, S, S]."""
-    one_hot = F.one_hot(seg_full.long(), SEG_CLASSES).permute(0, 3, 1, 2).float()
+def conditions(seg_full: Tensor, x_att: Tensor, num_classes: int) -> Tensor:
+    """c = (one-hot x_seg [num_classes channels], x_att [1 channel]) as
+    [B, num_classes + 1, S, S]."""
+    one_hot = F.one_hot(seg_full.long(), num_classes).permute(0, 3, 1, 2).float()
     return torch.cat([one_hot, x_att[:, None].float()], 1)
 
 
 def training_conditions(image: Tensor, seg: Tensor, dc: DiffusionConfig,
-                        generator: torch.Generator) -> Tensor:
+                        generator: torch.Generator, num_classes: int) -> Tensor:
     """Conditions as the receiver will see them, from a scene's true mask: the phase-1
     map (downsampled, upsampled back) and, for a third of the examples each, no edges
     (phase 1), all edges, or the edges inside one object's dilated mask (a stand-in
-    for a CAM region: the attention is not known while the DDPM trains)."""
+    for a CAM region: the attention is not known while the DDPM trains). `num_classes`:
+    the source's segmentation classes, background included."""
     size, b = image.shape[-1], image.shape[0]
     dev = image.device
-    seg_full = upsample_classes(downsample_classes(seg, dc.seg_downsample), size)
+    seg_full = upsample_classes(downsample_classes(seg, dc.seg_downsample, num_classes), size)
     edges = edge_map(image, dc.edge_threshold)
     mode = torch.randint(0, 3, (b,), generator=generator).to(dev)
     # One present object class per example (background if there is none).
-    present = F.one_hot(seg.long(), SEG_CLASSES).flatten(1, 2).amax(1)[:, 1:].float()
+    present = F.one_hot(seg.long(), num_classes).flatten(1, 2).amax(1)[:, 1:].float()
     pick = torch.multinomial(present.cpu() + 1e-6, 1, generator=generator)[:, 0].to(dev) + 1
     region = (seg == pick[:, None, None]).float()[:, None]
     kernel = 2 * int(torch.randint(1, 5, (1,), generator=generator)) + 1
     region = F.max_pool2d(region, kernel, stride=1, padding=kernel // 2)[:, 0]
     keep = torch.where(mode[:, None, None] == 0, torch.zeros_like(region),
                        torch.where(mode[:, None, None] == 1, torch.ones_like(region), region))
-    cond = conditions(seg_full, edges * keep)
+    cond = conditions(seg_full, edges * keep, num_classes)
     if dc.cond_drop > 0:
         drop = (torch.rand(b, generator=generator) < dc.cond_drop).to(dev)
         cond = torch.where(drop[:, None, None, None], torch.zeros_like(cond), cond)

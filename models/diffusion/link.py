@@ -44,6 +44,7 @@ from torch import Tensor
 from common.config import ChannelConfig, ExperimentConfig
 from models.channel import WirelessChannel
 from models.diffusion import codec, feedback
+from models.diffusion.classes import MaskClasses, mask_classes
 from models.diffusion.clip_attention import clip_attention, load_clip
 from models.diffusion.config import DiffusionConfig
 from models.diffusion.ddpm import conditions, ddim_sample, one_step_decode
@@ -156,9 +157,11 @@ class Phase1(NamedTuple):
 
 
 def transmitter_attention(model: DiffusionSemCom, image: Tensor, fb: list[Message],
-                          dc: DiffusionConfig, mode: str) -> tuple[Tensor, list[str] | None]:
+                          dc: DiffusionConfig, mode: str, classes: MaskClasses
+                          ) -> tuple[Tensor, list[str] | None]:
     """A [B, S, S] in [0, 1] for the feedback messages, decoded from their bytes alone
-    as `diffusion.feedback` says they are written; and the prompts CLIP attended to."""
+    as `diffusion.feedback` says they are written (`classes`: the source's); and the
+    prompts CLIP attended to."""
     payloads = [message_payload(m) for m in fb]
     if dc.feedback == "text":
         if mode == "cam":
@@ -166,10 +169,10 @@ def transmitter_attention(model: DiffusionSemCom, image: Tensor, fb: list[Messag
                              "free text needs mode 'clip'")
         texts = [feedback.decode_text(p) for p in payloads]
     else:
-        classes = [feedback.decode_class(p) for p in payloads]
+        asked = [feedback.decode_class(p, classes.objects) for p in payloads]
         if mode == "cam":
-            return cam_attention(model.classifier, image, torch.tensor(classes)), None
-        texts = [feedback.prompt(c) for c in classes]  # the class name as CLIP's prompt
+            return cam_attention(model.classifier, image, torch.tensor(asked)), None
+        texts = [feedback.prompt(c, names=classes.names) for c in asked]  # CLIP's prompt
     return clip_attention(load_clip(dc.clip_checkpoint), image, texts), texts
 
 
@@ -189,7 +192,8 @@ def three_phase_link(model: DiffusionSemCom, image: Tensor, cfg: ExperimentConfi
     prompts = None
     if mode in ("cam", "clip"):
         # Transmitter: the feedback message tells it what to attend to.
-        attention, prompts = transmitter_attention(model, image, phase1.feedback, cfg.diffusion, mode)
+        attention, prompts = transmitter_attention(model, image, phase1.feedback, cfg.diffusion,
+                                                   mode, mask_classes(cfg.data))
         x_att_tx = codec.attention_mask(attention, tau) * edges
     elif mode == "all":
         x_att_tx = edges
@@ -212,7 +216,8 @@ def run_phase3(model: DiffusionSemCom, x_att_tx: Tensor, phase1: Phase1, cfg: Ex
     x_att = torch.stack([torch.zeros(size, size) if p is None else torch.from_numpy(
         codec.decode_edge_patches(p, size, dc.edge_patch)) for p in got]).to(x_att_tx.device)
     seg_full = codec.upsample_classes(phase1.seg_small, size)
-    recon3 = _decode(model, conditions(seg_full, x_att), cfg, seed, decoder)
+    recon3 = _decode(model, conditions(seg_full, x_att, mask_classes(cfg.data).count), cfg,
+                     seed, decoder)
     lost1 = phase1.lost if phase1.lost is not None else torch.zeros(len(got), dtype=torch.bool)
     uses1 = phase1.channel_uses if phase1.channel_uses is not None else torch.zeros(len(got))
     return LinkResult(phase1.seg_small, phase1.requested, x_att, phase1.recon1, recon3,
@@ -221,19 +226,20 @@ def run_phase3(model: DiffusionSemCom, x_att_tx: Tensor, phase1: Phase1, cfg: Ex
                       uses1 + uses3)
 
 
-def feedback_messages(model: DiffusionSemCom, recon1: Tensor, seg_small: Tensor, kind: str
-                      ) -> tuple[list[Message], Tensor]:
+def feedback_messages(model: DiffusionSemCom, recon1: Tensor, seg_small: Tensor, kind: str,
+                      classes: MaskClasses) -> tuple[list[Message], Tensor]:
     """Phase 2 at the receiver: it decides what it needs (feedback.receiver_request) and
     says so as a class byte ("class") or a prompt ("text") per image."""
-    requested, texts = feedback.receiver_request(model, recon1, seg_small)
-    payloads = ([feedback.encode_class(int(c)) for c in requested] if kind == "class"
-                else [feedback.encode_text(t) for t in texts])
+    requested, texts = feedback.receiver_request(model, recon1, seg_small, classes)
+    payloads = ([feedback.encode_class(int(c), classes.objects) for c in requested]
+                if kind == "class" else [feedback.encode_text(t) for t in texts])
     return [link_message(FEEDBACK, p, RECEIVER, TRANSMITTER) for p in payloads], requested
 
 
-def with_feedback(model: DiffusionSemCom, phase1: Phase1, kind: str) -> Phase1:
+def with_feedback(model: DiffusionSemCom, phase1: Phase1, kind: str,
+                  classes: MaskClasses) -> Phase1:
     """The same phase 1 with the other kind of feedback (the report compares them)."""
-    fb, requested = feedback_messages(model, phase1.recon1, phase1.seg_small, kind)
+    fb, requested = feedback_messages(model, phase1.recon1, phase1.seg_small, kind, classes)
     return phase1._replace(feedback=fb, requested=requested)
 
 
@@ -242,19 +248,19 @@ def run_phase1(model: DiffusionSemCom, image: Tensor, cfg: ExperimentConfig, see
                decoder: torch.nn.Module | None = None, link: DigitalLink | None = None) -> Phase1:
     """Phases 1 and 2: x_seg over the link (all background where its block was lost),
     the receiver's reconstruction and feedback (of the kind `diffusion.feedback` names)."""
-    dc, size = cfg.diffusion, image.shape[-1]
-    side = size // dc.seg_downsample
+    dc, size, classes = cfg.diffusion, image.shape[-1], mask_classes(cfg.data)
+    side, n = size // dc.seg_downsample, classes.count
     model.eval()
-    seg_tx = codec.downsample_classes(model.seg_net(image).argmax(1), dc.seg_downsample)
-    msgs1 = [link_message(PHASE1, codec.encode_class_map(s.cpu().numpy()), TRANSMITTER, RECEIVER)
-             for s in seg_tx]
+    seg_tx = codec.downsample_classes(model.seg_net(image).argmax(1), dc.seg_downsample, n)
+    msgs1 = [link_message(PHASE1, codec.encode_class_map(s.cpu().numpy(), n), TRANSMITTER,
+                          RECEIVER) for s in seg_tx]
     got, uses = _over(link, msgs1)
     seg_small = torch.stack([torch.zeros(side, side, dtype=torch.int64) if p is None else
-                             torch.from_numpy(codec.decode_class_map(p, side))
+                             torch.from_numpy(codec.decode_class_map(p, side, n))
                              for p in got]).to(image.device)
     cond = conditions(codec.upsample_classes(seg_small, size), torch.zeros(
-        seg_small.shape[0], size, size, device=image.device))
+        seg_small.shape[0], size, size, device=image.device), n)
     recon1 = _decode(model, cond, cfg, seed, decoder)
-    fb, requested = feedback_messages(model, recon1, seg_small, dc.feedback)
+    fb, requested = feedback_messages(model, recon1, seg_small, dc.feedback, classes)
     return Phase1(seg_small, recon1, msgs1, fb, requested,
                   torch.tensor([p is None for p in got]), uses)

@@ -10,8 +10,12 @@
 - `classifier` (transmitter): the client-local multi-label classifier (a head on the
   segmentation net's backbone) whose Grad-CAM is the attention A for the requested class.
 - `task_net` (receiver): its task model on reconstructed images: segmentation (IoU of
-  the requested class), depth and classification heads (its class head picks the
+  the requested class), depth (only where the source has depth maps: the synthetic
+  scenes) and classification heads (the scene's main object class; it picks the
   feedback only when the received class map holds no object).
+
+The class counts are the source's (models/diffusion/classes.py): one segmentation
+output per mask class, background included, and one classifier output per object class.
 
 Everything but the adapters stays on the client (`workload.shared_state`).
 """
@@ -24,10 +28,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 
 from common.config import ExperimentConfig
-from common.data import num_classes
 from common.seeding import seeded
-from models.diffusion.codec import SEG_CLASSES
-from models.diffusion.ddpm import COND_CHANNELS, make_unet
+from models.diffusion.classes import mask_classes
+from models.diffusion.ddpm import cond_channels, make_unet
 from models.diffusion.pretrain import load_pretrained
 
 LORA = ".lora_"
@@ -72,11 +75,11 @@ class SmallUNet(nn.Module):
 
 
 class SegmentationNet(nn.Module):
-    """Transmitter: image [B,3,S,S] in [0,1] -> class logits [B, 5, S, S]."""
+    """Transmitter: image [B,3,S,S] in [0,1] -> class logits [B, seg_classes, S, S]."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, seg_classes: int):
         super().__init__()
-        self.net = SmallUNet(SEG_CLASSES, width)
+        self.net = SmallUNet(seg_classes, width)
 
     def forward(self, image: Tensor) -> Tensor:
         return self.net(image)[0]
@@ -117,30 +120,34 @@ def presence(seg: Tensor, classes: int) -> Tensor:
 
 
 class ReceiverTaskNet(nn.Module):
-    """Receiver: segmentation logits [B,5,S,S], depth [B,S,S] and class logits [B,4] of
-    an image (real while it trains, reconstructed when it is scored)."""
+    """Receiver: segmentation logits [B, seg_classes, S, S], depth [B, S, S] (None
+    without a depth head) and object class logits [B, seg_classes - 1] of an image
+    (real while it trains, reconstructed when it is scored)."""
 
-    def __init__(self, width: int, classes: int):
+    def __init__(self, width: int, seg_classes: int, depth: bool = True):
         super().__init__()
-        self.net = SmallUNet(SEG_CLASSES + 1, width)
+        self.seg_classes, self.depth = seg_classes, depth
+        self.net = SmallUNet(seg_classes + int(depth), width)
         self.class_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                        nn.Linear(4 * width, classes))
+                                        nn.Linear(4 * width, seg_classes - 1))
 
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         maps, bottleneck = self.net(image)
+        c = self.seg_classes
         # Depth as a positive number through softplus (scenes' depths are about 1..10).
-        depth = nn.functional.softplus(maps[:, SEG_CLASSES]) + 1e-3
-        return maps[:, :SEG_CLASSES], depth, self.class_head(bottleneck)
+        depth = nn.functional.softplus(maps[:, c]) + 1e-3 if self.depth else None
+        return maps[:, :c], depth, self.class_head(bottleneck)
 
 
 class DiffusionSemCom(nn.Module):
     def __init__(self, cfg: ExperimentConfig, unet: nn.Module):
         super().__init__()
-        w, classes = cfg.diffusion.private_width, num_classes(cfg.data)
+        classes = mask_classes(cfg.data)
+        w = cfg.diffusion.private_width
         self.unet = unet
-        self.seg_net = SegmentationNet(w)
-        self.classifier = CamClassifier(self.seg_net.net, w, classes)
-        self.task_net = ReceiverTaskNet(w, classes)
+        self.seg_net = SegmentationNet(w, classes.count)
+        self.classifier = CamClassifier(self.seg_net.net, w, classes.objects)
+        self.task_net = ReceiverTaskNet(w, classes.count, classes.depth)
 
 
 def private_parameters(model: DiffusionSemCom) -> list[nn.Parameter]:
@@ -154,7 +161,7 @@ def lora_unet(cfg: ExperimentConfig, lora_rank: int | None = None) -> nn.Module:
     """The pretrained conditional UNet, base frozen, with peft LoRA adapters whose A
     factors come from the shared `lora.init_seed` (B starts at zero: the model starts
     exactly at the pretrained one)."""
-    unet = make_unet(cfg, 3 + COND_CHANNELS)
+    unet = make_unet(cfg, 3 + cond_channels(cfg))
     unet.load_state_dict(load_pretrained(cfg)["unet"])
     for p in unet.parameters():
         p.requires_grad_(False)

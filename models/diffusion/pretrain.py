@@ -2,9 +2,10 @@
 
 Fine-tuning a DDPM from scratch with LoRA alone would leave its base weights random,
 so the server first trains the conditional UNet (and the one-step baseline decoder of
-the report) on a public split of synthetic scenes that no client owns (indices
-num_samples .. num_samples + public_samples - 1) and writes both to
-`diffusion.checkpoint`; every client reads that local file (an edge device receives it
+the report) on a public split of the source that no client owns (common/data: the
+synthetic scenes num_samples .. num_samples + public_samples - 1, or the next
+public_samples of a real source's seeded order; it needs their masks) and writes both
+to `diffusion.checkpoint`; every client reads that local file (an edge device receives it
 once, like a pretrained model). A checkpoint made for other settings is refused with a
 message that says what differs.
 """
@@ -18,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from common import data as data_sources
 from common.config import ExperimentConfig, resolve_path
 from common.data.tensor_dataset import TensorDictDataset
 from common.device import resolve_device
 from common.seeding import seeded
 from models import pretrained
+from models.diffusion.classes import NEEDS, mask_classes
 
 KIND = "diffusion-ddpm"
 CHECKPOINT_KEY = "diffusion.checkpoint"
@@ -34,9 +37,14 @@ _PRETRAIN_KEYS = ("public_samples", "pretrain_steps", "pretrain_batch_size", "pr
 
 
 def fingerprint(cfg: ExperimentConfig) -> dict:
-    """What the pretrained weights depend on; a file made for other values is refused."""
-    return {"diffusion": {k: getattr(cfg.diffusion, k) for k in _PRETRAIN_KEYS},
-            "seed": cfg.seed, "data": pretrained.public_data_fingerprint(cfg.data)}
+    """What the pretrained weights depend on; a file made for other values is refused.
+    A real source's class count is in it too (it sizes the UNet's input; the synthetic
+    scenes' is fixed, and their fingerprint stays as it was)."""
+    out = {"diffusion": {k: getattr(cfg.diffusion, k) for k in _PRETRAIN_KEYS},
+           "seed": cfg.seed, "data": pretrained.public_data_fingerprint(cfg.data)}
+    if cfg.data.name != "synthetic":
+        out["seg_classes"] = mask_classes(cfg.data).count
+    return out
 
 
 def checkpoint_path(cfg: ExperimentConfig) -> Path:
@@ -44,6 +52,8 @@ def checkpoint_path(cfg: ExperimentConfig) -> Path:
 
 
 def public_split(cfg: ExperimentConfig) -> TensorDictDataset:
+    """The public split, refused (with how to add masks) when the source has no masks."""
+    data_sources.require(cfg.data, NEEDS)
     return pretrained.public_split(cfg.data, cfg.diffusion.public_samples,
                                    "diffusion.public_samples")
 
@@ -58,7 +68,7 @@ def _batches(data: TensorDictDataset, batch_size: int, steps: int, generator: to
 def pretrain(cfg: ExperimentConfig, log=print) -> dict:
     """Train the conditional DDPM and the one-step decoder on the public split."""
     from models.diffusion.ddpm import (
-        COND_CHANNELS,
+        cond_channels,
         denoising_loss,
         make_unet,
         noise_scheduler,
@@ -69,9 +79,10 @@ def pretrain(cfg: ExperimentConfig, log=print) -> dict:
     dc = cfg.diffusion
     device = resolve_device(cfg.device)
     data = public_split(cfg)
+    seg_classes = mask_classes(cfg.data).count
     with seeded(cfg.seed + 6):
-        unet = make_unet(cfg, 3 + COND_CHANNELS).to(device)
-        decoder = make_unet(cfg, COND_CHANNELS).to(device)
+        unet = make_unet(cfg, 3 + cond_channels(cfg)).to(device)
+        decoder = make_unet(cfg, cond_channels(cfg)).to(device)
     scheduler = noise_scheduler(dc)
     losses: dict[str, list[float]] = {"denoise": [], "decoder": []}
     start = time.perf_counter()
@@ -89,7 +100,7 @@ def pretrain(cfg: ExperimentConfig, log=print) -> dict:
             model.train()
             for image, seg in _batches(data, dc.pretrain_batch_size, steps, g):
                 image, seg = image.to(device), seg.to(device)
-                cond = training_conditions(image, seg, dc, g)
+                cond = training_conditions(image, seg, dc, g, seg_classes)
                 if name == "denoise":
                     loss = denoising_loss(model, image, cond, scheduler, g)
                 else:
@@ -102,7 +113,7 @@ def pretrain(cfg: ExperimentConfig, log=print) -> dict:
                 progress.update(task, advance=1, loss=sum(losses[name][-20:]) / len(losses[name][-20:]))
     seconds = time.perf_counter() - start
     log(f"pretrained the DDPM ({dc.pretrain_steps} steps) and the one-step decoder "
-        f"({dc.baseline_steps} steps) on {len(data)} public scenes in {seconds:.0f} s")
+        f"({dc.baseline_steps} steps) on {len(data)} public images in {seconds:.0f} s")
     return {"unet": {k: v.cpu() for k, v in unet.state_dict().items()},
             "decoder": {k: v.cpu() for k, v in decoder.state_dict().items()},
             "losses": losses, "seconds": seconds}

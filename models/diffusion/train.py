@@ -2,10 +2,11 @@
 
 Local training, one pass per batch: the DDPM loss on the client's own scenes trains the
 UNet's LoRA adapters (the shared part); cross-entropy on its own masks trains the
-segmentation net, on its labels the CAM classifier; the receiver's task net learns
-segmentation, depth and the label from the real images. Evaluation runs the
-three-phase link on the client's test scenes and scores the receiver's tasks on the
-reconstructions (`task_scores`).
+segmentation net, the classes present in them the CAM classifier; the receiver's task
+net learns segmentation, depth (where the source has it) and the main object class
+(classes.main_object) from the real images. Evaluation runs the three-phase link on
+the client's test scenes and scores the receiver's tasks on the reconstructions
+(`task_scores`).
 """
 
 from __future__ import annotations
@@ -23,16 +24,31 @@ from torchmetrics.functional.image import (
 
 from common.config import ExperimentConfig
 from common.seeding import seeded
+from models.diffusion.classes import MaskClasses, main_object, mask_classes
 from models.diffusion.ddpm import denoising_loss, noise_scheduler, training_conditions
 from models.diffusion.link import FEEDBACK, PHASE1, PHASE3, LinkResult, three_phase_link
 from models.diffusion.model import DiffusionSemCom, presence, private_parameters, set_trainable
 
 
-def receiver_task_loss(model: DiffusionSemCom, image: Tensor, seg: Tensor, depth: Tensor,
-                       label: Tensor) -> Tensor:
+def class_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy on the scenes with a main object (target >= 0; classes.main_object)."""
+    valid = target >= 0
+    if bool(valid.all()):
+        return F.cross_entropy(logits, target)
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[valid], target[valid])
+
+
+def receiver_task_loss(model: DiffusionSemCom, image: Tensor, seg: Tensor,
+                       depth: Tensor | None, label: Tensor) -> Tensor:
+    """The receiver's task losses: segmentation, depth (none without depth maps) and the
+    main object class `label`."""
     seg_logits, depth_pred, class_logits = model.task_net(image)
-    return (F.cross_entropy(seg_logits, seg) + F.l1_loss(depth_pred, depth)
-            + F.cross_entropy(class_logits, label))
+    loss = F.cross_entropy(seg_logits, seg)
+    if depth is not None:
+        loss = loss + F.l1_loss(depth_pred, depth)
+    return loss + class_loss(class_logits, label)
 
 
 def classifier_loss(model: DiffusionSemCom, image: Tensor, seg: Tensor) -> Tensor:
@@ -41,13 +57,21 @@ def classifier_loss(model: DiffusionSemCom, image: Tensor, seg: Tensor) -> Tenso
     return F.binary_cross_entropy_with_logits(logits, presence(seg, logits.shape[1]))
 
 
-def private_losses(model: DiffusionSemCom, image: Tensor, seg: Tensor, depth: Tensor,
+def private_losses(model: DiffusionSemCom, image: Tensor, seg: Tensor, depth: Tensor | None,
                    label: Tensor) -> dict[str, Tensor]:
     """The private nets' losses on the client's own labels: the transmitter's
     segmentation net and CAM classifier, the receiver's task net."""
     return {"loss_segnet": F.cross_entropy(model.seg_net(image), seg),
             "loss_classifier": classifier_loss(model, image, seg),
             "loss_receiver": receiver_task_loss(model, image, seg, depth, label)}
+
+
+def batch_targets(batch: dict[str, Tensor], classes: MaskClasses, device
+                  ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """(image, segmentation, depth or None, main object class) of a batch on `device`."""
+    depth = batch["depth"].to(device) if classes.depth else None
+    return (batch["image"].to(device), batch["segmentation"].to(device), depth,
+            main_object(batch, classes).to(device))
 
 
 def train_local(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
@@ -67,23 +91,23 @@ def train_local(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
     scheduler = noise_scheduler(cfg.diffusion)
     loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
+    classes = mask_classes(cfg.data)
     model.train()
     sums: dict[str, float] = {}
     n_seen = 0
     for _ in range(cfg.train.local_epochs):
         for batch in loader:
-            image, seg = batch["image"].to(device), batch["segmentation"].to(device)
-            label, depth = batch["label"].to(device), batch["depth"].to(device)
+            image, seg, depth, label = batch_targets(batch, classes, device)
+            cond = training_conditions(image, seg, cfg.diffusion, g, classes.count)
             losses = {
-                "loss_denoise": denoising_loss(model.unet, image,
-                                               training_conditions(image, seg, cfg.diffusion, g), scheduler, g),
+                "loss_denoise": denoising_loss(model.unet, image, cond, scheduler, g),
                 **private_losses(model, image, seg, depth, label),
             }
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            n = len(label)
+            n = len(image)
             n_seen += n
             sums["train_loss"] = sums.get("train_loss", 0.0) + loss.item() * n
             for k, v in losses.items():
@@ -104,6 +128,7 @@ def _train_private(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
     if epochs == 0:
         return
     device = next(model.parameters()).device
+    classes = mask_classes(cfg.data)
     nets = (model.seg_net, model.classifier, model.task_net)
     opt = torch.optim.AdamW(private_parameters(model),
                             lr=cfg.diffusion.private_lr, weight_decay=cfg.train.weight_decay)
@@ -113,8 +138,7 @@ def _train_private(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
         m.train()
     for _ in range(epochs):
         for batch in loader:
-            image, seg = batch["image"].to(device), batch["segmentation"].to(device)
-            label, depth = batch["label"].to(device), batch["depth"].to(device)
+            image, seg, depth, label = batch_targets(batch, classes, device)
             loss = sum(private_losses(model, image, seg, depth, label).values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -126,27 +150,31 @@ def _train_private(model: DiffusionSemCom, data: Dataset, cfg: ExperimentConfig,
 
 @torch.no_grad()
 def task_scores(model: DiffusionSemCom, recon: Tensor, batch: dict[str, Tensor],
-                requested: Tensor) -> dict[str, float]:
+                requested: Tensor, classes: MaskClasses) -> dict[str, float]:
     """Sums over the batch of what the receiver's tasks score on reconstructions, to be
     pooled by `pooled_scores`: the requested class's intersection and union (IoU over
     the whole test set, so scenes without that class count through their false
-    positives), depth errors (RMSE; scale-invariant RMSE of Eigen et al. 2014:
-    sqrt(mean(d^2) - mean(d)^2), d = log pred - log true), classification hits, PSNR
-    and SSIM against the originals."""
+    positives), depth errors where the source has depth (RMSE; scale-invariant RMSE of
+    Eigen et al. 2014: sqrt(mean(d^2) - mean(d)^2), d = log pred - log true), hits on
+    the main object class (over the scenes that have one), PSNR and SSIM against the
+    originals."""
     model.eval()
     seg_logits, depth_pred, class_logits = model.task_net(recon)
     pred = seg_logits.argmax(1)
     target = (batch["segmentation"] == (requested + 1)[:, None, None])
     got = pred == (requested + 1)[:, None, None]
-    depth = batch["depth"]
-    d = torch.log(depth_pred) - torch.log(depth)
-    si = torch.sqrt((d ** 2).mean((1, 2)) - d.mean((1, 2)) ** 2).clamp_min(0)
     image = batch["image"]
-    return {
-        "inter": (got & target).sum().item(), "union": (got | target).sum().item(),
-        "sq_depth": ((depth_pred - depth) ** 2).mean((1, 2)).sum().item(),
-        "si_rmse": si.sum().item(),
-        "correct": (class_logits.argmax(1) == batch["label"]).sum().item(),
+    out = {"inter": (got & target).sum().item(), "union": (got | target).sum().item()}
+    if classes.depth:
+        depth = batch["depth"]
+        d = torch.log(depth_pred) - torch.log(depth)
+        si = torch.sqrt((d ** 2).mean((1, 2)) - d.mean((1, 2)) ** 2).clamp_min(0)
+        out["sq_depth"] = ((depth_pred - depth) ** 2).mean((1, 2)).sum().item()
+        out["si_rmse"] = si.sum().item()
+    main = main_object(batch, classes)
+    return out | {
+        "correct": (class_logits.argmax(1) == main).sum().item(),
+        "n_class": (main >= 0).sum().item(),
         "psnr": sum(peak_signal_noise_ratio(r[None], x[None], data_range=1.0).item()
                     for r, x in zip(recon, image)),
         "ssim": structural_similarity_index_measure(recon, image, data_range=1.0,
@@ -156,11 +184,14 @@ def task_scores(model: DiffusionSemCom, recon: Tensor, batch: dict[str, Tensor],
 
 
 def pooled_scores(parts: list[dict[str, float]]) -> dict[str, float]:
+    """IoU, depth errors (where scored), accuracy, PSNR and SSIM over `task_scores`' sums."""
     tot = {k: sum(p[k] for p in parts) for k in parts[0]}
     n = tot["n"]
-    return {"iou": tot["inter"] / max(tot["union"], 1), "depth_rmse": math.sqrt(tot["sq_depth"] / n),
-            "depth_si_rmse": tot["si_rmse"] / n, "accuracy": tot["correct"] / n,
-            "psnr": tot["psnr"] / n, "ssim": tot["ssim"] / n}
+    out = {"iou": tot["inter"] / max(tot["union"], 1)}
+    if "sq_depth" in tot:
+        out |= {"depth_rmse": math.sqrt(tot["sq_depth"] / n), "depth_si_rmse": tot["si_rmse"] / n}
+    return out | {"accuracy": tot["correct"] / max(tot["n_class"], 1),
+                  "psnr": tot["psnr"] / n, "ssim": tot["ssim"] / n}
 
 
 def raw_image_bits(image_size: int) -> int:
@@ -172,9 +203,10 @@ def link_metrics(results: list[tuple[LinkResult, dict[str, Tensor], DiffusionSem
                  cfg: ExperimentConfig) -> dict[str, float]:
     """Per-phase task scores and bytes per image of runs of the link, each scored by the
     task net of the client that ran it, pooled over all of them."""
+    classes = mask_classes(cfg.data)
     n = sum(len(r.requested) for r, _, _ in results)
-    s1 = pooled_scores([task_scores(m, r.recon1, b, r.requested) for r, b, m in results])
-    s3 = pooled_scores([task_scores(m, r.recon3, b, r.requested) for r, b, m in results])
+    s1 = pooled_scores([task_scores(m, r.recon1, b, r.requested, classes) for r, b, m in results])
+    s3 = pooled_scores([task_scores(m, r.recon3, b, r.requested, classes) for r, b, m in results])
     bytes1 = sum(r.nbytes(PHASE1) for r, _, _ in results) / n
     bytes3 = sum(r.nbytes(PHASE3) for r, _, _ in results) / n
     out = {f"{k}_phase1": v for k, v in s1.items()} | {f"{k}_phase3": v for k, v in s3.items()}
@@ -186,7 +218,8 @@ def link_metrics(results: list[tuple[LinkResult, dict[str, Tensor], DiffusionSem
         "rate_phase1": 8 * bytes1 / raw_image_bits(cfg.data.image_size),
         "rate_phase3": 8 * (bytes1 + bytes3) / raw_image_bits(cfg.data.image_size),  # cumulative after phase 3
         "edge_patches": sum(r.patches() for r, _, _ in results) / n,
-        "feedback_is_label": sum((r.requested == b["label"]).sum().item()
+        # The request is the main object class (the synthetic scenes' label).
+        "feedback_is_label": sum((r.requested == main_object(b, classes)).sum().item()
                                  for r, b, _ in results) / n,
         "num-examples": n,
     })

@@ -1,7 +1,10 @@
 """The `diffusion` workload's seam (models/seam.py): the UNet's LoRA adapters are the only
 tensors that leave a client (`shared_state`); the segmentation net, the CAM classifier,
 the receiver's task net (segmentation, depth, classification heads) and the labels
-stay on it."""
+stay on it.
+
+It runs on any source with segmentation masks (models/diffusion/classes.py: the
+source's classes; depth only where the source has depth maps, the synthetic scenes)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from torch.utils.data import Dataset
 from common.config import ExperimentConfig
 from common.data import load_partition
 from common.records import Panel
+from models.diffusion.classes import NEEDS, mask_classes, note_depth
 from models.diffusion.model import DiffusionSemCom, build
 from models.diffusion.pretrain import ensure_pretrained
 from models.diffusion.train import evaluate, train_local
@@ -44,14 +48,19 @@ def public_samples(cfg: ExperimentConfig) -> int:
 
 
 def prepare(cfg: ExperimentConfig) -> None:
-    """Run by the server before round 1: the clients need the pretrained DDPM file."""
+    """Run by the server before round 1: the clients need the pretrained DDPM file. A
+    source without masks is refused here, before anything trains."""
+    mask_classes(cfg.data)
+    note_depth(cfg.data)
     ensure_pretrained(cfg)
 
 
 def load_data(cfg: ExperimentConfig, partition_id: int, num_partitions: int
               ) -> tuple[Dataset, Dataset]:
-    """The client's local (train, test) split of the synthetic scenes (with masks, depth)."""
-    return load_partition(cfg.data, partition_id, num_partitions)
+    """The client's local (train, test) split: images and masks (labels and depth maps
+    where the source has them; neither is required)."""
+    note_depth(cfg.data)
+    return load_partition(cfg.data, partition_id, num_partitions, needs=NEEDS)
 
 
 def shared_state(model: DiffusionSemCom, lora_train: str = "ab") -> dict[str, np.ndarray]:
