@@ -206,10 +206,14 @@ def _taco_heads(model, images: Tensor, batch: dict[str, Tensor]):
 
 
 def _diffusion_tasks(model, images: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The receiver's task net on an image: its classification hits and the share of
-    pixels it segments right, per image; and the image's quality."""
+    """The receiver's task net on an image: its hits on the main object's class (what
+    its class head learns, models/diffusion/classes.py) and the share of pixels it
+    segments right, per image; and the image's quality."""
+    from models.diffusion.classes import main_object
+
     seg_logits, _, class_logits = model.task_net(images)
-    return {"accuracy": (class_logits.argmax(1) == batch["label"]).float(),
+    target = main_object(batch, model.classes)
+    return {"accuracy": (class_logits.argmax(1) == target).float(),
             "pixel_accuracy": (seg_logits.argmax(1) == batch["segmentation"]).float().mean((1, 2)),
             **image_quality(images, batch["image"])}
 

@@ -39,7 +39,7 @@ from models.taco.codec import ensure_codec
 from models.taco.digital_link import fallback_image, payload_over_link, received_image
 from models.taco.payload import deserialise, message_bytes, message_payload
 from models.taco.pipeline import Receiver, Transmitter, switch_request
-from models.taco.task import gradcam_scores, random_mask
+from models.taco.task import SWITCH_FOREGROUND, gradcam_scores, random_mask, segment
 from models.taco.train import evaluation_images, image_quality
 from reports.cli import report_config, report_folder, report_parser, track_report
 from reports.runs import restore_client, simulation_run
@@ -142,7 +142,7 @@ def judge_client(cfg: ExperimentConfig, model: taco.TacoSystem, data, tally: Tal
     t = cfg.taco
     K = t.codec.codebook_size
     d = evaluation_images(data, cfg.taco)
-    images, labels, segs = d["image"], d["label"], d["segmentation"]
+    images, labels, segs = d["image"], d["label"], d.get("segmentation")
     clf = model.classifier
 
     def judge(name: str, decoded: torch.Tensor, nbytes: list[float], **extra) -> None:
@@ -183,16 +183,23 @@ def judge_client(cfg: ExperimentConfig, model: taco.TacoSystem, data, tally: Tal
             s = tx.send(m, sent.payload.rate)
             imgs.append(s.image)
             nbytes.append(message_bytes(s.message))
-        # Task switch after the classification-optimised (LSF) transmission.
+        # Task switch after the classification-optimised (LSF) transmission: off
+        # where the source has no masks (models/taco/task.py switch_mode).
+        if model.segmenter is None:
+            continue
         predicted = int(clf(x_hat).argmax())
-        truth = segs[i] == predicted + 1
-        before = model.segmenter(x_hat).argmax(1)[0] == predicted + 1
-        request = switch_request(model.segmenter, x_hat, predicted, t.switch_confidence)
+        foreground = model.switch == SWITCH_FOREGROUND
+
+        def mine(image: torch.Tensor) -> torch.Tensor:
+            return segment(model.segmenter(image).argmax(1)[0], predicted, foreground)
+
+        truth = segment(segs[i], predicted, foreground)
+        before = mine(x_hat)
+        request = switch_request(model.segmenter, x_hat, predicted, t.switch_confidence,
+                                 foreground=foreground)
         reply = tx.answer_request(request, rx.sent)
         x_more = rx.receive_message(reply, K)
-        after = model.segmenter(x_more).argmax(1)[0] == predicted + 1
-        on_x = model.segmenter(x).argmax(1)[0] == predicted + 1
-        full = model.segmenter(fixed[100][0][-1]).argmax(1)[0] == predicted + 1
+        after, on_x, full = mine(x_more), mine(x), mine(fixed[100][0][-1])
         for key, pred in (("before", before), ("after", after), ("original", on_x),
                           ("full_latent", full)):
             switch[f"inter_{key}"] = switch.get(f"inter_{key}", 0) + int((pred & truth).sum())
@@ -373,24 +380,30 @@ def build_report(cfg: ExperimentConfig, run_dir: Path, federated: dict) -> dict[
              "channel_uses_per_image": r["channel_uses"] / r["n"],
              "undetected_bit_error_rate": r["bit_errors"] / max(r["bits"], 1), "images": r["n"]}
             for (ch, s), r in sorted(link_tally.items())]
-    n = switch["images"]
-    iou = {k: switch[f"inter_{k}"] / max(switch[f"union_{k}"], 1)
-           for k in ("before", "after", "original", "full_latent")}
     return {
         "config": cfg.to_dict(),
         "methods": methods,
         "equal_accuracy": equal_accuracy_ratios(methods),
-        "task_switch": {"iou_before": iou["before"], "iou_after": iou["after"],
-                        "iou_on_original": iou["original"],
-                        "iou_on_full_latent": iou["full_latent"],
-                        "first_kb_per_image": switch["first_bytes"] / n / 1000,
-                        "extra_kb_per_image": switch["extra_bytes"] / n / 1000,
-                        "repeated_positions": switch["repeated_positions"], "images": n},
+        "task_switch": switch_summary(switch),
         "link": link,
         "link_error_free": {"accuracy": clean["correct"] / clean["n"],
                             "psnr": clean["psnr"] / clean["n"], "images": clean["n"]},
         "federated_rounds": federated["rounds"],
     }
+
+
+def switch_summary(switch: dict) -> dict[str, Any] | None:
+    """The task switch's IoUs and bytes, or None where it was off (no masks)."""
+    if not switch:
+        return None
+    n = switch["images"]
+    iou = {k: switch[f"inter_{k}"] / max(switch[f"union_{k}"], 1)
+           for k in ("before", "after", "original", "full_latent")}
+    return {"iou_before": iou["before"], "iou_after": iou["after"],
+            "iou_on_original": iou["original"], "iou_on_full_latent": iou["full_latent"],
+            "first_kb_per_image": switch["first_bytes"] / n / 1000,
+            "extra_kb_per_image": switch["extra_bytes"] / n / 1000,
+            "repeated_positions": switch["repeated_positions"], "images": n}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,10 +431,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{1000 * eq[fmt]['kb_per_image']:.1f} B (file, ratio {eq[fmt]['ratio_file']:.3f}) / "
                   f"{1000 * eq[fmt]['data_kb_per_image']:.1f} B (data only, ratio "
                   f"{eq[fmt]['ratio_data']:.3f})")
-    print(f"\ntask switch: IoU of the requested class {sw['iou_before']:.3f} -> "
-          f"{sw['iou_after']:.3f} for {1000 * sw['extra_kb_per_image']:.1f} extra B per image "
-          f"(first transmission {1000 * sw['first_kb_per_image']:.1f} B; on the original "
-          f"{sw['iou_on_original']:.3f}); positions sent twice: {sw['repeated_positions']}")
+    if sw is None:
+        print("\ntask switch: off (the source has no segmentation masks)")
+    else:
+        print(f"\ntask switch: IoU of the requested segment {sw['iou_before']:.3f} -> "
+              f"{sw['iou_after']:.3f} for {1000 * sw['extra_kb_per_image']:.1f} extra B per "
+              f"image (first transmission {1000 * sw['first_kb_per_image']:.1f} B; on the "
+              f"original {sw['iou_on_original']:.3f}); positions sent twice: "
+              f"{sw['repeated_positions']}")
     print(f"results in {out}")
     track_report(cfg, out)
     return 0

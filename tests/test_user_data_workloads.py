@@ -167,3 +167,26 @@ def test_distill_top_k_is_checked_against_the_sources_classes(user_folder, tmp_p
     assert not (tmp_path / "teacher.pt").exists()
     with pytest.raises(ConfigError, match=r"distill.top_k.*1 \.\. 4 \(the synthetic scenes"):
         load_config("configs/distill_quickstart.yaml", ["distill.top_k=5"])
+
+
+@pytest.mark.parametrize("source", [[], ["data.name=digits", "data.image_size=32"]],
+                         ids=["synthetic", "digits"])
+def test_the_taco_report_judges_a_run_with_and_without_masks(source, pretrained_dir, tmp_path,
+                                                             flower_message_context):
+    from reports import taco as taco_report
+
+    name = "taco-codec-digits32.pt" if source else "taco-codec-synthetic-tiny.pt"
+    run_dir = tmp_path / "run"
+    cfg = taco_cfg(source, pretrained_dir / name, tmp_path, "taco.link.images=2",
+                   "taco.link.sweep_snr_db=[10]", "taco.link.channels=[awgn]",
+                   f"client_state_dir={run_dir / 'client-state'}")
+    federated = run_federated(LoopbackGrid(cfg.num_clients), cfg, run_dir)
+    report = taco_report.build_report(cfg, run_dir, federated)
+    assert 0 <= report["methods"]["taco LSF"]["accuracy"] <= 1
+    assert report["link"][0]["images"] == 2 * cfg.num_clients
+    switch = report["task_switch"]
+    if source:  # digits have no masks: the switch is off, and the report says so
+        assert switch is None
+    else:
+        assert switch["images"] == 3 * cfg.num_clients
+        assert 0 <= switch["iou_before"] <= 1 and 0 <= switch["iou_after"] <= 1

@@ -144,6 +144,7 @@ class DiffusionSemCom(nn.Module):
         super().__init__()
         classes = mask_classes(cfg.data)
         w = cfg.diffusion.private_width
+        self.classes = classes  # the source's mask classes (models/diffusion/classes.py)
         self.unet = unet
         self.seg_net = SegmentationNet(w, classes.count)
         self.classifier = CamClassifier(self.seg_net.net, w, classes.objects)
