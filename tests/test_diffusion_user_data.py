@@ -66,13 +66,17 @@ def test_one_round_on_user_data_with_masks_records_finite_metrics(
     assert any("no depth maps" in r.getMessage() for r in caplog.records)
 
 
-def test_mask_classes_take_the_label_names_only_when_the_counts_agree(
+def test_mask_classes_are_named_as_the_config_says_else_class_k(
         user_parquet, unlabelled_parquet, tmp_path):
-    """Mask id k is the source's class k - 1 where there are as many object classes as
-    labels, else "class k"; the class head's target is each mask's main object."""
-    assert mask_classes(user_cfg(tmp_path / "x.pt", user_parquet).data).names == (
+    """Mask id k is named by data.seg_class_names, else "class k" (a mask does not say
+    what its ids mean); the class head's target is each mask's main object."""
+    named = user_parquet + ["data.seg_class_names=[circle,square,triangle,cross]"]
+    assert mask_classes(user_cfg(tmp_path / "x.pt", named).data).names == (
         "circle", "square", "triangle", "cross")
-    for source in (user_parquet + ["data.seg_classes=7"], unlabelled_parquet):
+    with pytest.raises(DataError, match="seg_class_names has 2 names.*4 object ids"):
+        mask_classes(user_cfg(tmp_path / "x.pt", user_parquet
+                              + ["data.seg_class_names=[a,b]"]).data)
+    for source in (user_parquet, user_parquet + ["data.seg_classes=7"], unlabelled_parquet):
         classes = mask_classes(user_cfg(tmp_path / "x.pt", source).data)
         assert classes.names == tuple(f"class {k}" for k in range(1, classes.count))
     cfg = user_cfg(tmp_path / "x.pt", user_parquet)

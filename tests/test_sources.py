@@ -186,3 +186,26 @@ def test_a_users_parquet_and_folder_agree_on_the_examples(user_folder, user_parq
     px = SRC.get_source(p).examples(np.arange(48), 32)["image"]
     key = lambda x: sorted(x.flatten(1).sum(1).round(decimals=3).tolist())  # noqa: E731
     assert key(fx) == key(px)
+
+
+def test_mask_ids_past_seg_classes_are_refused_and_a_changed_mask_changes_the_fingerprint(
+        tmp_path):
+    import os
+
+    from PIL import Image
+
+    images, masks = write_image_folder(tmp_path, n=6, texts=False)
+    cfg = DataConfig(name="folder", root=str(images), masks_root=str(masks), num_samples=6,
+                     partitioner="iid", seg_classes=3)
+    with pytest.raises(ConfigError, match=r"holds id [34], outside 0 .. 2: raise "
+                       "data.seg_classes"):
+        SRC.get_source(cfg).examples(np.arange(6), 32)
+    before = D.source_fingerprint(DataConfig(name="folder", root=str(images),
+                                             masks_root=str(masks)))
+    mask = next(masks.rglob("*.png"))
+    Image.fromarray(np.zeros((HEIGHT, WIDTH), np.uint8)).save(mask)
+    os.utime(mask, (1, 1))  # a new file time, whatever the clock's resolution
+    SRC._get_source.cache_clear()
+    after = D.source_fingerprint(DataConfig(name="folder", root=str(images),
+                                            masks_root=str(masks)))
+    assert after != before

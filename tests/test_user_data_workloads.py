@@ -81,9 +81,14 @@ def test_taco_runs_a_round_with_the_task_switch_on_a_users_masks(user_source, pr
                                                                  tmp_path,
                                                                  flower_message_context):
     name, source = user_source
-    cfg = taco_cfg(source, pretrained_dir / f"taco-codec-{name}.pt", tmp_path)
-    # The fixtures' masks are the scenes' (background 0, label + 1).
-    assert taco_task.switch_mode(cfg.data) == taco_task.SWITCH_CLASS
+    # Both fixtures' masks are the scenes' (circle 1, square 2, triangle 3, cross 4). The
+    # parquet's ClassLabel lists the classes in that order, so naming the mask ids says
+    # that mask id k is label k - 1; the folder numbers its sorted sub-folders (circle,
+    # cross, square, triangle), so there the switch segments every object.
+    names = "data.seg_class_names=[circle,square,triangle,cross]"
+    cfg = taco_cfg([*source, names], pretrained_dir / f"taco-codec-{name}.pt", tmp_path)
+    expected = taco_task.SWITCH_CLASS if name == "parquet" else taco_task.SWITCH_FOREGROUND
+    assert taco_task.switch_mode(cfg.data) == expected
     run_federated(LoopbackGrid(2), cfg, tmp_path / "run")
     row = recorded_round(tmp_path / "run", TACO_KEYS + SWITCH_KEYS)
     assert row["receiver_exact"] == 1.0

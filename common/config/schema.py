@@ -99,6 +99,9 @@ class DataConfig:
     # folder: masks mirroring `root` (one PNG of class ids per image, same stem).
     masks_root: str | None = None
     seg_classes: int | None = None  # segmentation classes; None: the largest id + 1
+    # The names of mask ids 1, 2, ... (default "class 1", ...). Equal to the source's
+    # class names, they also say that mask id k is label k - 1 (the synthetic scenes' way).
+    seg_class_names: list[str] = field(default_factory=list)
     # Column (hf) or metadata.jsonl field (folder) of each annotation.
     image_column: str = "image"
     label_column: str = "label"

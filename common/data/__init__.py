@@ -37,8 +37,8 @@ from common.data.tensor_dataset import TensorDictDataset
 from common.data.text import SYNTHETIC_VOCAB, TextVocab
 
 __all__ = ["DataError", "class_names", "examples", "held_out_pool", "load_partition",
-           "num_classes", "public_fingerprint", "public_indices", "public_split", "require",
-           "seg_classes", "source_fingerprint", "source_keys", "source_order", "source_size",
+           "mask_ids_are_labels", "num_classes", "public_fingerprint", "public_indices", "public_split", "require",
+           "seg_class_names", "seg_classes", "source_fingerprint", "source_keys", "source_order", "source_size",
            "text_vocab"]
 
 SYNTHETIC_SEG_CLASSES = 1 + len(CLASSES)  # background + the four shapes
@@ -101,6 +101,29 @@ def seg_classes(cfg: DataConfig) -> int:
     if src.seg_classes is None:
         src.require("segmentation", "segmentation", cfg)
     return src.seg_classes
+
+
+def seg_class_names(cfg: DataConfig) -> tuple[str, ...]:
+    """The names of mask ids 1 .. seg_classes - 1: the shapes for the synthetic scenes,
+    data.seg_class_names where given, else "class 1", "class 2", ... (a mask file does
+    not say what its ids mean)."""
+    if cfg.name == "synthetic":
+        return CLASSES
+    count = seg_classes(cfg)
+    names = tuple(cfg.seg_class_names)
+    if names and len(names) != count - 1:
+        raise DataError(f"data.seg_class_names has {len(names)} names, the masks have "
+                        f"{count - 1} object ids (1 .. {count - 1}): give one name per id")
+    return names or tuple(f"class {k}" for k in range(1, count))
+
+
+def mask_ids_are_labels(cfg: DataConfig) -> bool:
+    """Whether mask id k is label k - 1: always for the synthetic scenes; for a real
+    source when data.seg_class_names are its class names, in their order."""
+    if cfg.name == "synthetic":
+        return True
+    return ("label" in source_keys(cfg) and "segmentation" in source_keys(cfg)
+            and bool(cfg.seg_class_names) and seg_class_names(cfg) == class_names(cfg))
 
 
 def text_vocab(cfg: DataConfig) -> TextVocab:

@@ -99,9 +99,16 @@ class Source:
         if self.labels is not None:
             out["label"] = torch.from_numpy(self.labels[idx].copy())
         if self.read_masks is not None:
+            masks = self.read_masks(idx)
+            for i, m in zip(idx, masks):
+                if m.numel() and (m.min() < 0 or m.max() >= self.seg_classes):
+                    raise DataError(
+                        f"the mask of example {i} of data.name={self.name!r} holds id "
+                        f"{int(m.max())}, outside 0 .. {self.seg_classes - 1}: raise "
+                        "data.seg_classes, or map the ids (e.g. a 255 'void' id) in the masks")
             out["segmentation"] = _stack(
                 [fit(m[None, None].float(), image_size, nearest=True)[0, 0].long()
-                 for m in self.read_masks(idx)], (image_size, image_size), torch.int64)
+                 for m in masks], (image_size, image_size), torch.int64)
         vocab = self.vocab if self.texts else None
         if "caption" in self.texts:
             out["caption"] = _tokens([self.texts["caption"][i] for i in idx], vocab, caption_len)
@@ -174,7 +181,7 @@ def source_key(cfg: DataConfig) -> tuple:
     keys = ("name", "root", "download", "hf_dataset", "data_files", "hf_split", "hf_subset",
             "allow_hub", "masks_root", "image_column", "label_column", "mask_column",
             "caption_column", "question_column", "answer_column", "natural_id_column",
-            "seg_classes")
+            "seg_classes", "seg_class_names")
     return tuple((k, json.dumps(getattr(cfg, k))) for k in keys)
 
 
@@ -249,9 +256,12 @@ def _folder(cfg: DataConfig) -> Source:
     def read_images(idx):
         return [_pil_image(Image.open(files[i])) for i in idx]
 
-    stats = [(r, os.path.getsize(f), int(os.path.getmtime(f))) for r, f in zip(rel, files)]
+    def stat(f: Path) -> tuple[int, int]:
+        return os.path.getsize(f), int(os.path.getmtime(f))
+
+    stats = [(r, *stat(f)) for r, f in zip(rel, files)]
     return Source(
-        "folder", len(files), _hash(stats, [str(m) for m in mask_files], texts),
+        "folder", len(files), _hash(stats, [(str(m), *stat(m)) for m in mask_files], texts),
         labels, tuple(listing.classes), None, texts, seg_classes, read_images,
         read_masks, {
             "segmentation": "set data.masks_root to a folder of PNG masks mirroring "

@@ -3,9 +3,9 @@
 there is depth.
 
 - Classes: `common.data.seg_classes` (background id 0 included). Mask id k >= 1 is
-  named after class k - 1 of the source's labels when their counts agree (the
-  synthetic scenes: circle, square, ...), else "class k"; the source does not say
-  which name a mask id has, so the counts are all there is to go on.
+  named by `common.data.seg_class_names`: the shapes for the synthetic scenes,
+  `data.seg_class_names` where the user gives them, else "class k" (a mask file does not
+  say what its ids mean).
 - The receiver's class head learns each scene's main object class (0-based: mask id
   - 1), which is also what its feedback falls back to. The synthetic scenes' label is
   exactly that (the class of the largest object); a real source's is read from its
@@ -73,10 +73,8 @@ def mask_classes(data_cfg: DataConfig) -> MaskClasses:
                         "and workload 'diffusion' needs at least one object class: give "
                         "masks with object ids 1.. (or set data.seg_classes)")
     keys = data.source_keys(data_cfg)
-    names = data.class_names(data_cfg) if "label" in keys else ()
-    if len(names) != count - 1:
-        names = tuple(f"class {k}" for k in range(1, count))
-    return MaskClasses(count, tuple(names), BASIC_COLOURS, False, "depth" in keys)
+    return MaskClasses(count, data.seg_class_names(data_cfg), BASIC_COLOURS, False,
+                       "depth" in keys)
 
 
 def main_object(batch: dict[str, Tensor], classes: MaskClasses) -> Tensor:

@@ -37,10 +37,12 @@ _logged: set[tuple[str, str]] = set()  # (source, message): what was logged in t
 def switch_mode(data_cfg: DataConfig) -> str | None:
     """What the task switch segments on this source, from what it annotates:
 
-    SWITCH_CLASS       the masks have one class more than the labels (background 0, then
-                       label + 1, as the synthetic scenes): the predicted class's pixels
-    SWITCH_FOREGROUND  masks whose classes are not the labels' (say background /
-                       object): every non-background pixel
+    SWITCH_CLASS       mask id k is label k - 1 (the synthetic scenes; a real source
+                       whose data.seg_class_names are its class names): the predicted
+                       class's pixels
+    SWITCH_FOREGROUND  masks whose ids are not known to be the labels' (a folder's
+                       labels are its sorted sub-folder names, whatever ids its masks
+                       use): every non-background pixel
     None               no masks: the switch is off (module docstring)
 
     The choice is logged once per source when it is not SWITCH_CLASS."""
@@ -52,13 +54,12 @@ def switch_mode(data_cfg: DataConfig) -> str | None:
                                 "segmenter is trained, and switch_iou_before, "
                                 "switch_iou_after and switch_extra_kb are not measured")
         return None
-    seg, classes = data.seg_classes(data_cfg), data.num_classes(data_cfg)
-    if seg == classes + 1:
+    if data.mask_ids_are_labels(data_cfg):
         return SWITCH_CLASS
-    _log_once(data_cfg, f"taco: data.name={data_cfg.name!r} has {classes} classes and masks "
-                        f"of {seg} (background included), so a mask id is not a label + 1: "
-                        "the task switch segments every non-background pixel instead of "
-                        "the predicted class")
+    _log_once(data_cfg, f"taco: data.name={data_cfg.name!r} does not say that mask id k is "
+                        "label k - 1 (set data.seg_class_names to its class names, in "
+                        "order, where it is), so the task switch segments every "
+                        "non-background pixel instead of the predicted class")
     return SWITCH_FOREGROUND
 
 
