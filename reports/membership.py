@@ -9,10 +9,25 @@ The target is what a client deploys after the last round: the global shared stat
 folder. `client:<p>` audits partition p's model; `global` audits every client's model
 at once (each candidate scored by its own client's model, one ROC over all of them).
 
-Members are the target's training examples. Non-members are fresh synthetic scenes that
-no client and no teacher ever saw, drawn with the members' class histogram (a partition
-skews only the labels, so they come from the same distribution), R per member. The
-population RMIA compares against is Z more such scenes.
+Members are the target's training examples; non-members are examples no client trained
+on and no server pre-trained on, R per member, drawn with the members' class histogram
+(a partition skews only the labels, so given its label a non-member comes from the
+same distribution). The population RMIA compares against is Z more of them, disjoint
+from the candidates. Where they come from depends on the source (common/data):
+
+  synthetic scenes  members are the client's partition, rebuilt from the config;
+                    non-members and population are fresh scenes far past every scene a
+                    client or a teacher saw.
+  a real source     members are the examples each audited client recorded as its
+                    training set (<state dir>/<run key>/partition-<id>/data-indices.json,
+                    written by fl_client); the record's source fingerprint must match the
+                    source's files now. Non-members are the client's own recorded test
+                    examples first, then the source's held-out tail (after the clients'
+                    data.num_samples and the workload's public split), never an example
+                    any client recorded; the population is what is left of that tail.
+                    A source too small for R or Z is refused, naming the numbers (lower
+                    data.num_samples for the next run, or R, or Z): the audit never falls
+                    back to synthetic examples.
 
 Reference models are trained by the same pipeline (the workload's `train_local`, same
 config, DP-SGD included when the run used it) on paired complementary halves of the
@@ -42,17 +57,33 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from common.config import ExperimentConfig
-from common.data import num_classes
+from common.data import (
+    DataError,
+    class_names,
+    examples,
+    held_out_pool,
+    num_classes,
+    source_fingerprint,
+    source_size,
+)
 from common.data.scenes import HELD_OUT_START, SyntheticScenes, held_out_indices
+from common.data.sources import get_source
 from common.data.tensor_dataset import TensorDictDataset
 from common.device import resolve_device
 from common.records import plt
 from models import get_workload
-from models.seam import ClassLogits
+from models.client_state import DATA_INDICES_FILE, read_data_record
+from models.seam import ClassLogits, PublicSplit
 from privacy import mia
 from privacy.dp import HISTORY_KEY, ClientDP, epsilon_of
 from privacy.mia_metrics import TooFewNonMembers, attack_auc, empirical_epsilon, tpr_at_fpr
-from reports.runs import RunFolderError, finished_run, restore_client, saved_client_state
+from reports.runs import (
+    RunFolderError,
+    client_state_folder,
+    finished_run,
+    restore_client,
+    saved_client_state,
+)
 
 DEFAULT_FPRS = (0.01, 0.001)
 POPULATION_START = 2 * HELD_OUT_START  # after every non-member the audit could draw
@@ -67,6 +98,9 @@ class Candidates:
     data: TensorDictDataset
     is_member: np.ndarray  # bool [N]
     owner: np.ndarray  # int [N]: the partition whose model scores the example
+    index: np.ndarray | None = None  # int [N]: each candidate's index into its source
+    # A real source's held-out examples that are not candidates (RMIA's population).
+    rest: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------- the examples
@@ -96,15 +130,176 @@ def candidates(cfg: ExperimentConfig, pids: list[int], ratio: float) -> Candidat
         parts += [train, _scenes_like(cfg, train, held)]
         member += [np.ones(len(train), bool), np.zeros(len(held), bool)]
         owner += [np.full(len(train) + len(held), pid)]
-    return Candidates(_concat(parts), np.concatenate(member), np.concatenate(owner))
+    index = [getattr(p, "indices", None) for p in parts]
+    return Candidates(_concat(parts), np.concatenate(member), np.concatenate(owner),
+                      None if any(i is None for i in index) else np.concatenate(index))
 
 
-def population(cfg: ExperimentConfig, like: Candidates, size: int) -> SyntheticScenes:
-    counts = np.bincount(like.data.tensors["label"].numpy()[like.is_member],
-                         minlength=num_classes(cfg.data))
-    counts = np.round(counts / counts.sum() * size).astype(int)
+def population(cfg: ExperimentConfig, like: Candidates, size: int) -> TensorDictDataset:
+    counts = _population_counts(cfg, like, size)
+    if cfg.data.name != "synthetic":
+        return _held_out_population(cfg, like, counts, size)
     indices = held_out_indices(cfg.data.seed, cfg.data.max_objects, counts, POPULATION_START)
     return _scenes_like(cfg, like.data, indices)
+
+
+def _population_counts(cfg: ExperimentConfig, like: Candidates, size: int) -> np.ndarray:
+    counts = np.bincount(like.data.tensors["label"].numpy()[like.is_member],
+                         minlength=num_classes(cfg.data))
+    return np.round(counts / counts.sum() * size).astype(int)
+
+
+# A real source: the recorded examples and the held-out tail.
+
+def public_samples(cfg: ExperimentConfig) -> int:
+    """The size of the workload's public split (models.seam.PublicSplit), else 0."""
+    workload = get_workload(cfg.workload)
+    return workload.public_samples(cfg) if isinstance(workload, PublicSplit) else 0
+
+
+def checked_data_record(cfg: ExperimentConfig, run_dir: Path, pid: int,
+                        state_dir: str | Path | None) -> dict[str, Any]:
+    """Partition `pid`'s data-indices.json, checked against the source as it is now."""
+    folder = client_state_folder(cfg, run_dir, pid, state_dir)
+    record = read_data_record(folder)
+    if record is None:
+        raise AuditError(
+            f"partition {pid}: no {DATA_INDICES_FILE} in {folder}; a data.name="
+            f"{cfg.data.name} run is audited on the examples each client recorded there "
+            "(its clients write it after training): rerun the run with this version, or "
+            "restore the file")
+    now = source_fingerprint(cfg.data)
+    if record.get("source") != cfg.data.name or record.get("fingerprint") != now:
+        raise AuditError(
+            f"partition {pid}: {folder / DATA_INDICES_FILE} names the examples of "
+            f"{record.get('fingerprint')!r} and data.name={cfg.data.name} is now {now!r}: "
+            "the source's files changed since the run, so its indices no longer name the "
+            "examples it trained on; restore the files the run used, or audit a run "
+            "trained on these")
+    return record
+
+
+def _layout(cfg: ExperimentConfig, public: int) -> str:
+    size = source_size(cfg.data)
+    clients = min(cfg.data.num_samples, size)
+    return (f"data.name={cfg.data.name} has {size} examples: {clients} for the clients "
+            f"(data.num_samples={cfg.data.num_samples}), {public} for the public split, "
+            f"{max(size - clients - public, 0)} held out")
+
+
+def recorded_candidates(cfg: ExperimentConfig, run_dir: str | Path, pids: list[int],
+                        ratio: float, state_dir: str | Path | None = None) -> Candidates:
+    """A real source's candidates: each audited partition's recorded training examples,
+    and `ratio` times as many held-out examples with their class histogram, its own
+    recorded test examples first, then the source's held-out tail; `rest` is what is
+    left of the tail. No example any client recorded, and none of the public split, is
+    ever a non-member."""
+    run_dir = Path(run_dir)
+    records = {pid: checked_data_record(cfg, run_dir, pid, state_dir) for pid in pids}
+    for pid in set(range(cfg.num_clients)) - set(pids):  # the others', where kept
+        try:
+            records[pid] = checked_data_record(cfg, run_dir, pid, state_dir)
+        except RunFolderError:
+            pass
+    labels = get_source(cfg.data).labels
+    k = num_classes(cfg.data)
+    train = {pid: np.asarray(r["train"], dtype=np.int64) for pid, r in records.items()}
+    test = {pid: np.asarray(r["test"], dtype=np.int64) for pid, r in records.items()}
+    trained = np.concatenate(list(train.values()))
+    used = np.concatenate([trained, *test.values()])
+    public = public_samples(cfg)
+    pool = held_out_pool(cfg.data, public)
+    if np.isin(pool, used).any():
+        raise AuditError(f"the clients' recorded examples overlap the held-out tail of "
+                         f"{_layout(cfg, public)}: the run's data layout is not this "
+                         "version's; audit a run trained with it")
+    for pid in pids:
+        if np.isin(test[pid], trained).any():
+            raise AuditError(f"partition {pid}: its recorded test examples include examples "
+                             "a client trained on; the record is not a run's, rerun the run")
+    by_class = [pool[labels[pool] == c] for c in range(k)]
+
+    # Non-members per partition and class: its own test examples, then the tail.
+    want = {pid: np.round(np.bincount(labels[train[pid]], minlength=k) * ratio).astype(int)
+            for pid in pids}
+    own = {pid: [test[pid][labels[test[pid]] == c][: want[pid][c]] for c in range(k)]
+           for pid in pids}
+    short = np.sum([want[pid] - [len(o) for o in own[pid]] for pid in pids], axis=0)
+    have = np.array([len(b) for b in by_class])
+    if (short > have).any():
+        c = int(np.argmax(short - have))
+        members = sum(len(train[pid]) for pid in pids)
+        best = _largest_ratio(own, train, labels, have, ratio, pids, k)
+        lower = (f"lower --non-member-ratio to {best:.2f} or less, or " if best > 0 else "")
+        raise AuditError(
+            f"--non-member-ratio {ratio:g}: {members} members need "
+            f"{sum(int(w.sum()) for w in want.values())} non-members with their class "
+            f"histogram, and class {class_names(cfg.data)[c]!r} lacks "
+            f"{int(short[c] - have[c])} (it needs {int(short[c])} beyond the clients' own "
+            f"test examples; the held-out tail has {int(have[c])}). {_layout(cfg, public)}: "
+            f"{lower}rerun with a lower data.num_samples (a longer held-out tail)")
+    member, owner, index = [], [], []
+    taken = np.zeros(k, dtype=int)
+    for pid in pids:
+        tail = [by_class[c][taken[c]: taken[c] + want[pid][c] - len(own[pid][c])]
+                for c in range(k)]
+        taken += [len(t) for t in tail]
+        held = np.concatenate([*own[pid], *tail])
+        index += [train[pid], held]
+        member += [np.ones(len(train[pid]), bool), np.zeros(len(held), bool)]
+        owner += [np.full(len(train[pid]) + len(held), pid)]
+    caption_len = _caption_len(cfg, pids[0])
+    data = examples(cfg.data, np.concatenate(index), caption_len)
+    rest = np.concatenate([by_class[c][taken[c]:] for c in range(k)])
+    return Candidates(data, np.concatenate(member), np.concatenate(owner),
+                      np.concatenate(index), np.sort(rest))
+
+
+def _largest_ratio(own, train, labels, have, ratio, pids, k) -> float:
+    """The largest ratio (in hundredths) the held-out examples supply."""
+    def fits(r: float) -> bool:
+        short = np.zeros(k, dtype=int)
+        for pid in pids:
+            need = np.round(np.bincount(labels[train[pid]], minlength=k) * r).astype(int)
+            short += np.maximum(need - [len(o) for o in own[pid]], 0)
+        return bool((short <= have).all())
+
+    low, high = 0, int(math.ceil(ratio * 100))  # fits(low / 100), not fits(high / 100)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid / 100) else (low, mid)
+    return low / 100
+
+
+def _caption_len(cfg: ExperimentConfig, pid: int) -> int:
+    """The caption length of the workload's own datasets (12 where it has none)."""
+    like, _ = get_workload(cfg.workload).load_data(cfg, pid, cfg.num_clients)
+    return like.tensors["caption"].shape[1] if "caption" in like.tensors else 12
+
+
+def _held_out_population(cfg: ExperimentConfig, like: Candidates, counts: np.ndarray,
+                         size: int) -> TensorDictDataset:
+    """`counts[c]` of the held-out examples left after the candidates, per class c."""
+    labels = get_source(cfg.data).labels
+    rest = like.rest
+    by_class = [rest[labels[rest] == c] for c in range(len(counts))]
+    have = np.array([len(b) for b in by_class])
+    if (counts > have).any():
+        c = int(np.argmax(counts - have))
+        fits = [z for z in range(size, -1, -1)
+                if (_population_counts(cfg, like, z) <= have).all()]
+        name = class_names(cfg.data)[c]
+        raise AuditError(
+            f"--population {size}: RMIA's population needs {int(counts.sum())} held-out "
+            f"examples with the members' class histogram, {int(counts[c])} of class "
+            f"{name!r}, and after the {len(like.is_member)} candidates the held-out tail has "
+            f"{len(rest)} ({int(have[c])} of class {name!r}). "
+            f"{_layout(cfg, public_samples(cfg))}: lower --population to {fits[0]} or less, "
+            "lower --non-member-ratio, or rerun with a lower data.num_samples")
+    indices = np.concatenate([b[:n] for b, n in zip(by_class, counts)])
+    caption_len = (like.data.tensors["caption"].shape[1] if "caption" in like.data.tensors
+                   else 12)
+    return examples(cfg.data, indices, caption_len)
 
 
 def _subset(data: TensorDictDataset, index: np.ndarray) -> TensorDictDataset:
@@ -192,10 +387,6 @@ def audit(run_dir: str | Path, target: str = "global", attacks: str = "loss,lira
         raise AuditError(f"--run {run_dir}: a split run (split.mode={cfg.split.mode}) keeps "
                          "half the model on the server; the membership audit covers federated "
                          "runs (split training's label leakage: privacy.label_leakage.audit)")
-    if cfg.data.name != "synthetic":
-        raise AuditError(f"--run {run_dir}: data.name={cfg.data.name}; the audit draws its "
-                         "held-out examples from the synthetic scene generator, so it needs "
-                         "data.name=synthetic")
     if not isinstance(get_workload(cfg.workload), ClassLogits):
         raise AuditError(f"--run {run_dir}: workload {cfg.workload!r} has no classification "
                          "head to score (models.seam.ClassLogits); the membership audit covers "
@@ -215,7 +406,13 @@ def audit(run_dir: str | Path, target: str = "global", attacks: str = "loss,lira
     epochs = reference_epochs or cfg.rounds * cfg.train.local_epochs
     dev = resolve_device(device or cfg.device)
 
-    cands = candidates(cfg, pids, non_member_ratio)
+    try:
+        if cfg.data.name == "synthetic":
+            cands = candidates(cfg, pids, non_member_ratio)
+        else:
+            cands = recorded_candidates(cfg, run_dir, pids, non_member_ratio, state_dir)
+    except DataError as err:  # the source cannot be read as the run read it
+        raise AuditError(f"--run {run_dir}: {err}") from err
     negatives = int((~cands.is_member).sum())
     for fpr in fprs:
         if strict and negatives < math.ceil(10 / fpr):
@@ -294,6 +491,7 @@ def audit(run_dir: str | Path, target: str = "global", attacks: str = "loss,lira
         "reference_models": references if needs_refs else 0, "reference_epochs": epochs,
         "member_accuracy": float(correct[cands.is_member].mean()),
         "non_member_accuracy": float(correct[~cands.is_member].mean()),
+        "data": cfg.data.name,
         "dp_mode": cfg.privacy.dp.mode,
         "dp_epsilon": max(dp_eps) if dp_eps else None, "delta": delta,
         "attacks": results, "notes": notes,
@@ -367,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-epochs", type=int, default=None,
                         help="epochs per reference model (default: rounds x local_epochs)")
     parser.add_argument("--non-member-ratio", type=float, default=1.0,
-                        help="held-out scenes per member (TPR at FPR f needs 10/f non-members)")
+                        help="held-out examples per member (TPR at FPR f needs 10/f "
+                             "non-members)")
     parser.add_argument("--population", type=int, default=500, help="RMIA's population size")
     parser.add_argument("--fixed-variance", action="store_true", help="LiRA with one variance")
     parser.add_argument("--rmia-a", type=float, default=None,

@@ -73,6 +73,14 @@ def saved_client_state(cfg: ExperimentConfig, run_dir: str | Path, partition_id:
     """Partition `partition_id`'s private tensors after the last round it trained (and
     its DP accountant's history, under privacy.dp.HISTORY_KEY, if it ran DP-SGD), from
     `state_dir` (the node's `state-dir`), else from where the run's clients kept them."""
+    folder = client_state_folder(cfg, run_dir, partition_id, state_dir)
+    return read_state_file(saved_rounds(folder)[-1][1])
+
+
+def client_state_folder(cfg: ExperimentConfig, run_dir: str | Path, partition_id: int,
+                        state_dir: str | Path | None = None) -> Path:
+    """The folder of partition `partition_id`'s last saved round (its private state and
+    data-indices.json), found as `saved_client_state` finds it."""
     run_dir = Path(run_dir)
     if state_dir is not None:
         roots = {Path(state_dir)}
@@ -88,7 +96,7 @@ def saved_client_state(cfg: ExperimentConfig, run_dir: str | Path, partition_id:
                              f"{' or '.join(map(str, sorted(roots)))}; use a run whose "
                              "clients kept their state there (python -m simulation does), or "
                              "name the nodes' folder with --state-dir")
-    return read_state_file(max(files)[1])
+    return max(files)[1].parent
 
 
 def restore_client(cfg: ExperimentConfig, run_dir: str | Path, partition_id: int,

@@ -1,23 +1,35 @@
 """Membership-inference attacks (privacy/mia.py) and the audit of finished runs
 (reports/membership.py): calibration on simulated signals, a positive control that must be
-caught, a DP-SGD model whose attacks stay inside the DP bound, and the refusals."""
+caught, a DP-SGD model whose attacks stay inside the DP bound, and the refusals; on the
+synthetic scenes and on a real source (scikit-learn's digits), whose members and
+non-members come from the indices the clients recorded."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 from scipy.stats import beta, norm
 from test_server_rounds import LoopbackGrid
 
+from common import data
 from common.config import load_config
 from fl_server.rounds import run_federated
+from models.client_state import DATA_INDICES_FILE, read_data_record
 from privacy import mia
 from privacy.mia_metrics import attack_auc
-from reports.membership import AuditError, audit, parse_attacks, reference_halves
-from reports.runs import RunFolderError
+from reports.membership import (
+    AuditError,
+    audit,
+    parse_attacks,
+    population,
+    recorded_candidates,
+    reference_halves,
+)
+from reports.runs import RunFolderError, client_state_folder, finished_run
 
 
 def _simulated(n=4000, k=32, shift=1.0, seed=0):
@@ -173,3 +185,106 @@ def test_the_privacy_report_row_takes_the_best_attack_and_says_what_it_cannot_me
     assert row["mia_best_attack"] == "rmia-online" and row["mia_tpr_at_1pct_best"] == "n/a"
     table = markdown_table([row])
     assert "| 19.10 (central) | global (100) | 0.640 (rmia-online) | n/a | 0.30 | - |" in table
+
+
+# --------------------------------------------------------------------------- a real source
+
+# scikit-learn's 1797 digits: 100 for the client (80 train, 20 test), 40 public, 1657 held
+# out. Digits generalise well, so the student is made to memorise: few examples, no
+# channel noise and no information bottleneck to regularise it.
+DIGITS = ("data.name=digits", "data.num_samples=100", "data.image_size=16",
+          "channel.snr_range_db=[20,20]", "distill.beta=0")
+DIGITS_TEACHER = "teacher-digits-100-16px-40-public.pt"
+
+
+@pytest.fixture(scope="module")
+def digits_overfit_run(tmp_path_factory, pretrained_dir):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    with pytest.MonkeyPatch.context() as mp:  # as the flower_message_context fixture
+        for attr in ("_run_id", "_node_id", "_task_id"):
+            mp.setattr(TaskIdentity, attr, 1)
+        return _finished_run(tmp_path_factory.mktemp("digits-overfit"),
+                             pretrained_dir / DIGITS_TEACHER, *DIGITS, "train.local_epochs=150")
+
+
+def test_members_and_non_members_of_a_real_source_come_from_the_recorded_indices(
+        digits_overfit_run):
+    run, state = digits_overfit_run
+    cfg, _ = finished_run(run)
+    record = read_data_record(client_state_folder(cfg, run, 0, state))
+    assert record["source"] == "digits" and len(record["train"]) == 80
+    cands = recorded_candidates(cfg, run, [0], 3.0, state)
+    members, non_members = cands.index[cands.is_member], cands.index[~cands.is_member]
+    assert members.tolist() == record["train"]
+    assert len(non_members) == len(set(non_members.tolist())) == 240
+    assert not set(non_members.tolist()) & set(record["train"])
+    public = data.public_indices(cfg.data, 40, "distill.teacher.public_samples")
+    assert not np.isin(non_members, public).any()
+    # The client's own test examples first, then the source's held-out tail.
+    assert set(record["test"]) <= set(non_members.tolist())
+    tail = non_members[~np.isin(non_members, record["test"])]
+    assert np.isin(tail, data.held_out_pool(cfg.data, 40)).all()
+    labels = data.sources.get_source(cfg.data).labels
+    assert (cands.data.tensors["label"].numpy() == labels[cands.index]).all()
+    assert (np.bincount(labels[non_members], minlength=10)
+            == 3 * np.bincount(labels[members], minlength=10)).all()
+    # RMIA's population: held-out examples that are not candidates.
+    pop = population(cfg, cands, 300)
+    assert len(pop) >= 295 and not np.isin(pop.indices, cands.index).any()
+    assert np.isin(pop.indices, data.held_out_pool(cfg.data, 40)).all()
+
+
+def test_positive_control_on_a_real_source(digits_overfit_run):
+    run, state = digits_overfit_run
+    # 80 members, 240 non-members: TPR at 5 % FPR is about the lowest FPR they resolve.
+    report = audit(run, "global", references=4, non_member_ratio=3, population_size=300,
+                   fprs=(0.05,), state_dir=state)
+    assert report["data"] == "digits" and report["members"] == 80
+    assert report["member_accuracy"] > report["non_member_accuracy"] + 0.1  # it did overfit
+    best = max(row["auc"] for row in report["attacks"].values())
+    assert best > 0.7, report["attacks"]
+
+
+def test_a_dp_sgd_target_on_a_real_source_stays_inside_the_dp_bound(tmp_path, pretrained_dir,
+                                                                   flower_message_context):
+    run, state = _finished_run(tmp_path, pretrained_dir / DIGITS_TEACHER, *DIGITS,
+                               "train.local_epochs=20", "privacy.dp.mode=local",
+                               "privacy.dp.epsilon=1.0")
+    report = audit(run, "global", references=4, non_member_ratio=3, population_size=300,
+                   fprs=(0.1,), state_dir=state)
+    eps = report["dp_epsilon"]
+    assert eps == pytest.approx(1.0, abs=0.02)
+    assert len(report["attacks"]) == 5
+    for name, row in report["attacks"].items():
+        assert row["auc"] <= 0.6, name
+        assert row["empirical_epsilon"] <= eps, name
+
+
+def test_a_real_source_too_small_for_the_ratio_or_population_is_refused(digits_overfit_run):
+    run, state = digits_overfit_run
+    with pytest.raises(AuditError, match=r"--non-member-ratio 25: 80 members need 2000 "
+                       r"non-members.*data.name=digits has 1797 examples: 100 for the clients "
+                       r"\(data.num_samples=100\), 40 for the public split, 1657 held out: lower "
+                       r"--non-member-ratio to \d+\.\d\d or less, or rerun with a lower "
+                       r"data.num_samples"):
+        audit(run, attacks="loss", non_member_ratio=25, state_dir=state)
+    with pytest.raises(AuditError, match=r"--population 2000: RMIA's population needs.*"
+                       r"lower --population to \d+ or less"):
+        audit(run, attacks="rmia", non_member_ratio=3, population_size=2000, state_dir=state)
+
+
+def test_a_real_source_run_without_its_data_record_or_with_changed_files_is_refused(
+        tmp_path, digits_overfit_run):
+    run, state = digits_overfit_run
+    copy = tmp_path / "node-state"
+    shutil.copytree(state, copy)
+    record = next(copy.rglob(DATA_INDICES_FILE))
+    saved = json.loads(record.read_text())
+    record.write_text(json.dumps({**saved, "fingerprint": "digits 0000000000000000"}))
+    with pytest.raises(AuditError, match=r"partition 0: .*names the examples of 'digits "
+                       r"0000000000000000'.*the source's files changed since the run"):
+        audit(run, attacks="loss", state_dir=copy)
+    record.unlink()
+    with pytest.raises(AuditError, match=r"partition 0: no data-indices.json in .*rerun"):
+        audit(run, attacks="loss", state_dir=copy)
