@@ -18,7 +18,8 @@
   hand-written channel, and 5G LDPC decoding time per information bit
   (benchmarks/phy.py).
 
-Prints the table (Markdown) and writes bench.json and bench.png to --out. Measured
+Prints the table (Markdown) and writes bench.json and bench.png to --out (with
+`--mlflow`, also as the artefacts of an MLflow run, common/tracking.py). Measured
 numbers only: nothing here asserts a speed. The sizes are options; `--quick` shrinks
 them all for a first look.
 """
@@ -191,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deploy-supernodes", type=int, default=2)
     p.add_argument("--deploy-steps", type=int, default=None, help="split steps per setting")
     p.add_argument("--deploy-messages", type=int, default=None)
+    p.add_argument("--mlflow", action="store_true",
+                   help="also log bench.json / bench.png as the artefacts of an MLflow run "
+                        "(experiment 'benchmarks')")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow's store (default: sqlite:///<parent of --out>/mlflow.db)")
     args = p.parse_args(argv)
     batches = args.batches or ([16, 64] if args.quick else [16, 64, 256])
     steps = args.steps or (8 if args.quick else 16)
@@ -234,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     print(res["table"])
     console.print(f"{args.out / 'bench.json'}, {args.out / 'bench.png'}; "
                   f"{res['seconds']['total'] / 60:.1f} min")
+    if args.mlflow:
+        from common.tracking import log_report
+
+        log_report({"name": "benchmarks", "output_dir": str(args.out.parent),
+                    "tracking_uri": args.tracking_uri, "args": vars(args) | {
+                        "out": str(args.out)}}, args.out)
     return 0
 
 

@@ -147,3 +147,20 @@ def test_a_reports_files_become_the_artefacts_of_one_mlflow_run(tmp_path):
     # the report's own files; the run it trained is tracked as a run of its own
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == [
         "report.json", "report.md", "report.png"]
+
+
+def test_a_benchmarks_results_become_the_artefacts_of_an_mlflow_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from benchmarks.__main__ import SECTIONS, main
+
+    out = tmp_path / "bench"
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    skip = [s for s in SECTIONS if s != "lora"]  # the one section of a few seconds
+    assert main(["--skip", *skip, "--out", str(out), "--mlflow", "--tracking-uri", uri]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("benchmarks").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "bench"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"bench.json",
+                                                                        "bench.png"}
+    assert json.loads((out / "bench.json").read_text())["lora"][0]["model"] == "quickstart"
