@@ -28,7 +28,7 @@ from flwr.common.constant import ErrorCode
 from common.config import ExperimentConfig
 from common.device import resolve_device
 from common.seeding import round_seed
-from fl_client import split_handlers, trust
+from fl_client import model_cache, split_handlers, trust
 from fl_client.node import (
     PRIVATE_STATE,
     load_saved_state,
@@ -53,17 +53,28 @@ def _setup(msg: Message, context: Context):
     pid, n = partition(context)
     device = resolve_device(cfg.device)
     workload = get_workload(cfg.workload)
-    model = workload.build(cfg, device, lora_rank=client_lora_rank(cfg, pid))
-    arrays = trust.global_arrays(workload, model, cfg, msg)  # before anything is loaded
-    if PRIVATE_STATE in context.state.array_records:
-        saved = {k: v.numpy() for k, v in context.state.array_records[PRIVATE_STATE].items()}
-    else:
-        saved = load_saved_state(msg, context, cfg, pid)
-    dp_history = None if saved is None else saved.pop(HISTORY_KEY, None)
-    if saved is not None:
-        load_local_parameters(model, saved)
-    workload.load_shared_state(model, arrays)  # the global state wins over the local copy
-    train_ds, test_ds = workload.load_data(cfg, pid, n)
+    rank = client_lora_rank(cfg, pid)
+    # Built once per process and reset here (fl_client/model_cache.py); the caller
+    # gives it back when its message is done. DP-SGD's Opacus hooks rule it out.
+    model = model_cache.checkout(
+        model_cache.model_key(cfg.to_json(), rank, device),
+        lambda: workload.build(cfg, device, lora_rank=rank),
+        enabled=cfg.simulation.reuse_models and cfg.privacy.dp.mode != "local")
+    try:
+        arrays = trust.global_arrays(workload, model, cfg, msg)  # before anything is loaded
+        if PRIVATE_STATE in context.state.array_records:
+            saved = {k: v.numpy()
+                     for k, v in context.state.array_records[PRIVATE_STATE].items()}
+        else:
+            saved = load_saved_state(msg, context, cfg, pid)
+        dp_history = None if saved is None else saved.pop(HISTORY_KEY, None)
+        if saved is not None:
+            load_local_parameters(model, saved)
+        workload.load_shared_state(model, arrays)  # the global state wins over the local copy
+        train_ds, test_ds = workload.load_data(cfg, pid, n)
+    except BaseException:
+        model_cache.checkin(model)
+        raise
     return cfg, pid, workload, model, train_ds, test_ds, dp_history
 
 
@@ -84,6 +95,14 @@ def _metric_record(metrics: dict[str, float]) -> MetricRecord:
 
 def train(msg: Message, context: Context) -> Message:
     cfg, pid, workload, model, train_ds, test_ds, dp_history = _setup(msg, context)
+    try:
+        return _train(msg, context, cfg, pid, workload, model, train_ds, test_ds, dp_history)
+    finally:
+        model_cache.checkin(model)
+
+
+def _train(msg: Message, context: Context, cfg: ExperimentConfig, pid: int, workload,
+           model: torch.nn.Module, train_ds, test_ds, dp_history) -> Message:
     lora_train = trust.lora_train(msg)
     server_round = trust.server_round(msg)
     seed = round_seed(cfg.seed, server_round, pid)
@@ -115,7 +134,10 @@ def train(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, _, workload, model, _, test_ds, _ = _setup(msg, context)
-    metrics = workload.evaluate(model, test_ds, cfg)
+    try:
+        metrics = workload.evaluate(model, test_ds, cfg)
+    finally:
+        model_cache.checkin(model)
     if cfg.privacy.dp.mode == "central":  # the strategy averages by it (see train)
         metrics[UNIFORM_WEIGHT] = 1
     return Message(content=RecordDict({"metrics": _metric_record(metrics)}), reply_to=msg)

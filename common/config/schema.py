@@ -230,6 +230,9 @@ class PrivacyConfig:
 @dataclass
 class SimulationConfig:
     backend: Literal["ray"] = "ray"
+    # Each client process builds a workload's model once and resets it for every
+    # message (fl_client/model_cache.py): the same numbers; false builds one per message.
+    reuse_models: bool = True
     num_cpus_per_client: float = 1.0
     num_gpus_per_client: float = 0.0
     # An existing Ray cluster to run the clients on ("HOST:PORT" of its head, as `ray
