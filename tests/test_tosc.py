@@ -230,3 +230,23 @@ def test_evaluation_follows_the_configured_snr(cfg):
         return tosc.evaluate(teacher, test, c)["loss"]
 
     assert at(-30) != at(30)
+
+
+def test_a_students_training_does_not_depend_on_whether_its_teacher_outputs_were_stored(
+        tmp_path, one_torch_thread):
+    """Computing the teacher's outputs (no store yet) iterates a DataLoader, which draws
+    from the global random stream; reading them back does not. The student's training
+    must not see the difference."""
+    from tests.test_user_data_workloads import tosc_cfg
+
+    cfg = tosc_cfg(["data.num_samples=96"], tmp_path / "teacher.pt", tmp_path, "num_clients=3")
+    tosc.prepare(cfg)
+    train, _ = tosc.load_data(cfg, 0, 3)
+    states, spent = [], []
+    for _ in range(2):  # the first computes and stores the outputs, the second reads them
+        model = tosc.build(cfg, "cpu")
+        spent.append(tosc.train_local(model, train, cfg, seed=5)["teacher_seconds"])
+        states.append(model.state_dict())
+    assert spent[0] > 0 and spent[1] == 0
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key

@@ -180,7 +180,11 @@ def prestored_teacher_outputs(cfg: ExperimentConfig, data: Dataset
         with np.load(path) as f:
             return TeacherOutputs(f["topk_values"], f["topk_indices"], f["features"]), 0.0
     start = time.perf_counter()
-    outputs = compute_teacher_outputs(load_teacher(cfg), data, cfg)
+    # Apart from the caller's random stream: iterating a DataLoader draws a seed from
+    # it, so computing here but not when the store exists would make a student's
+    # training depend on whether an earlier run had stored its teacher's outputs.
+    with torch.random.fork_rng(devices=[]):
+        outputs = compute_teacher_outputs(load_teacher(cfg), data, cfg)
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
