@@ -59,8 +59,12 @@ def profiling_mod(msg, context, call_next):
         rnd = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
         stem = folder / f"actor-{os.getpid()}-round-{rnd}-{time.time_ns()}"
         prof.dump_stats(f"{stem}.prof")
-        Path(f"{stem}.json").write_text(json.dumps({"round": rnd, "wall_s": wall,
-                                                    "pid": os.getpid()}))
+        import torch
+
+        Path(f"{stem}.json").write_text(json.dumps({
+            "round": rnd, "wall_s": wall, "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}))
 
 
 def _cumulative(stats: pstats.Stats, file_part: str, name: str) -> float:
@@ -78,7 +82,8 @@ def breakdown(folder: Path) -> dict[int, dict]:
         info = json.loads(meta.read_text())
         stats = pstats.Stats(str(meta.with_suffix(".prof")))
         row = rounds.setdefault(info["round"], {"messages": 0, "actors": set(),
-                                                "busy_s": 0.0, "parts": {}})
+                                                "busy_s": 0.0, "parts": {},
+                                                "torch_threads": info["torch_threads"]})
         row["messages"] += 1
         row["actors"].add(info["pid"])
         row["busy_s"] += info["wall_s"]
@@ -132,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         out["rounds"].append(entry)
         print(f"\nround {row['round']}: {row['seconds']:.2f} s on the driver; "
               f"{r['messages']} messages on {r['actors']} actors, busy {r['busy_s']:.2f} "
-              f"actor-s ({r['busy_s'] / actors:.2f} s each); the driver waited "
+              f"actor-s ({r['busy_s'] / actors:.2f} s each, {r.get('torch_threads')} torch "
+              f"threads); the driver waited "
               f"{waited:.2f} s beyond that")
         for label, value in sorted(r["parts"].items(), key=lambda kv: -kv[1]):
             print(f"  {label:45s} {value:7.2f} actor-s  ({value / max(r['busy_s'], 1e-9):5.1%})")
