@@ -91,15 +91,20 @@ def _finished_run(root, teacher, *overrides):
     return root / "run", root / "node-state"
 
 
-@pytest.fixture(scope="module")
-def overfit_run(tmp_path_factory, pretrained_dir):
+def _module_run(root, teacher, *overrides):
+    """`_finished_run` for a module fixture (flower_message_context is per test)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     with pytest.MonkeyPatch.context() as mp:  # as the flower_message_context fixture
         for attr in ("_run_id", "_node_id", "_task_id"):
             mp.setattr(TaskIdentity, attr, 1)
-        return _finished_run(tmp_path_factory.mktemp("overfit"),
-                             pretrained_dir / "teacher-40-public.pt", "train.local_epochs=80")
+        return _finished_run(root, teacher, *overrides)
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory, pretrained_dir):
+    return _module_run(tmp_path_factory.mktemp("overfit"),
+                       pretrained_dir / "teacher-40-public.pt", "train.local_epochs=80")
 
 
 def test_positive_control_an_overfit_target_is_caught(overfit_run):
@@ -199,13 +204,8 @@ DIGITS_TEACHER = "teacher-digits-100-16px-40-public.pt"
 
 @pytest.fixture(scope="module")
 def digits_overfit_run(tmp_path_factory, pretrained_dir):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    with pytest.MonkeyPatch.context() as mp:  # as the flower_message_context fixture
-        for attr in ("_run_id", "_node_id", "_task_id"):
-            mp.setattr(TaskIdentity, attr, 1)
-        return _finished_run(tmp_path_factory.mktemp("digits-overfit"),
-                             pretrained_dir / DIGITS_TEACHER, *DIGITS, "train.local_epochs=150")
+    return _module_run(tmp_path_factory.mktemp("digits-overfit"),
+                       pretrained_dir / DIGITS_TEACHER, *DIGITS, "train.local_epochs=150")
 
 
 def test_members_and_non_members_of_a_real_source_come_from_the_recorded_indices(

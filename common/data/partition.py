@@ -101,12 +101,8 @@ def _partition_table(label_bytes: bytes, num_partitions: int, partitioner: str,
         parts = run(make())
         if min(len(p) for p in parts) >= min_size:
             return tuple(parts)
-        warnings.warn(
-            f"{partitioner} partitioning of {len(labels)} samples into {num_partitions} "
-            f"partitions left some with fewer than {min_size} samples; moved samples there "
-            "from the largest partitions. Raise data.num_samples or lower num_clients to "
-            "avoid this.", stacklevel=3)
-        return tuple(_top_up(parts, min_size))
+        return _topped_up(parts, min_size, f"{partitioner} partitioning",
+                          "Raise data.num_samples or lower num_clients")
 
     def dirichlet(min_partition_size: int) -> DirichletPartitioner:
         return DirichletPartitioner(
@@ -119,11 +115,17 @@ def _partition_table(label_bytes: bytes, num_partitions: int, partitioner: str,
             return tuple(run(dirichlet(min_size)))
         except ValueError:  # 11 draws left a partition too small
             parts = run(dirichlet(0))
+    return _topped_up(parts, min_size, f"Dirichlet partitioning (alpha={alpha})",
+                      "Raise data.alpha or data.num_samples, or lower num_clients,")
+
+
+def _topped_up(parts: list[np.ndarray], min_size: int, what: str, fix: str
+               ) -> tuple[np.ndarray, ...]:
+    """`parts` with samples moved to those below `min_size`, and a warning that says so."""
     warnings.warn(
-        f"Dirichlet partitioning (alpha={alpha}) of {len(labels)} samples into "
-        f"{num_partitions} partitions left some with fewer than {min_size} samples; "
-        "moved samples there from the largest partitions. Raise data.alpha or "
-        "data.num_samples, or lower num_clients, to avoid this.", stacklevel=3)
+        f"{what} of {sum(len(p) for p in parts)} samples into {len(parts)} partitions left "
+        f"some with fewer than {min_size} samples; moved samples there from the largest "
+        f"partitions. {fix} to avoid this.", stacklevel=4)
     return tuple(_top_up(parts, min_size))
 
 
