@@ -36,10 +36,10 @@ from common.data.sources import DataError, Source, get_source
 from common.data.tensor_dataset import TensorDictDataset
 from common.data.text import SYNTHETIC_VOCAB, TextVocab
 
-__all__ = ["DataError", "class_names", "examples", "held_out_pool", "load_partition",
-           "mask_ids_are_labels", "num_classes", "public_fingerprint", "public_indices", "public_split", "require",
-           "seg_class_names", "seg_classes", "source_fingerprint", "source_keys", "source_order", "source_size",
-           "text_vocab"]
+__all__ = ["DataError", "class_names", "client_pool", "examples", "held_out_pool",
+           "load_partition", "mask_ids_are_labels", "num_classes", "public_fingerprint",
+           "public_indices", "public_split", "require", "seg_class_names", "seg_classes",
+           "source_fingerprint", "source_keys", "source_order", "source_size", "text_vocab"]
 
 SYNTHETIC_SEG_CLASSES = 1 + len(CLASSES)  # background + the four shapes
 # What the synthetic scenes annotate besides the image.
