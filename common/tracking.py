@@ -93,6 +93,11 @@ class Tracker:
         self._log(rnd, numeric(row))
         self.last_row = row
 
+    @property
+    def active(self) -> bool:
+        """Whether any tracker is on (callers skip gathering what only trackers read)."""
+        return self.writer is not None or self.client is not None
+
     def log_clients(self, rnd: int, kind: str, clients: dict[str, dict[str, Any]]) -> None:
         """Each client's own metrics of round `rnd` (`kind`: train or evaluate), as
         `clients/<node id>/<kind>/<metric>`: what the server received before aggregating."""

@@ -106,7 +106,8 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                                                     cfg.round_timeout_s)
                     answered = sum(not r.has_error() for r in replies)  # errors never count
                     n_replies = len(replies)
-                    records.tracker.log_clients(rnd, "train", client_metrics(replies))
+                    if records.tracker.active:
+                        records.tracker.log_clients(rnd, "train", client_metrics(replies))
                     if answered >= cfg.min_train_clients:
                         new_arrays, train_metrics = strategy.aggregate_train(
                             rnd, canonical_order(replies))
@@ -126,7 +127,9 @@ def run_federated(grid: Grid, cfg: ExperimentConfig, run_dir: Path | None = None
                     eval_replies, _ = _log_missing(rnd, "evaluate", messages, sent_to,
                                                    eval_replies, cfg.round_timeout_s)
                     eval_metrics = strategy.aggregate_evaluate(rnd, canonical_order(eval_replies))
-                    records.tracker.log_clients(rnd, "evaluate", client_metrics(eval_replies))
+                    if records.tracker.active:
+                        records.tracker.log_clients(rnd, "evaluate",
+                                                    client_metrics(eval_replies))
                 row = round_row(workload, rnd, train_metrics, eval_metrics, n_replies,
                                 time.time() - t0)
                 row["clients_missing"] = len(missing)

@@ -15,6 +15,7 @@ from common.config import DataConfig
 from common.data import partition as P
 from common.data import scenes as S
 from common.data import sources as SRC
+from common.data.text import SYNTHETIC_VOCAB
 
 SIZE = 32
 
@@ -111,7 +112,7 @@ def test_caption_names_the_label_first(scenes):
         assert caption[0] == S.BOS_ID and (caption == S.EOS_ID).sum() == 1
         end = int((caption == S.EOS_ID).nonzero())
         assert (caption[end + 1:] == S.PAD_ID).all()
-        words = S.decode_tokens(caption).split()
+        words = SYNTHETIC_VOCAB.decode(caption).split()
         first_noun = next(w for w in words if w in S.CLASSES)
         assert first_noun == S.CLASSES[int(item["label"])], (i, words)
         r, c = pixel_at(*box_centre(item["boxes"][0]))  # the largest object
@@ -123,7 +124,7 @@ def test_vqa_answers_are_true_for_the_pixels(scenes):
     yes = 0
     for i in range(len(scenes)):
         item = scenes[i]
-        question = S.decode_tokens(item["question"]).split()
+        question = SYNTHETIC_VOCAB.decode(item["question"]).split()
         answer = S.ANSWERS[int(item["answer"])]
         seg, image = item["segmentation"], item["image"]
         if question[:2] == ["how", "many"]:
@@ -179,15 +180,15 @@ def test_boxes_enclose_each_object(scenes):
 
 def test_decode_tokens_stops_at_eos_and_skips_padding():
     ids = S.encode_tokens(["a", "big", "red", "circle"], 10)
-    assert S.decode_tokens(ids) == "a big red circle"
-    assert S.decode_tokens([S.BOS_ID, S.WORD_TO_ID["yes"], S.EOS_ID, S.WORD_TO_ID["no"]]) == "yes"
+    assert SYNTHETIC_VOCAB.decode(ids) == "a big red circle"
+    assert SYNTHETIC_VOCAB.decode([S.BOS_ID, S.WORD_TO_ID["yes"], S.EOS_ID, S.WORD_TO_ID["no"]]) == "yes"
     assert all(w in S.WORD_TO_ID for w in S.ANSWERS)
 
 
 def test_short_captions_keep_the_largest_object():
     item = S.SyntheticScenes(synthetic(), range(20), caption_len=6)
     for i in range(20):
-        words = S.decode_tokens(item[i]["caption"]).split()
+        words = SYNTHETIC_VOCAB.decode(item[i]["caption"]).split()
         assert len(words) == 4 and words[3] == S.CLASSES[int(item[i]["label"])]
     with pytest.raises(ValueError, match="caption_len=5"):
         S.SyntheticScenes(synthetic(), range(2), caption_len=5)

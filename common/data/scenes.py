@@ -287,20 +287,6 @@ def encode_tokens(words: Sequence[str], length: int) -> np.ndarray:
     return np.array(ids + [PAD_ID] * (length - len(ids)), dtype=np.int64)
 
 
-def decode_tokens(ids: Sequence[int] | np.ndarray | torch.Tensor) -> str:
-    """Token ids as text for humans and BLEU: stops at EOS, skips PAD and BOS."""
-    if isinstance(ids, (torch.Tensor, np.ndarray)):
-        ids = ids.tolist()
-    words = []
-    for i in ids:
-        if i == EOS_ID:
-            break
-        if i in (PAD_ID, BOS_ID):
-            continue
-        words.append(VOCAB[i] if 0 <= i < len(VOCAB) else "<unk>")
-    return " ".join(words)
-
-
 def caption_words(spec: Sequence[SceneObject], caption_len: int) -> list[str]:
     """"a big red circle and a small blue cross": objects largest first, as many as fit.
 
