@@ -5,9 +5,8 @@ truth, the same on the simulation and the deployment engine), except what touche
 node's disk, network or device: those keys come from the SuperNode's node config
 (`device`, `data-root`, `data-download`, `state-dir`, `model-checkpoint`,
 `teacher-checkpoint`, `teacher-store-dir`, `diffusion-checkpoint`,
-`diffusion-clip-checkpoint`; see fl_client/trust.py),
-beside
-`partition-id` and `num-partitions`. Every message is checked before a handler acts on
+`diffusion-clip-checkpoint`, `knowledge-base`, `knowledge-embedder`; see
+fl_client/trust.py), beside `partition-id` and `num-partitions`. Every message is checked before a handler acts on
 it, and one that fails gets an error reply naming the value. The client's trainable
 tensors persist between rounds in `context.state`, which stays on the node; the
 server's shared state is loaded on top of them. So what is private (task decoders,

@@ -53,14 +53,18 @@ NODE_KEYS = {
     "data.allow_hub": "data-allow-hub",
     "device": "device",
     "model.checkpoint": "model-checkpoint",
+    "model.knowledge_base": "knowledge-base",
+    "model.knowledge_embedder": "knowledge-embedder",
     "distill.teacher.checkpoint": "teacher-checkpoint",
     "distill.store_dir": "teacher-store-dir",
     "diffusion.checkpoint": "diffusion-checkpoint",
     "diffusion.clip_checkpoint": "diffusion-clip-checkpoint",
 }
-# A pre-trained LAM changes every result: a server that asks for one is refused unless
-# the node has its own copy, rather than silently training a randomly built LAM.
-REFUSED_UNLESS_SET_ON_NODE = {"model.checkpoint"}
+# A pre-trained LAM changes every result, and so do the receiver's knowledge base and the
+# model that embeds it (mtsc retrieval): a server that asks for one is refused unless the
+# node has its own copy, rather than silently training without it.
+REFUSED_UNLESS_SET_ON_NODE = {"model.checkpoint", "model.knowledge_base",
+                              "model.knowledge_embedder"}
 BOOL_NODE_KEYS = {"data-download", "data-allow-hub"}
 LIST_NODE_KEYS = {"data-files"}  # comma-separated in the node config
 

@@ -29,7 +29,7 @@ from deploy.launch import Deployment
 from fl_client import trust
 from fl_client.client_app import app
 from fl_client.node import PRIVATE_STATE
-from fl_client.trust import NODE_KEYS, REFUSED
+from fl_client.trust import NODE_KEYS, REFUSED, REFUSED_UNLESS_SET_ON_NODE
 from fl_server.loop import initial_arrays
 from models.mtsc import workload as mtsc
 from models.split_wire import encode
@@ -59,9 +59,11 @@ def hostile_cases(cfg, split_cfg, outside):
         for key in EXPERIMENT_STRINGS:
             raw = cfg.to_dict()
             _set(raw, key, [path] if key == "lora.target_modules" else path)
-            # Node-only keys are ignored (the model checkpoint is refused: it would change
-            # the results); any other string is checked by the config's own validation.
-            expect = "ignored" if key in NODE_KEYS and key != "model.checkpoint" else "refused"
+            # Node-only keys are ignored (the model checkpoint and the knowledge base are
+            # refused: they would change the results); any other string is checked by the
+            # config's own validation.
+            expect = ("ignored" if key in NODE_KEYS and key not in REFUSED_UNLESS_SET_ON_NODE
+                      else "refused")
             cases.append((f"experiment {key}={path}",
                           lambda r=json.dumps(raw): message(cfg, arrays, experiment=r), expect))
     downloads = cfg.to_dict()

@@ -26,7 +26,7 @@ from models.tosc import workload as tosc
 ALLOWED_METRICS = {
     "train_loss", "symbols_per_example", "num-examples", "loss_classification",
     "loss_vqa", "loss_captioning", "loss_reconstruction", "loss", "accuracy",
-    "vqa_accuracy", "bleu", "psnr", "majority_class_share",
+    "vqa_accuracy", "bleu", "psnr", "majority_class_share", "cider", "vqa_bleu",
     # tosc: distillation loss terms and the pre-stored teacher outputs' cost (scalars)
     "loss_task", "loss_ib", "loss_kd", "loss_feature", "teacher_seconds", "teacher_store_bytes",
     # DP-SGD: the client's cumulative epsilon and its noise multiplier (scalars)

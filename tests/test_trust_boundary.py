@@ -110,7 +110,8 @@ def test_the_node_config_sets_the_node_only_keys(tiny_cfg, tmp_path):
             "model-checkpoint": "lam", "teacher-checkpoint": "t.pt", "teacher-store-dir": "o",
             "diffusion-checkpoint": "ddpm.pt", "diffusion-clip-checkpoint": "clip",
             "data-hf-dataset": "parquet", "data-files": "a.parquet, b.parquet",
-            "data-masks-root": "m", "data-allow-hub": "false"}
+            "data-masks-root": "m", "data-allow-hub": "false", "knowledge-base": "kb.npz",
+            "knowledge-embedder": "emb"}
     assert set(node) == set(NODE_KEYS.values())
     cfg = node_experiment(message(tiny_cfg), node_context(node))
     assert (cfg.client_state_dir, cfg.data.root, cfg.data.download, cfg.device) == \
@@ -120,6 +121,7 @@ def test_the_node_config_sets_the_node_only_keys(tiny_cfg, tmp_path):
     assert (cfg.model.checkpoint, cfg.distill.teacher.checkpoint, cfg.distill.store_dir,
             cfg.diffusion.checkpoint, cfg.diffusion.clip_checkpoint) == \
         ("lam", "t.pt", "o", "ddpm.pt", "clip")
+    assert (cfg.model.knowledge_base, cfg.model.knowledge_embedder) == ("kb.npz", "emb")
 
 
 def test_a_server_that_asks_for_a_pretrained_lam_the_node_lacks_is_refused(

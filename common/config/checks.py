@@ -88,6 +88,9 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     need(d.alpha > 0, "data.alpha", d.alpha, "> 0")
     need(d.texture == "flat" or d.name == "synthetic", "data.texture", d.texture,
          "'flat' unless data.name is 'synthetic' (textures are painted into the scenes)")
+    need(d.questions == "scene" or d.name == "synthetic", "data.questions", d.questions,
+         "'scene' unless data.name is 'synthetic' (the knowledge questions ask about the "
+         "scenes' coloured shapes)")
     need(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "0 < x < 1")
     need(d.classes_per_partition >= 1, "data.classes_per_partition", d.classes_per_partition,
          ">= 1")

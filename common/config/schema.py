@@ -83,6 +83,10 @@ class DataConfig:
     # default); "textured": a smooth coloured background with grain and striped
     # objects, hard enough that image codecs pay for detail (labels stay true).
     texture: Literal["flat", "textured"] = "flat"
+    # Synthetic scenes only. "scene": questions about the image (the default);
+    # "knowledge": "what does the red circle mean", answered from a fact table and not
+    # from the image (common/data/facts.py; mtsc's retrieval reads it, model.rag_k).
+    questions: Literal["scene", "knowledge"] = "scene"
     seed: int = 0
     partitioner: Partitioner = "dirichlet"
     alpha: float = 0.5  # Dirichlet concentration; smaller is more heterogeneous

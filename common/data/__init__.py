@@ -1,6 +1,7 @@
 """Datasets: each client's local (train, test) split of the configured source.
 
     scenes.py          the synthetic multi-task scenes (the embedded default)
+    facts.py           the synthetic knowledge task: fact tables and knowledge questions
     sources.py         users' image folders and Hugging Face datasets, CIFAR-10 / STL-10
                        folders, scikit-learn's digits, scikit-image's photos
     text.py            the words of captions and questions, the VQA answer set
@@ -30,6 +31,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from common.config import DataConfig
+from common.data.facts import KNOWLEDGE_VOCAB, KnowledgeScenes
 from common.data.partition import partition_indices, train_test_indices
 from common.data.scenes import CLASSES, SyntheticScenes, synthetic_labels
 from common.data.sources import DataError, Source, get_source
@@ -128,7 +130,9 @@ def mask_ids_are_labels(cfg: DataConfig) -> bool:
 
 def text_vocab(cfg: DataConfig) -> TextVocab:
     """The vocabulary captions and questions are tokenised with, and the answer set."""
-    return SYNTHETIC_VOCAB if cfg.name == "synthetic" else get_source(cfg).vocab
+    if cfg.name != "synthetic":
+        return get_source(cfg).vocab
+    return KNOWLEDGE_VOCAB if cfg.questions == "knowledge" else SYNTHETIC_VOCAB
 
 
 # --------------------------------------------------------------------------- layout
@@ -203,7 +207,8 @@ def examples(cfg: DataConfig, indices, caption_len: int = 12) -> Dataset:
     """The examples `indices` of the source, with `.indices` set."""
     indices = np.asarray(indices, dtype=np.int64)
     if cfg.name == "synthetic":
-        return SyntheticScenes(cfg, indices, caption_len)
+        scenes = KnowledgeScenes if cfg.questions == "knowledge" else SyntheticScenes
+        return scenes(cfg, indices, caption_len)
     return TensorDictDataset(get_source(cfg).examples(indices, cfg.image_size, caption_len),
                              indices)
 

@@ -7,8 +7,11 @@
     model.py     Fig. 2: modality encoders -> LAM encoder (LoRA) -> JSCC encoder
                  -> channel -> JSCC decoder -> LAM decoder (LoRA) -> task decoders
     train.py     local training (weighted sum of task losses) and evaluation
-    metrics.py   task metrics (accuracy, VQA, BLEU-4, PSNR) and the names recorded
+    metrics.py   task metrics (accuracy, VQA BLEU, BLEU-4, CIDEr-D, PSNR) and the names
+                 recorded
     split.py     the U-shaped cut of federated split fine-tuning and its reference
+    knowledge.py the receiver's knowledge base for retrieval (chunks, embeddings, faiss
+                 index, its file)
 
 The variable-rate JSCC (Sec. III-B) and the channel are shared layers (models/jscc.py,
 models/channel.py); the split's messages are fl_client/split_handlers.py and

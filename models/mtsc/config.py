@@ -20,6 +20,18 @@ class ModelConfig:
     rate_snr_db: list[float] = field(default_factory=lambda: [0.0, 20.0])
     caption_len: int = 12
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    # Retrieval at the receiver (models/mtsc/knowledge.py, docs/rag.md): the LAM decoder
+    # reads the rag_k best chunks of the knowledge base besides the received tokens.
+    # 0: no retrieval, the model exactly as without these keys.
+    rag_k: int = 0
+    # The knowledge base file (`python -m reports.knowledge rebuild`); null: the facts
+    # of the synthetic fact table of data.seed (data.questions: knowledge).
+    knowledge_base: str | None = None
+    knowledge_embedder: str | None = None  # a local sentence-embedding model; null: the LAM
+    ivf_above: int = 10_000  # more chunks than this: an IVF index instead of the exact one
+    rag_nprobe: int = 8  # inverted lists an IVF search visits
+    rag_chunk_len: int = 12  # tokens of a chunk the decoder reads (BOS + words + EOS)
+    rag_query_weight: float = 1.0  # weight of the retrieval query's loss in training
 
 
 SECTIONS = {"model": ModelConfig}
@@ -42,5 +54,23 @@ def check(cfg: ExperimentConfig) -> None:
          f"a non-empty list drawn from {list(TASKS)}")
     # Whether the data source has each task's annotation (labels, captions, questions and
     # answers) is checked where the source is read: models/mtsc/model.py, data_needs.
+    need(m.rag_k >= 0, "model.rag_k", m.rag_k, ">= 0 (0: no retrieval)")
+    if m.rag_k > 0:
+        need(m.knowledge_base is not None or d.questions == "knowledge", "model.knowledge_base",
+             m.knowledge_base, "a knowledge base file (python -m reports.knowledge rebuild), "
+             "or null with data.questions=knowledge (the synthetic facts), for model.rag_k > 0")
+        need("vqa" in m.tasks, "model.tasks", m.tasks,
+             "a list with 'vqa' for model.rag_k > 0 (the query is the received question)")
+        need(m.rag_chunk_len >= 3, "model.rag_chunk_len", m.rag_chunk_len, ">= 3")
+        need(m.ivf_above >= 1 and m.rag_nprobe >= 1, "model.ivf_above / model.rag_nprobe",
+             (m.ivf_above, m.rag_nprobe), "integers >= 1")
+        need(m.rag_query_weight >= 0, "model.rag_query_weight", m.rag_query_weight, ">= 0")
+        # Counterfactual fact tables are drawn by the training loop per batch; the split's
+        # two halves would have to draw the same one at every step.
+        need(d.questions != "knowledge" or cfg.split.mode == "off", "split.mode",
+             cfg.split.mode, "'off' to train the knowledge task (data.questions=knowledge) "
+             "with retrieval; a model trained so retrieves in the split's server half as is")
+        need(cfg.privacy.dp.mode != "local", "privacy.dp.mode", cfg.privacy.dp.mode,
+             "not 'local' with model.rag_k > 0 (DP-SGD does not cover the retrieval query)")
     need(cfg.strategy.name in STRATEGIES, "strategy.name", cfg.strategy.name,
          f"one of {list(STRATEGIES)} for workload 'mtsc' (it shares LoRA adapters)")

@@ -6,6 +6,10 @@
         -> JSCC decoder -> LAM decoder (BART, LoRA, one learned query per task output)
         -> task decoders: classification, VQA answer, caption generation, reconstruction
 
+With `model.rag_k > 0` the receiver also retrieves (`Retriever`): the LAM decoder
+cross-attends to the received tokens and to the k chunks of a knowledge base that best
+match a query made from the received question (models/mtsc/knowledge.py).
+
 `Transmitter` is the client half and `Receiver` the server half of the U-shaped split;
 `TaskDecoders` hold the labels' side and never leave the client. The LAM is a BART
 encoder-decoder built from a config (random init, the same seed on every party, which
@@ -26,10 +30,12 @@ from transformers import BartConfig, BartModel
 
 from common.config import ExperimentConfig
 from common.data import num_classes, require, source_keys, text_vocab
+from common.data.facts import fact_chunks, fact_table
 from common.data.scenes import BOS_ID, EOS_ID, PAD_ID
 from common.seeding import seeded
 from models.channel import WirelessChannel
 from models.jscc import JSCCDecoder, JSCCEncoder, JSCCOutput, sent_positions
+from models.mtsc.knowledge import KnowledgeBase, LamEmbedder, TransformersEmbedder
 
 # Decoder query layout: one query per scalar task, one per reconstructed image patch.
 Q_CLS, Q_VQA, Q_CAP, Q_REC = 0, 1, 2, 3
@@ -137,8 +143,89 @@ class Transmitter(nn.Module):
         return self.jscc_encoder(h, snr_db)
 
 
+class Retriever(nn.Module):
+    """Retrieval at the receiver: a query from the received question tokens, the k best
+    chunks of the knowledge base (faiss), and their token states as extra memory for the
+    LAM decoder (fusion in the decoder: it cross-attends to all k chunks at once).
+
+    The query is what the receiver has: the JSCC decoder's output at the question's
+    positions (the transmitter sends [image tokens, question tokens]), so it degrades
+    with the SNR. It is trained towards the embedding of the question's own words
+    (`query_loss`), the space the chunks are indexed in; the index itself is
+    never trained, so a rewritten chunk is read as written. The chunks are read through
+    the frozen LAM encoder (contextual token states, so each word carries its chunk's
+    other words) and a learned projection. The knowledge base is a plain attribute, not
+    a parameter or buffer: it is in no state dict and no message.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, embedder: LamEmbedder, key_embedder,
+                 d_model: int):
+        super().__init__()
+        self.question_len = text_vocab(cfg.data).question_len
+        self.k = cfg.model.rag_k
+        self.embedder = embedder  # frozen: reads the chunks (and embeds them by default)
+        self.key_embedder = key_embedder  # what the index was made with
+        self.query = nn.Sequential(nn.Linear(self.question_len * d_model, 2 * d_model), nn.GELU(),
+                                   nn.Linear(2 * d_model, key_embedder.dim))
+        self.read = nn.Linear(d_model, d_model)
+        self.position = nn.Parameter(torch.randn(cfg.model.rag_chunk_len, d_model) * 0.02)
+        self.relevance = nn.Parameter(torch.randn(d_model) * d_model ** -0.5)
+        self._knowledge: KnowledgeBase | None = None
+        self._tokens: Tensor | None = None
+        self.last_query: Tensor | None = None  # the latest forward's, for query_loss
+
+    @property
+    def knowledge(self) -> KnowledgeBase | None:
+        return self._knowledge
+
+    @knowledge.setter
+    def knowledge(self, kb: KnowledgeBase | None) -> None:
+        """Swap in a knowledge base (an update needs no training step)."""
+        if kb is not None:
+            kb.check_embedder(self.key_embedder)
+        self._knowledge = kb
+        self._tokens = None if kb is None else self.embedder.tokens(kb.texts)
+
+    def forward(self, memory: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(context [B, k*L, D], its keep mask [B, k*L]), or None with k = 0."""
+        self.last_query = self.query(memory[:, -self.question_len:].flatten(1))
+        kb = self._knowledge
+        if self.k <= 0 or kb is None or len(kb) == 0:
+            return None
+        query = F.normalize(self.last_query.detach().float(), dim=-1).cpu().numpy()
+        scores, rows = kb.search(query, self.k)
+        tokens = self._tokens[torch.from_numpy(rows)].to(memory.device)  # [B, k, L]
+        b, k, length = tokens.shape
+        with torch.no_grad():
+            words = self.embedder.encoder.embed_tokens(tokens).to(memory.dtype)
+        # How far each chunk's score is below the best one's (0 for the best): tells the
+        # decoder how much the retriever trusts a chunk, for any k.
+        gap = torch.from_numpy(scores - scores[:, :1]).to(memory.device, memory.dtype)
+        gap = gap.clamp_min(-1.0)[:, :, None, None] * 10.0
+        context = self.read(words) + self.position + gap * self.relevance
+        return context.reshape(b, k * length, -1), (tokens != PAD_ID).reshape(b, k * length)
+
+    def query_loss(self, question: Tensor, temperature: float = 0.05) -> Tensor:
+        """InfoNCE of the latest batch's queries against the embeddings of the batch's
+        distinct questions (in-batch negatives, as dense retrievers are trained): each
+        query must come closer to its own question's words than to any other question's.
+        Regressing on the cosine alone is not enough: questions share most of their
+        words, so a query at cosine 0.9 may still be nearest another question's fact."""
+        distinct, own = torch.unique(question, dim=0, return_inverse=True)
+        if isinstance(self.key_embedder, LamEmbedder):
+            target = self.key_embedder.embed_tokens(distinct)
+        else:
+            vocab = self.embedder.vocab
+            target = torch.from_numpy(self.key_embedder.embed(
+                [vocab.decode(q.tolist()) for q in distinct])).to(question.device)
+        query = F.normalize(self.last_query, dim=-1)
+        logits = query @ target.to(query.dtype).T / temperature
+        return F.cross_entropy(logits, own)
+
+
 class Receiver(nn.Module):
-    """Server half: JSCC decoder -> LAM decoder (LoRA) driven by learned task queries."""
+    """Server half: JSCC decoder -> LAM decoder (LoRA) driven by learned task queries,
+    with retrieved chunks in its memory when a `retriever` is set (model.rag_k > 0)."""
 
     def __init__(self, cfg: ExperimentConfig, lam_decoder: nn.Module, d_model: int):
         super().__init__()
@@ -146,6 +233,7 @@ class Receiver(nn.Module):
         self.jscc_decoder = JSCCDecoder(d_model, cfg.model.jscc_symbols)
         self.lam_decoder = lam_decoder
         self.task_queries = nn.Parameter(torch.randn(Q_REC + n_patches, d_model) * 0.02)
+        self.retriever: Retriever | None = None  # set by build() for model.rag_k > 0
 
     def forward(self, received: Tensor, mask: Tensor, snr_db: Tensor) -> Tensor:
         memory = self.jscc_decoder(received, mask, snr_db)
@@ -155,7 +243,16 @@ class Receiver(nn.Module):
         # a learned per-patch query): the patch content rides the residual stream
         # instead of having to be found again by cross-attention.
         queries = torch.cat([queries[:, :Q_REC], queries[:, Q_REC:] + memory[:, :n_rec]], dim=1)
-        out = self.lam_decoder(inputs_embeds=queries, encoder_hidden_states=memory)
+        retrieved = None if self.retriever is None else self.retriever(memory)
+        if retrieved is None:
+            out = self.lam_decoder(inputs_embeds=queries, encoder_hidden_states=memory)
+        else:
+            context, keep = retrieved
+            keep = torch.cat([torch.ones(memory.shape[:2], dtype=torch.long,
+                                         device=memory.device), keep.long()], dim=1)
+            out = self.lam_decoder(inputs_embeds=queries,
+                                   encoder_hidden_states=torch.cat([memory, context], dim=1),
+                                   encoder_attention_mask=keep)
         return out.last_hidden_state  # [B, Q, D]
 
 
@@ -267,6 +364,33 @@ class MTSCModel(nn.Module):
         return self.receiver(received, tx.mask, snr_db), tx
 
 
+def knowledge_embedder(cfg: ExperimentConfig) -> LamEmbedder:
+    """The frozen base LAM encoder as an embedder: the same seed (or checkpoint) as every
+    party's LAM, so every party embeds alike."""
+    m = cfg.model
+    lam = build_lam(cfg)
+    source = m.checkpoint or f"seed={cfg.seed} layers={m.layers} heads={m.heads} ffn={m.ffn_dim}"
+    vocab = text_vocab(cfg.data)
+    return LamEmbedder(lam.encoder, vocab, m.rag_chunk_len,
+                       f"lam {source} d_model={lam.config.d_model} vocab={len(vocab.words)}")
+
+
+def key_embedder(cfg: ExperimentConfig, lam_embedder: LamEmbedder):
+    """What the index is embedded with: the LAM, or model.knowledge_embedder."""
+    path = cfg.model.knowledge_embedder
+    return lam_embedder if path is None else TransformersEmbedder(path)
+
+
+def load_knowledge(cfg: ExperimentConfig, embedder) -> KnowledgeBase:
+    """model.knowledge_base, or (null) the facts of the synthetic table of data.seed: the
+    same public base on every party, built from the config or read from the same file."""
+    m = cfg.model
+    if m.knowledge_base is not None:
+        return KnowledgeBase.load(m.knowledge_base, embedder)
+    return KnowledgeBase.from_chunks(fact_chunks(fact_table(cfg.data.seed)), embedder,
+                                     m.ivf_above, m.rag_nprobe)
+
+
 def build(cfg: ExperimentConfig, device: torch.device | str = "cpu",
           lora_rank: int | None = None) -> MTSCModel:
     """The whole model: frozen LAM base + LoRA (shared seed) + private modules. Fails
@@ -288,6 +412,14 @@ def build(cfg: ExperimentConfig, device: torch.device | str = "cpu",
     for name, p in model.named_parameters():
         if "lam_" in name and "lora_" not in name:
             p.requires_grad_(False)  # the LAM's base weights stay frozen
+    if cfg.model.rag_k > 0:
+        # Built after the rest (its own seed), so every other tensor equals the model's
+        # without retrieval.
+        embedder = knowledge_embedder(cfg)
+        keys = key_embedder(cfg, embedder)
+        with seeded(cfg.seed + 5):
+            model.receiver.retriever = Retriever(cfg, embedder, keys, lam.config.d_model)
+        model.receiver.retriever.knowledge = load_knowledge(cfg, keys)
     if cfg.privacy.dp.mode == "local":
         _prepare_for_dp_sgd(model, cfg)
     # On its device before any DP wrapping: Opacus wrapping a peft model first and

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from common.config import ExperimentConfig
+from common.data.facts import MEANING_ANSWER0, MEANINGS, SUBJECTS, counterfactual_table, fact_text
 from common.seeding import seeded
+from models.mtsc.knowledge import KnowledgeBase
 from models.mtsc.metrics import TaskScorer
-from models.mtsc.model import Q_CLS, MTSCModel, set_trainable
+from models.mtsc.model import Q_CLS, MTSCModel, Retriever, set_trainable
 
 log = logging.getLogger("fedsemcom")
 
@@ -38,6 +41,35 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+class CounterfactualFacts:
+    """Fact tables redrawn for every batch of the knowledge task (common/data/facts.py).
+
+    With one fixed table a small model learns "red circle -> apple" from the question
+    and ignores what it retrieves, so a rewritten fact would change nothing. Here each
+    batch gets its own table, seeded by (seed, epoch, step): the batch's answers and the
+    knowledge base the receiver retrieves from follow it, so reading the retrieved fact
+    is the only way to be right. The chunk of every (subject, meaning) is embedded once.
+    """
+
+    def __init__(self, retriever: Retriever, cfg: ExperimentConfig):
+        self.m = cfg.model
+        self.texts = [[fact_text(s, m) for m in range(len(MEANINGS))] for s in range(len(SUBJECTS))]
+        flat = [t for row in self.texts for t in row]
+        self.embeddings = retriever.key_embedder.embed(flat).reshape(
+            len(SUBJECTS), len(MEANINGS), -1)
+        self.fingerprint = retriever.key_embedder.fingerprint
+
+    def draw(self, *key: int) -> tuple[KnowledgeBase, Tensor]:
+        """(the knowledge base of the table of `key`, the table: meaning id per subject)."""
+        table = counterfactual_table(*key)
+        rows = range(len(SUBJECTS))
+        kb = KnowledgeBase(["-".join(SUBJECTS[s]) for s in rows],
+                           [self.texts[s][table[s]] for s in rows],
+                           self.embeddings[list(rows), table], self.fingerprint,
+                           self.m.ivf_above, self.m.rag_nprobe)
+        return kb, torch.from_numpy(table)
+
+
 def train_local(model: MTSCModel, data: Dataset, cfg: ExperimentConfig,
                 lora_train: str = "ab", seed: int = 0, make_private=None) -> dict[str, float]:
     """Local epochs of AdamW on the weighted sum of task losses.
@@ -61,17 +93,35 @@ def train_local(model: MTSCModel, data: Dataset, cfg: ExperimentConfig,
     amp_dtype = autocast_dtype(cfg.train.amp, device)
     # fp16 needs loss scaling against underflowing gradients; bf16 has fp32's range.
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    retriever = model.receiver.retriever
+    kept_knowledge = None if retriever is None else retriever.knowledge
+    facts = (CounterfactualFacts(retriever, cfg)
+             if retriever is not None and cfg.data.questions == "knowledge" else None)
+    k_draws = np.random.default_rng([seed, 0x4a6])
+    k_levels = max(cfg.model.rag_k - 1, 0).bit_length() + 1  # 2**(levels-1) >= rag_k
     model.train()
     total, per_task, symbols, n_seen = 0.0, {}, 0.0, 0
-    for _ in range(cfg.train.local_epochs):
-        for batch in loader:
+    for epoch in range(cfg.train.local_epochs):
+        for step, batch in enumerate(loader):
             if len(batch["image"]) == 0:  # Poisson sampling (DP-SGD) may draw no example
                 continue
+            if retriever is not None:
+                # k = 1, 2, 4, ... up to model.rag_k, equally often: every such k can be
+                # asked at inference, and the few-chunk batches teach reading first.
+                retriever.k = min(2 ** int(k_draws.integers(k_levels)), cfg.model.rag_k)
+            if facts is not None:
+                retriever.knowledge, table = facts.draw(seed, epoch, step, 0xcf)
+                batch = {**batch, "answer": MEANING_ANSWER0 + table[batch["subject"]]}
             batch = _to(batch, device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 h, tx = net(batch)
                 losses = model.task_decoders.losses(h, batch)
                 loss = sum(weights.get(t, 1.0) * v for t, v in losses.items())
+                if retriever is not None:
+                    query_loss = retriever.query_loss(batch["question"])
+                    loss = loss + cfg.model.rag_query_weight * query_loss
+                    per_task["query"] = per_task.get("query", 0.0) + query_loss.item() * len(
+                        batch["image"])
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -86,6 +136,8 @@ def train_local(model: MTSCModel, data: Dataset, cfg: ExperimentConfig,
             symbols += tx.symbols_sent.sum().item()
             for t, v in losses.items():
                 per_task[t] = per_task.get(t, 0.0) + v.item() * n
+    if retriever is not None:
+        retriever.knowledge, retriever.k = kept_knowledge, cfg.model.rag_k
     metrics = {"train_loss": total / n_seen, "symbols_per_example": symbols / n_seen}
     metrics.update({f"loss_{t}": v / n_seen for t, v in per_task.items()})
     metrics["num-examples"] = len(data)
