@@ -1,7 +1,9 @@
-"""Scale: a round on Ray against the same local training in a sequential loop, and the
-peak memory of large simulations summed over every process they start.
+"""Scale: Ray rounds against the same local training in a sequential loop, each in a
+fresh process as a user runs them, and large simulations: seconds per round and peak
+memory summed over every process they start.
 
-    python benchmarks/scale.py [--clients 20] [--memory-clients 100 1000]
+    python benchmarks/scale.py [--clients 20] [--rounds 5] [--memory-clients 100 1000]
+    python benchmarks/scale.py --loop --clients 20 --rounds 5   (the loop alone)
 
 Measured numbers, not a test: nothing here asserts a speed or a size.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,44 +23,100 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch
-
-from common.config import load_config
-from common.seeding import round_seed
-from models import get_workload
+ROUND_LINE = re.compile(r"round (\d+)/\d+.*?([\d.]+) s\s*$")
 
 
-def round_config(clients: int, out: Path):
-    """One round of federated LoRA (the demo's model), every client trains once."""
-    return load_config(ROOT / "configs/quickstart.yaml", [
-        f"num_clients={clients}", f"min_train_clients={clients}", "rounds=1",
-        "fraction_evaluate=0", f"data.num_samples={60 * clients}", "train.local_epochs=1",
-        f"output_dir={out}", "device=cpu"])
+def round_overrides(clients: int, rounds: int, out: Path) -> list[str]:
+    """The demo's model and data, `clients` clients that all train every round (one
+    local epoch on 60 examples each), no evaluation and no final SNR sweep: the work
+    the loop does too."""
+    return [f"num_clients={clients}", f"min_train_clients={clients}", f"rounds={rounds}",
+            "fraction_evaluate=0", f"data.num_samples={60 * clients}", "train.local_epochs=1",
+            "channel.sweep_snr_db=[]", f"output_dir={out}", "device=cpu"]
 
 
-def ray_vs_sequential(clients: int = 20) -> dict:
-    """Wall seconds of one Ray round (python -m simulation's engine, as configured:
-    one CPU per client actor) and of the same local training of every client in a
-    loop in this process (build, load the partition, train_local: what each client's
-    train message does), with torch's default threads."""
-    from simulation.run import simulate
+def loop(clients: int, rounds: int) -> list[float]:
+    """What a user writes without Flower: every round, every client builds its model,
+    loads its partition and trains (torch's default threads, one process). Prints
+    `round k/R` as each round ends; returns each round's seconds."""
+    import torch  # noqa: F401  (imported before the first round starts, as Ray's side)
+
+    from common.config import load_config
+    from common.seeding import round_seed
+    from models import get_workload
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = round_config(clients, Path(tmp))
+        cfg = load_config(ROOT / "configs/quickstart.yaml",
+                          round_overrides(clients, rounds, Path(tmp)))
         workload = get_workload(cfg.workload)
-        t0 = time.perf_counter()
-        for pid in range(clients):
-            model = workload.build(cfg, "cpu")
-            train_ds, _ = workload.load_data(cfg, pid, clients)
-            workload.train_local(model, train_ds, cfg, seed=round_seed(cfg.seed, 1, pid))
-        sequential = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        res = simulate(cfg, Path(tmp) / "ray")
-        ray_wall = time.perf_counter() - t0
-    return {"clients": clients, "sequential_s": sequential, "torch_threads": torch.get_num_threads(),
-            "ray_round_s": res["rounds"][0]["seconds"], "ray_run_s": ray_wall,
-            "actors_cpus_per_client": cfg.simulation.num_cpus_per_client,
-            "speedup": sequential / res["rounds"][0]["seconds"]}
+        seconds = []
+        for rnd in range(1, rounds + 1):
+            t0 = time.perf_counter()
+            for pid in range(clients):
+                model = workload.build(cfg, "cpu")
+                train_ds, _ = workload.load_data(cfg, pid, clients)
+                workload.train_local(model, train_ds, cfg, seed=round_seed(cfg.seed, rnd, pid))
+            seconds.append(time.perf_counter() - t0)
+            print(f"round {rnd}/{rounds}  {seconds[-1]:.3f} s", flush=True)
+    return seconds
+
+
+def _timed(cmd: list[str], timeout_s: float) -> dict:
+    """Run `cmd` (a fresh Python process) and note, from its start, when each `round k/R
+    ... X s` line appeared on its output (and the X it printed) and when it exited."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    ends: dict[int, float] = {}
+    printed: dict[int, float] = {}
+    tail: list[str] = []
+    for line in proc.stdout:
+        match = ROUND_LINE.search(line)
+        if match:
+            ends.setdefault(int(match.group(1)), time.perf_counter() - t0)
+            printed.setdefault(int(match.group(1)), float(match.group(2)))
+        tail = (tail + [line])[-30:]
+        if time.perf_counter() - t0 > timeout_s:
+            proc.kill()
+            break
+    proc.wait()
+    return {"round_end_from_start_s": [ends[k] for k in sorted(ends)],
+            "round_s": [printed[k] for k in sorted(printed)],
+            "process_s": time.perf_counter() - t0, "returncode": proc.returncode,
+            "error": "".join(tail)[-2000:] if proc.returncode else ""}
+
+
+def ray_vs_sequential(clients: int = 20, rounds: int = 5, timeout_s: float = 900) -> dict:
+    """`python -m simulation` (Flower's Ray engine as configured: one CPU and one torch
+    thread per client actor, so 2 actors on 2 cores) against `loop` in its own process,
+    with the same clients, rounds and training. Per round: the server's own round time
+    (Ray: from sending the round's messages to the last reply, actor start-up included
+    in round 1) and the loop's; from each process's start to the end of its round 1;
+    and the whole process."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "ray"
+        ray = _timed([sys.executable, "-m", "simulation", "--config", "configs/quickstart.yaml",
+                      "--run-dir", str(run_dir), *round_overrides(clients, rounds, Path(tmp))],
+                     timeout_s)
+        metrics = run_dir / "metrics.json"
+        ray["round_s"] = ([r["seconds"] for r in json.loads(metrics.read_text())["rounds"]]
+                          if metrics.is_file() else [])
+        seq = _timed([sys.executable, "-m", "benchmarks.scale", "--loop", "--clients",
+                      str(clients), "--rounds", str(rounds)], timeout_s)
+    out = {"clients": clients, "rounds": rounds, "ray": ray, "loop": seq,
+           "loop_torch_threads": torch.get_num_threads(), "actor_torch_threads": 1}
+    if len(ray["round_s"]) == len(seq["round_s"]) == rounds:
+        r, q = ray, seq
+        out.update(
+            round1_ratio=r["round_s"][0] / q["round_s"][0],
+            round1_from_start_ratio=(r["round_end_from_start_s"][0]
+                                     / q["round_end_from_start_s"][0]),
+            later_rounds_ratio=sum(r["round_s"][1:]) / sum(q["round_s"][1:]),
+            process_ratio=r["process_s"] / q["process_s"])
+    return out
 
 
 def _pids() -> list[int]:
@@ -104,16 +163,20 @@ def _memory(pids: list[int]) -> tuple[int, int, int]:
     return rss, pss, n
 
 
-def simulation_memory(clients: int, timeout_s: float = 900, interval_s: float = 1.0) -> dict:
-    """Peak memory of `python -m simulation` with `clients` virtual clients (the sim100
-    experiment, one round, 10 clients sampled), summed over the driver, Ray's own
-    processes and every client actor, sampled every `interval_s`."""
+def simulation_memory(clients: int, rounds: int = 3, timeout_s: float = 900,
+                      interval_s: float = 1.0) -> dict:
+    """Seconds per round and peak memory of `python -m simulation` with `clients` virtual
+    clients (the sim100 experiment, 10 clients sampled per round, about 100 examples per
+    client whatever the federation's size), the memory summed over the driver, Ray's
+    own processes and every client actor, sampled every `interval_s`. Round 1 includes
+    the actors' start-up; `later_round_s` is the mean of the others."""
     with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "simulation", "--config", "configs/sim100.yaml",
-               "rounds=1", f"num_clients={clients}", f"fraction_train={10 / clients}",
-               f"fraction_evaluate={10 / clients}", "min_train_clients=10",
-               f"data.num_samples={max(10000, 10 * clients)}", "train.local_epochs=1",
-               f"output_dir={tmp}"]
+               "--run-dir", str(run_dir), f"rounds={rounds}", f"num_clients={clients}",
+               f"fraction_train={10 / clients}", f"fraction_evaluate={10 / clients}",
+               "min_train_clients=10", f"data.num_samples={100 * clients}",
+               "train.local_epochs=1", "channel.sweep_snr_db=[]", f"output_dir={tmp}"]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -130,17 +193,28 @@ def simulation_memory(clients: int, timeout_s: float = 900, interval_s: float = 
                 proc.terminate()
             err = proc.communicate(timeout=60)[1]
         wall = time.perf_counter() - t0
+        metrics = run_dir / "metrics.json"
+        round_s = ([r["seconds"] for r in json.loads(metrics.read_text())["rounds"]]
+                   if metrics.is_file() else [])
     return {"clients": clients, "peak_rss_sum_bytes": peak_rss, "peak_pss_sum_bytes": peak_pss,
             "processes_at_peak": procs_at_peak, "wall_s": wall, "returncode": proc.returncode,
+            "round_s": round_s,
+            "later_round_s": (sum(round_s[1:]) / len(round_s[1:])) if len(round_s) > 1 else None,
             "error": err[-2000:] if proc.returncode else ""}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--memory-clients", type=int, nargs="*", default=[100, 1000])
+    parser.add_argument("--loop", action="store_true",
+                        help="run only the sequential loop, in this process")
     args = parser.parse_args()
-    print(json.dumps(ray_vs_sequential(args.clients)))
+    if args.loop:
+        loop(args.clients, args.rounds)
+        return
+    print(json.dumps(ray_vs_sequential(args.clients, args.rounds)))
     for n in args.memory_clients:
         print(json.dumps(simulation_memory(n)))
 

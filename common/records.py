@@ -10,12 +10,25 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import matplotlib
+from common.tracking import Tracker
 
-matplotlib.use("Agg")  # files only; no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
 
-from common.tracking import Tracker  # noqa: E402
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only; no display on servers and CI),
+    imported on first use: client processes never plot, and the import costs them
+    about 0.4 s of start-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def __getattr__(name: str):
+    if name == "plt":  # `from common.records import plt`, for the reports' figures
+        return _pyplot()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Panel(NamedTuple):
@@ -87,6 +100,7 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path, panels: tuple[Panel, .
         return
     cols = 3
     rows_n = (len(panels) + cols - 1) // cols
+    plt = _pyplot()
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")

@@ -25,9 +25,10 @@ import functools
 import json
 import logging
 import math
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -305,10 +306,11 @@ def _record(msg: Message, name: str, what: str) -> ArrayRecord:
     return record
 
 
-def shared_arrays(msg: Message, expected: Mapping[str, np.ndarray], required: set[str],
+def shared_arrays(msg: Message, expected: Mapping[str, Any], required: set[str],
                   max_rank: int | None = None) -> dict[str, np.ndarray]:
     """The global arrays of a message (adapters, student weights), checked against the
-    arrays this node would send (`expected`: keys, shapes, dtypes). With `max_rank`
+    arrays this node would send (`expected`: keys to arrays, or anything with their
+    `.shape` and `.dtype`). With `max_rank`
     (svd_lora) a LoRA factor may have any rank up to it in its rank dimension."""
     what = "global array"
     record = _record(msg, "arrays", "the global arrays")
@@ -336,15 +338,36 @@ def shared_arrays(msg: Message, expected: Mapping[str, np.ndarray], required: se
     return out
 
 
+class _Spec(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+# Per model object: the keys, shapes and dtypes it shares, by (lora_train, client half).
+# They follow from the model's structure, which a model never changes, and computing
+# them means copying every shared tensor: a tenth of a quickstart client's round.
+_SPECS: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
+
+
+def _shared_specs(workload, model: torch.nn.Module, train: str, client_half_only: bool
+                  ) -> dict[str, _Spec]:
+    specs = _SPECS.setdefault(model, {})
+    if (train, client_half_only) not in specs:
+        kwargs = {"client_half_only": True} if client_half_only else {}
+        specs[train, client_half_only] = {
+            k: _Spec(tuple(v.shape), v.dtype)
+            for k, v in workload.shared_state(model, train, **kwargs).items()}
+    return specs[train, client_half_only]
+
+
 def global_arrays(workload, model: torch.nn.Module, cfg: ExperimentConfig, msg: Message,
                   client_half_only: bool = False) -> dict[str, np.ndarray]:
     """The global arrays of `msg`, checked against what this node's model shares: keys,
     shapes (svd_lora: any rank up to the largest configured), dtypes, finite values."""
-    kwargs = {"client_half_only": True} if client_half_only else {}
-    expected = workload.shared_state(model, "ab", **kwargs)
+    expected = _shared_specs(workload, model, "ab", client_half_only)
     required = set()
     if msg.metadata.message_type.startswith("train"):  # what it will train and send back
-        required = set(workload.shared_state(model, lora_train(msg), **kwargs))
+        required = set(_shared_specs(workload, model, lora_train(msg), client_half_only))
     max_rank = None
     if cfg.strategy.name == "svd_lora":
         max_rank = max([cfg.lora.rank, cfg.strategy.svd_rank, *cfg.lora.client_ranks])

@@ -18,14 +18,15 @@ epsilon, which is not the privacy a client has spent.) A client whose budget
 from __future__ import annotations
 
 import numpy as np
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import DataLoader
 
 from common.config import DPConfig
 from common.records import Panel
+
+# Opacus is imported where it is used: importing it costs about 1.6 s of CPU (it pulls in
+# torch.distributed's tensor ops), which every client process and the server would pay
+# on start-up in runs without DP (benchmarks/profile_round.py).
 
 # The key of the accountant's history among a node's private arrays.
 HISTORY_KEY = "__dp_accountant_history__"
@@ -40,6 +41,8 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     """Epsilon at `delta` of an RDP accountant that saw `history`."""
     if not history:
         return 0.0
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     accountant.history = [tuple(h) for h in history]
     return float(accountant.get_epsilon(delta))
@@ -53,11 +56,14 @@ class ClientDP:
         self.dp, self.rounds, self.local_epochs = dp, rounds, local_epochs
         self.past = [(float(s), float(q), int(n)) for s, q, n in
                      (history if history is not None else np.zeros((0, 3)))]
-        self.engine: PrivacyEngine | None = None
+        self.engine = None  # opacus.PrivacyEngine, once make_private ran
         self.noise_multiplier: float | None = None
 
     def make_private(self, model: nn.Module, optimizer, loader: DataLoader):
         """Opacus' (model, optimizer, loader) for this round's local epochs."""
+        from opacus import PrivacyEngine
+        from opacus.accountants.utils import get_noise_multiplier
+
         sample_rate = 1.0 / len(loader)
         steps = self.local_epochs * len(loader)
         sigma = self.dp.noise_multiplier

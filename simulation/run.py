@@ -7,9 +7,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+import ray
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -22,6 +24,7 @@ from fl_client.client_app import app as client_app
 from fl_client.trust import node_config_of
 from fl_server.rounds import run_federated
 from simulation.dispatch import dispatch_interval
+from simulation.warm import HOOK, actor_env
 
 
 def ray_address(cfg: ExperimentConfig) -> str | None:
@@ -56,6 +59,33 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
+def start_ray(cfg: ExperimentConfig, init_args: dict[str, Any]) -> bool:
+    """Start Ray (or join the cluster) for the run, so that every client actor starts
+    warm (simulation/warm.py); False if Ray already runs in this process, which Flower
+    then uses as it is.
+
+    Flower's backend initialises Ray itself unless it already runs, and passes only
+    `PYTHONPATH` as the runtime environment (flwr 1.41 `RayBackend.init_ray`, which
+    also refuses a `runtime_env` among the init arguments); this does the same, with
+    the warm-up hook and its settings added."""
+    if ray.is_initialized():
+        return False
+    if "address" not in init_args:
+        # Ray starts idle workers for a new driver ahead of time; the client actors never
+        # use them (an actor with the job's warm-up hook starts its own worker, checked
+        # with ray 2.55), and on a small machine their start-up takes CPU from the
+        # actors' in round 1. Read by the local raylet from its environment.
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+        os.environ.setdefault("RAY_enable_worker_prestart", "0")
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath  # as Flower's: Ray's processes inherit it
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath, **actor_env(cfg)},
+                          "worker_process_setup_hook": HOOK}, **init_args)
+    return True
+
+
 def simulate(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = False,
              client_app: ClientApp = client_app) -> dict[str, Any]:
     """Run the experiment with `cfg.num_clients` virtual SuperNodes; return results.
@@ -82,14 +112,20 @@ def simulate(cfg: ExperimentConfig, run_dir: Path | None = None, resume: bool = 
     def _main(grid: Grid, context: Context) -> None:
         results.update(run_federated(grid, cfg, run_dir, resume=resume))
 
-    with dispatch_interval(cfg.simulation.dispatch_interval_s):
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=cfg.num_clients,
-            backend_name=cfg.simulation.backend,
-            backend_config=backend_config(cfg),
-        )
+    backend = backend_config(cfg)
+    started = start_ray(cfg, backend["init_args"])
+    try:
+        with dispatch_interval(cfg.simulation.dispatch_interval_s):
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=cfg.num_clients,
+                backend_name=cfg.simulation.backend,
+                backend_config=backend,
+            )
+    finally:
+        if started and ray.is_initialized():  # Flower shuts it down unless it failed early
+            ray.shutdown()
     if not results:
         raise RuntimeError("the simulation ended without results; see the log above")
     return results

@@ -39,9 +39,10 @@ from common.data.tensor_dataset import TensorDictDataset
 from common.data.text import SYNTHETIC_VOCAB, TextVocab
 
 __all__ = ["DataError", "class_names", "client_pool", "examples", "held_out_pool",
-           "load_partition", "mask_ids_are_labels", "num_classes", "public_fingerprint",
-           "public_indices", "public_split", "require", "seg_class_names", "seg_classes",
-           "source_fingerprint", "source_keys", "source_order", "source_size", "text_vocab"]
+           "load_partition", "mask_ids_are_labels", "num_classes", "prepare_partitions",
+           "public_fingerprint", "public_indices", "public_split", "require",
+           "seg_class_names", "seg_classes", "source_fingerprint", "source_keys",
+           "source_order", "source_size", "text_vocab"]
 
 SYNTHETIC_SEG_CLASSES = 1 + len(CLASSES)  # background + the four shapes
 # What the synthetic scenes annotate besides the image.
@@ -237,15 +238,29 @@ def load_partition(cfg: DataConfig, partition_id: int, num_partitions: int,
 def _load_partition(cfg_key: str, partition_id: int, num_partitions: int,
                     caption_len: int) -> tuple[Dataset, Dataset]:
     cfg = DataConfig(**json.loads(cfg_key))
+    pool, positions = _partition_positions(cfg, num_partitions, partition_id)
+    train, test = train_test_indices(positions, cfg.test_fraction, cfg.seed, partition_id)
+    return examples(cfg, pool[train], caption_len), examples(cfg, pool[test], caption_len)
+
+
+def _partition_positions(cfg: DataConfig, num_partitions: int, partition_id: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(the clients' pool of source indices, partition `partition_id`'s positions in it)."""
     pool = client_pool(cfg)
     if cfg.name == "synthetic":
         split_by = synthetic_labels(cfg)
     else:
         src = get_source(cfg)
         split_by = _split_by(cfg, src)[pool]
-    positions = partition_indices(split_by, num_partitions, partition_id, cfg)
-    train, test = train_test_indices(positions, cfg.test_fraction, cfg.seed, partition_id)
-    return examples(cfg, pool[train], caption_len), examples(cfg, pool[test], caption_len)
+    return pool, partition_indices(split_by, num_partitions, partition_id, cfg)
+
+
+def prepare_partitions(cfg: DataConfig, num_partitions: int) -> None:
+    """Fill this process's caches for `load_partition` with `num_partitions`: the source's
+    order and labels and the partition table (the Flower Datasets partitioner's run),
+    without reading or rendering any example. A simulation's client actors call it when
+    they start (simulation/warm.py)."""
+    _partition_positions(cfg, num_partitions, 0)
 
 
 def _split_by(cfg: DataConfig, src: Source) -> np.ndarray:
