@@ -5,7 +5,8 @@ truth, the same on the simulation and the deployment engine), except what touche
 node's disk, network or device: those keys come from the SuperNode's node config
 (`device`, `data-root`, `data-download`, `state-dir`, `model-checkpoint`,
 `teacher-checkpoint`, `teacher-store-dir`, `diffusion-checkpoint`,
-`diffusion-clip-checkpoint`, `knowledge-base`, `knowledge-embedder`; see
+`diffusion-clip-checkpoint`, `knowledge-base`, `knowledge-embedder`,
+`transmitter-budget`; see
 fl_client/trust.py), beside `partition-id` and `num-partitions`. Every message is checked before a handler acts on
 it, and one that fails gets an error reply naming the value. The client's trainable
 tensors persist between rounds in `context.state`, which stays on the node; the
@@ -38,7 +39,12 @@ from fl_client.node import (
 )
 from fl_client.secagg import secagg_if_asked
 from models import get_workload
-from models.client_state import client_lora_rank, load_local_parameters, local_parameters
+from models.client_state import (
+    client_experiment,
+    client_lora_rank,
+    load_local_parameters,
+    local_parameters,
+)
 from privacy.central_dp import UNIFORM_WEIGHT, clip_if_asked
 from privacy.dp import HISTORY_KEY, BudgetExhausted, ClientDP
 
@@ -50,6 +56,7 @@ BUDGET_EXHAUSTED = 4001
 def _setup(msg: Message, context: Context):
     cfg = trust.node_experiment(msg, context)  # with the node's own paths and device
     pid, n = partition(context)
+    cfg = client_experiment(cfg, pid)  # with its own transmitter budget (mtsc compression)
     device = resolve_device(cfg.device)
     workload = get_workload(cfg.workload)
     rank = client_lora_rank(cfg, pid)

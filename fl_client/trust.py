@@ -56,6 +56,7 @@ NODE_KEYS = {
     "model.checkpoint": "model-checkpoint",
     "model.knowledge_base": "knowledge-base",
     "model.knowledge_embedder": "knowledge-embedder",
+    "model.transmitter_budget": "transmitter-budget",  # mtsc: docs/compression.md
     "distill.teacher.checkpoint": "teacher-checkpoint",
     "distill.store_dir": "teacher-store-dir",
     "diffusion.checkpoint": "diffusion-checkpoint",
@@ -365,6 +366,9 @@ def global_arrays(workload, model: torch.nn.Module, cfg: ExperimentConfig, msg: 
     """The global arrays of `msg`, checked against what this node's model shares: keys,
     shapes (svd_lora: any rank up to the largest configured), dtypes, finite values."""
     expected = _shared_specs(workload, model, "ab", client_half_only)
+    # A compressed mtsc client holds fewer LAM encoder layers: the server's adapters of
+    # the others are checked as the full model's, and not loaded (docs/compression.md).
+    expected = {**getattr(model, "dropped_adapters", {}), **expected}
     required = set()
     if msg.metadata.message_type.startswith("train"):  # what it will train and send back
         required = set(_shared_specs(workload, model, lora_train(msg), client_half_only))

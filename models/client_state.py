@@ -12,6 +12,8 @@ The shared tensors (`shared_state` of a workload) travel to the server; these st
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,6 +31,30 @@ def client_lora_rank(cfg: ExperimentConfig, partition_id: int) -> int:
     (heterogeneous ranks, svd_lora), else `lora.rank`."""
     ranks = cfg.lora.client_ranks
     return ranks[partition_id % len(ranks)] if ranks else cfg.lora.rank
+
+
+def client_budget(cfg: ExperimentConfig, partition_id: int) -> float | str | None:
+    """A client's transmitter budget (mtsc, models/mtsc/compression.py): the node's own
+    (node config transmitter-budget, which is `model.transmitter_budget` on the node),
+    else `model.client_budgets` round-robin over partitions, else None (the full model)."""
+    model = cfg.sections.get("model")
+    if model is None or not hasattr(model, "client_budgets"):
+        return None
+    if model.transmitter_budget is not None:
+        return model.transmitter_budget
+    table = model.client_budgets
+    return table[partition_id % len(table)] if table else None
+
+
+def client_experiment(cfg: ExperimentConfig, partition_id: int) -> ExperimentConfig:
+    """The experiment as client `partition_id` builds its model: with its own budget in
+    `model.transmitter_budget`; `cfg` itself when it has none or has it already."""
+    budget = client_budget(cfg, partition_id)
+    if budget is None or budget == cfg.model.transmitter_budget:
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.sections["model"] = dataclasses.replace(cfg.model, transmitter_budget=str(budget))
+    return out
 
 
 def local_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,6 +16,8 @@ the engine they drive (as Flower's simulation sits above its server and client):
                        over DP settings
     rag.py             python -m reports.rag: retrieval at the mtsc receiver against k and
                        the SNR, and an update of the facts with no training step
+    compression.py     python -m reports.compression: transmitters sized to each client's
+                       budget (accuracy, bytes up, memory, latency against the budget)
     knowledge.py       python -m reports.knowledge: the receiver's knowledge base (facts,
                        rebuild, add, remove, search); it writes no report
 

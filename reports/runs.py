@@ -22,6 +22,7 @@ import torch
 from common.config import ExperimentConfig, config_from_dict
 from models import get_workload
 from models.client_state import (
+    client_experiment,
     client_lora_rank,
     load_local_parameters,
     read_state_file,
@@ -107,6 +108,7 @@ def restore_client(cfg: ExperimentConfig, run_dir: str | Path, partition_id: int
     saved round, with the final global shared state on top, as the ClientApp
     assembles a client for a message (fl_client/client_app.py)."""
     _, global_state = finished_run(run_dir)
+    cfg = client_experiment(cfg, partition_id)  # its transmitter budget, if any
     saved = saved_client_state(cfg, run_dir, partition_id, state_dir)
     saved.pop(HISTORY_KEY, None)
     workload = get_workload(cfg.workload)

@@ -41,6 +41,8 @@ class FedAvgLoRA(FedAvg):
     lora_train = "ab"
     #: Whether clients may use a LoRA rank other than the one of the arrays sent.
     rank_flexible = False
+    #: Whether a reply may leave out whole LoRA modules it does not hold.
+    modules_flexible = False
 
     def __init__(self, *, max_update_bytes: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -115,6 +117,7 @@ class FedAvgLoRA(FedAvg):
             rank_flexible=self.rank_flexible,
             max_bytes=self.max_update_bytes,
             weight_key=self.weighted_by_key,
+            modules_flexible=self.modules_flexible,
         )
 
     def _aggregate_accepted(

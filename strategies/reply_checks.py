@@ -47,6 +47,7 @@ def valid_train_replies(
     rank_flexible: bool = False,
     max_bytes: int | None = None,
     weight_key: str = "num-examples",
+    modules_flexible: bool = False,
 ) -> list[Message]:
     """Return the training replies that are safe to aggregate; log the others.
 
@@ -64,10 +65,14 @@ def valid_train_replies(
         Drop replies whose arrays take more than this many bytes.
     weight_key : str (default: "num-examples")
         The MetricRecord entry used as the aggregation weight.
+    modules_flexible : bool (default: False)
+        Let a reply leave out whole LoRA modules (both factors) it does not hold, e.g.
+        the LAM encoder layers a compressed client dropped; every other key must be there.
     """
     valid = []
     for msg in replies:
-        reason = _problem(msg, reference, rank_flexible, max_bytes, weight_key)
+        reason = _problem(msg, reference, rank_flexible, max_bytes, weight_key,
+                          modules_flexible)
         if reason is None:
             valid.append(msg)
         else:
@@ -86,6 +91,7 @@ def _problem(
     rank_flexible: bool,
     max_bytes: int | None,
     weight_key: str,
+    modules_flexible: bool = False,
 ) -> str | None:
     """Return why ``msg`` cannot be aggregated, or None if it can."""
     if msg.has_error():
@@ -110,6 +116,10 @@ def _problem(
 
     missing = sorted(reference.keys() - record.keys())
     unexpected = sorted(record.keys() - reference.keys())
+    if modules_flexible and not unexpected and record:
+        # Whole modules may be absent: a missing key whose partner is absent too.
+        missing = [k for k in missing if lora_partner(k) is None
+                   or lora_partner(k) in record or lora_partner(k) not in reference]
     if missing or unexpected:
         return (
             "its keys differ from the arrays sent: "

@@ -13,6 +13,13 @@ work: FLoRA, and FlexLoRA (Bai et al., "Federated Fine-tuning of Large Language
 Models under Heterogeneous Tasks and Client Resources", 2024,
 https://arxiv.org/abs/2402.11505), which re-factorises the weighted sum by SVD the
 same way.
+
+Clients may also hold only some of the modules (a compressed client keeps the first
+layers of the shared LAM encoder, models/mtsc/compression.py). Each module is then
+merged over the clients that hold it, with their weights renormalised among them, as
+depth-wise heterogeneous FL averages each layer over its holders (InclusiveFL, Liu et
+al., KDD 2022); a module no reply holds keeps the value sent. A module every client
+holds is merged exactly as before.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ class SVDLoRA(FedAvgLoRA):
     # Clients may train at their own rank; the checks then only require that
     # a module's A and B agree on it.
     rank_flexible = True
+    # Clients may leave out whole modules they do not hold; the others are merged.
+    modules_flexible = True
 
     def __init__(self, *, target_rank: int, lora_alpha: float, **kwargs) -> None:
         if not isinstance(target_rank, int) or isinstance(target_rank, bool) or (
@@ -72,31 +81,37 @@ class SVDLoRA(FedAvgLoRA):
         contents = [msg.content for msg in accepted]
         records = [next(iter(c.array_records.values())) for c in contents]
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        weights = np.array(
+        raw = np.array(
             [float(next(iter(c.metric_records.values()))[self.weighted_by_key])
              for c in contents]
         )
-        weights /= weights.sum()
+        # Every key the replies may hold: the first reply's, then those it left out.
+        keys = list(records[0]) + [k for k in self._sent_arrays if k not in records[0]]
 
         merged: dict[str, np.ndarray] = {}
-        for key in records[0]:
+        for key in keys:
+            holders = [i for i, r in enumerate(records) if key in r]
+            if not holders:  # a module no client holds this round: as sent
+                merged[key] = self._sent_arrays[key].numpy()
+                continue
+            weights = raw[holders] / raw[holders].sum()
             partner = lora_partner(key)
-            if partner in records[0]:
+            if partner in keys:
                 if is_lora_a(key):
                     merged[key], merged[partner] = merge_lora_products(
-                        [r[key].numpy() for r in records],
-                        [r[partner].numpy() for r in records],
+                        [records[i][key].numpy() for i in holders],
+                        [records[i][partner].numpy() for i in holders],
                         weights,
                         self.lora_alpha,
                         self.target_rank,
                     )
             else:  # not a LoRA factor (e.g. a trained head): FedAvg
-                values = [r[key].numpy() for r in records]
+                values = [records[i][key].numpy() for i in holders]
                 mean = sum(w * v.astype(np.float64) for w, v in zip(weights, values))
                 merged[key] = mean.astype(values[0].dtype)
 
         # `merged` was filled pair by pair; give it back in the replies' key order.
-        arrays = ArrayRecord({k: Array(merged[k]) for k in records[0]})
+        arrays = ArrayRecord({k: Array(merged[k]) for k in keys})
         return arrays, metrics
 
 

@@ -111,9 +111,11 @@ def test_the_node_config_sets_the_node_only_keys(tiny_cfg, tmp_path):
             "diffusion-checkpoint": "ddpm.pt", "diffusion-clip-checkpoint": "clip",
             "data-hf-dataset": "parquet", "data-files": "a.parquet, b.parquet",
             "data-masks-root": "m", "data-allow-hub": "false", "knowledge-base": "kb.npz",
-            "knowledge-embedder": "emb"}
+            "knowledge-embedder": "emb", "transmitter-budget": "0.5"}
     assert set(node) == set(NODE_KEYS.values())
-    cfg = node_experiment(message(tiny_cfg), node_context(node))
+    # svd_lora: a node with a transmitter budget takes no other LoRA strategy.
+    sent = config_from_dict(tiny_cfg.to_dict(), {"strategy.name": "svd_lora"})
+    cfg = node_experiment(message(sent), node_context(node))
     assert (cfg.client_state_dir, cfg.data.root, cfg.data.download, cfg.device) == \
         ("s", "d", True, "cpu")
     assert (cfg.data.hf_dataset, cfg.data.data_files, cfg.data.masks_root,
@@ -121,7 +123,8 @@ def test_the_node_config_sets_the_node_only_keys(tiny_cfg, tmp_path):
     assert (cfg.model.checkpoint, cfg.distill.teacher.checkpoint, cfg.distill.store_dir,
             cfg.diffusion.checkpoint, cfg.diffusion.clip_checkpoint) == \
         ("lam", "t.pt", "o", "ddpm.pt", "clip")
-    assert (cfg.model.knowledge_base, cfg.model.knowledge_embedder) == ("kb.npz", "emb")
+    assert (cfg.model.knowledge_base, cfg.model.knowledge_embedder,
+            cfg.model.transmitter_budget) == ("kb.npz", "emb", "0.5")
 
 
 def test_a_server_that_asks_for_a_pretrained_lam_the_node_lacks_is_refused(

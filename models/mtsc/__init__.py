@@ -12,6 +12,8 @@
     split.py     the U-shaped cut of federated split fine-tuning and its reference
     knowledge.py the receiver's knowledge base for retrieval (chunks, embeddings, faiss
                  index, its file)
+    compression.py a transmitter sized to each client's budget (layers kept, LoRA rank,
+                 JSCC symbols, int8), docs/compression.md
 
 The variable-rate JSCC (Sec. III-B) and the channel are shared layers (models/jscc.py,
 models/channel.py); the split's messages are fl_client/split_handlers.py and

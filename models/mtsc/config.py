@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
 from common.config import LORA_STRATEGIES, TASKS, ExperimentConfig, need
@@ -32,6 +34,45 @@ class ModelConfig:
     rag_nprobe: int = 8  # inverted lists an IVF search visits
     rag_chunk_len: int = 12  # tokens of a chunk the decoder reads (BOS + words + EOS)
     rag_query_weight: float = 1.0  # weight of the retrieval query's loss in training
+    # A transmitter sized to each client (models/mtsc/compression.py, docs/compression.md):
+    # budgets round-robin over partitions, each a share of the full compute in (0, 1] or a
+    # memory size ("300kB"); [] and no node budget: every client the full model.
+    client_budgets: list[float | str] = field(default_factory=list)
+    # This node's own budget (node config transmitter-budget); it wins over the table.
+    transmitter_budget: str | None = None
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30}
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]?i?b)\s*", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a client can afford (models/mtsc/compression.py): `compute`, a share of the
+    full transmitter's FLOPs, or `memory`, bytes of transmitter weights."""
+
+    kind: str  # "compute" | "memory"
+    amount: float
+
+
+def parse_budget(value: float | str) -> Budget:
+    """A budget from config: a number in (0, 1] is a compute share; a size with a unit
+    (B, kB, MB, GB, KiB, MiB, GiB) is memory. Raises ValueError naming the value."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str) and (size := _SIZE.fullmatch(value)):
+        return Budget("memory", float(size.group(1)) * _UNITS[size.group(2).lower()])
+    else:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+    if not 0 < number <= 1:
+        raise ValueError(f"transmitter budget {value!r}: expected a share of the full "
+                         "compute in (0, 1] (e.g. 0.5) or a memory size with a unit "
+                         "(e.g. '300kB', '1.5MiB')")
+    return Budget("compute", number)
 
 
 SECTIONS = {"model": ModelConfig}
@@ -72,5 +113,17 @@ def check(cfg: ExperimentConfig) -> None:
              "with retrieval; a model trained so retrieves in the split's server half as is")
         need(cfg.privacy.dp.mode != "local", "privacy.dp.mode", cfg.privacy.dp.mode,
              "not 'local' with model.rag_k > 0 (DP-SGD does not cover the retrieval query)")
+    budgets = list(m.client_budgets) + ([m.transmitter_budget] if m.transmitter_budget else [])
+    if budgets:
+        for value in budgets:
+            try:
+                parse_budget(value)
+            except ValueError as err:
+                need(False, "model.client_budgets / transmitter-budget", value, str(err))
+        need(cfg.strategy.name == "svd_lora", "strategy.name", cfg.strategy.name,
+             "'svd_lora' with transmitter budgets (compressed clients send fewer layers' "
+             "adapters at lower ranks; svd_lora aggregates each over the clients holding it)")
+        need(cfg.split.mode == "off", "split.mode", cfg.split.mode,
+             "'off' with transmitter budgets (the split's server half has one size)")
     need(cfg.strategy.name in STRATEGIES, "strategy.name", cfg.strategy.name,
          f"one of {list(STRATEGIES)} for workload 'mtsc' (it shares LoRA adapters)")

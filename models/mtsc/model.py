@@ -20,11 +20,14 @@ only tensors that leave a client (`shared_state`).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from torch import Tensor, nn
 from transformers import BartConfig, BartModel
 
@@ -35,6 +38,7 @@ from common.data.scenes import BOS_ID, EOS_ID, PAD_ID
 from common.seeding import seeded
 from models.channel import WirelessChannel
 from models.jscc import JSCCDecoder, JSCCEncoder, JSCCOutput, sent_positions
+from models.mtsc.compression import client_plan, dropped_adapter_keys, keep_encoder_layers
 from models.mtsc.knowledge import KnowledgeBase, LamEmbedder, TransformersEmbedder
 
 # Decoder query layout: one query per scalar task, one per reconstructed image patch.
@@ -97,14 +101,15 @@ def build_lam(cfg: ExperimentConfig) -> BartModel:
 class PatchEncoder(nn.Module):
     """Image -> one token per patch: a small CNN (conv-ReLU-maxpool blocks, as the
     paper's CNN image encoder) down to the token grid, plus learned positions. Max
-    pooling keeps small shapes' evidence that a strided projection averages away."""
+    pooling keeps small shapes' evidence that a strided projection averages away.
+    `width` scales the hidden channels (a compressed client's thinner encoder)."""
 
-    def __init__(self, d_model: int, patch: int, n_patches: int):
+    def __init__(self, d_model: int, patch: int, n_patches: int, width: float = 1.0):
         super().__init__()
         layers: list[nn.Module] = []
         ch, stride = 3, 1
         while stride < patch:
-            out = d_model if stride * 2 == patch else 32 * stride
+            out = d_model if stride * 2 == patch else max(4, round(32 * stride * width))
             layers += [nn.Conv2d(ch, out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
             ch, stride = out, stride * 2
         layers.append(nn.Conv2d(ch, d_model, 1))
@@ -120,10 +125,12 @@ class PatchEncoder(nn.Module):
 class Transmitter(nn.Module):
     """Client half: modality encoders -> LAM encoder (LoRA) -> JSCC encoder."""
 
-    def __init__(self, cfg: ExperimentConfig, lam_encoder: nn.Module, d_model: int):
+    def __init__(self, cfg: ExperimentConfig, lam_encoder: nn.Module, d_model: int,
+                 encoder_width: float = 1.0):
         super().__init__()
         n_patches = (cfg.data.image_size // cfg.model.patch_size) ** 2
-        self.image_encoder = PatchEncoder(d_model, cfg.model.patch_size, n_patches)
+        self.image_encoder = PatchEncoder(d_model, cfg.model.patch_size, n_patches,
+                                          encoder_width)
         self.text_embedding = nn.Embedding(len(text_vocab(cfg.data).words), d_model,
                                            padding_idx=PAD_ID)
         self.modality = nn.Embedding(2, d_model)  # 0 = image token, 1 = text token
@@ -334,24 +341,31 @@ class TaskDecoders(nn.Module):
 
 
 class MTSCModel(nn.Module):
-    def __init__(self, cfg: ExperimentConfig, lam: BartModel):
+    def __init__(self, cfg: ExperimentConfig, lam: BartModel, encoder_width: float = 1.0):
         super().__init__()
         d = lam.config.d_model
         self.cfg = cfg
-        self.transmitter = Transmitter(cfg, lam.encoder, d)
+        self.transmitter = Transmitter(cfg, lam.encoder, d, encoder_width)
         self.channel = WirelessChannel(cfg.channel)
         self.receiver = Receiver(cfg, lam.decoder, d)
         self.task_decoders = TaskDecoders(cfg, d)
+        # A compressed client's plan (models/mtsc/compression.py) and the shared-state
+        # keys of the LAM encoder layers it does not hold (with their shapes); None / {}
+        # for the full model.
+        self.compression = None
+        self.dropped_adapters: dict[str, np.ndarray] = {}
 
     def uplink(self, batch: dict[str, Tensor], snr_db: Tensor | None = None,
-               generator: torch.Generator | None = None
+               generator: torch.Generator | None = None, transmitter: nn.Module | None = None
                ) -> tuple[JSCCOutput, Tensor, Tensor]:
-        """Client half and channel: (what the JSCC sent, what arrives, the SNR)."""
+        """Client half and channel: (what the JSCC sent, what arrives, the SNR).
+        `transmitter`: another module in place of the model's own (the deployed int8
+        one, models/mtsc/compression.py)."""
         image = batch["image"]
         if snr_db is None:
             snr_db = self.channel.sample_snr_db(image.shape[0], image.device, generator)
         question = batch.get("question") if "vqa" in self.cfg.model.tasks else None
-        tx = self.transmitter(image, question, snr_db)
+        tx = (transmitter or self.transmitter)(image, question, snr_db)
         received = self.channel(tx.symbols, snr_db, generator)
         # Only what was sent arrives: the receiver sees no noise where the JSCC sent
         # nothing (so the mask's gradient there is 0, as in the split over the wire).
@@ -359,8 +373,9 @@ class MTSCModel(nn.Module):
         return tx, received, snr_db
 
     def forward(self, batch: dict[str, Tensor], snr_db: Tensor | None = None,
-                generator: torch.Generator | None = None) -> tuple[Tensor, JSCCOutput]:
-        tx, received, snr_db = self.uplink(batch, snr_db, generator)
+                generator: torch.Generator | None = None,
+                transmitter: nn.Module | None = None) -> tuple[Tensor, JSCCOutput]:
+        tx, received, snr_db = self.uplink(batch, snr_db, generator, transmitter)
         return self.receiver(received, tx.mask, snr_db), tx
 
 
@@ -395,11 +410,24 @@ def build(cfg: ExperimentConfig, device: torch.device | str = "cpu",
           lora_rank: int | None = None) -> MTSCModel:
     """The whole model: frozen LAM base + LoRA (shared seed) + private modules. Fails
     first when the data source lacks what a task needs (so the server, which builds
-    the model but reads no partition, refuses the run as a client would)."""
+    the model but reads no partition, refuses the run as a client would). With a
+    `model.transmitter_budget` (this client's, models/client_state.py) its transmitter
+    is compressed to fit (models/mtsc/compression.py)."""
+    rank = lora_rank or cfg.lora.rank
+    return build_compressed(cfg, device, rank, client_plan(cfg, rank, build_compressed))
+
+
+def build_compressed(cfg: ExperimentConfig, device: torch.device | str, lora_rank: int,
+                     plan=None) -> MTSCModel:
+    """`build` with an explicit compression `plan` (models/mtsc/compression.Plan; None:
+    the full model). The LAM is built whole from the shared seed, so the layers a client
+    keeps are the shared model's first ones, with the adapters every full client starts
+    from at that rank; the dropped layers' adapter keys are kept on the model
+    (`dropped_adapters`) so the server's full adapters can be checked and skipped."""
     require(cfg.data, data_needs(cfg))
     lam = build_lam(cfg)
     lora = LoraConfig(
-        r=lora_rank or cfg.lora.rank,
+        r=lora_rank if plan is None else plan.lora_rank,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules),
@@ -407,11 +435,23 @@ def build(cfg: ExperimentConfig, device: torch.device | str = "cpu",
     with seeded(cfg.lora.init_seed):  # every client starts from the same A matrices
         inject_adapter_in_model(lora, lam.encoder)
         inject_adapter_in_model(lora, lam.decoder)
+    model_cfg = cfg
+    if plan is not None and plan.jscc_symbols != cfg.model.jscc_symbols:
+        model_cfg = copy.deepcopy(cfg)
+        model_cfg.sections["model"] = dataclasses.replace(cfg.model,
+                                                          jscc_symbols=plan.jscc_symbols)
     with seeded(cfg.seed + 1):
-        model = MTSCModel(cfg, lam)
+        model = MTSCModel(model_cfg, lam, 1.0 if plan is None else plan.share)
     for name, p in model.named_parameters():
         if "lam_" in name and "lora_" not in name:
             p.requires_grad_(False)  # the LAM's base weights stay frozen
+    if plan is not None:
+        encoder_state = {f"encoder.{k}": v for k, v in
+                         get_peft_model_state_dict(lam.encoder).items()}
+        dropped = dropped_adapter_keys(len(lam.encoder.layers), plan.layers, list(encoder_state))
+        model.dropped_adapters = {k: encoder_state[k].detach().float().numpy() for k in dropped}
+        keep_encoder_layers(lam.encoder, plan.layers)
+        model.compression = plan
     if cfg.model.rag_k > 0:
         # Built after the rest (its own seed), so every other tensor equals the model's
         # without retrieval.

@@ -150,16 +150,33 @@ def eval_batches(data: Dataset, cfg: ExperimentConfig) -> DataLoader:
 
 @torch.no_grad()
 def evaluate(model: MTSCModel, data: Dataset, cfg: ExperimentConfig) -> dict[str, float]:
-    """Task metrics (see TaskScorer) on the client's local test split."""
+    """Task metrics (see TaskScorer) on the client's local test split. A client whose
+    compression plan quantises its transmitter evaluates with the int8 transmitter it
+    deploys (models/mtsc/compression.py), on the CPU."""
     with seeded(cfg.seed):  # the same SNR draws and channel noise at every evaluation
         device = next(model.parameters()).device
         model.eval()
+        transmitter = _deployed(model, device)
         scorer = TaskScorer(cfg)
         for batch in eval_batches(data, cfg):
             batch = _to(batch, device)
-            h, _ = model(batch)
+            h, _ = model(batch, transmitter=transmitter)
             scorer.add(model.task_decoders, h, batch)
         return scorer.result()
+
+
+def _deployed(model: MTSCModel, device: torch.device):
+    """The int8 transmitter of a compressed client, or None (the model's own)."""
+    plan = model.compression
+    if plan is None or not plan.int8:
+        return None
+    if device.type != "cpu":
+        log.warning("the int8 transmitter runs on the CPU only (torch's dynamic "
+                    "quantisation); this node evaluates its transmitter on %s in fp32", device)
+        return None
+    from models.mtsc.compression import deployed_transmitter
+
+    return deployed_transmitter(model.transmitter, int8=True)
 
 
 @torch.no_grad()

@@ -82,7 +82,10 @@ def _fit_rank(a: Tensor, b: Tensor, local_a: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def load_shared_state(model: MTSCModel, arrays: dict[str, np.ndarray]) -> None:
-    """Load adapters from the server; adapts the rank when it differs (svd_lora)."""
+    """Load adapters from the server; adapts the rank when it differs (svd_lora). The
+    adapters of LAM encoder layers a compressed client does not hold are skipped
+    (models/mtsc/compression.py)."""
+    arrays = {k: v for k, v in arrays.items() if k not in model.dropped_adapters}
     params = dict(model.named_parameters())
     names = {}
     for prefix, module in _lora_modules(model).items():
