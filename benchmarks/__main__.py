@@ -171,6 +171,16 @@ def plot(res: dict, path: Path) -> None:
         b.set_xticks([k + 0.2 for k in range(len(rows))], names)
         b.set(yscale="log", ylabel="seconds", title="deployment engine (TLS + auth)")
         b.legend()
+    elif (res.get("ray") or {}).get("later_rounds_ratio") is not None:
+        ray = res["ray"]
+        rounds = range(1, ray["rounds"] + 1)
+        b.plot(rounds, ray["ray"]["round_s"], "o-", label="Ray (2 actors x 1 thread)")
+        b.plot(rounds, ray["loop"]["round_s"], "s--",
+               label=f"loop ({ray['loop_torch_threads']} threads)")
+        b.set(yscale="log", xlabel="round", ylabel="seconds",
+              title=f"Ray vs loop, {ray['clients']} clients")
+        b.set_xticks(list(rounds))
+        b.legend()
     bars = []
     for r in res.get("lora", []):
         bars.append((f"LoRA/full\n{r['model']}", r["ratio"]))
