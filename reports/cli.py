@@ -6,9 +6,13 @@ config's `tracking`, the finished report's files logged as artefacts."""
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from common.config import ConfigError, ExperimentConfig, load_config
 from common.records import new_run_dir
@@ -56,3 +60,25 @@ def track_report(cfg: ExperimentConfig, out: Path) -> None:
         from common.tracking import log_report
 
         log_report(cfg.to_dict(), out)
+
+
+def finish_report(cfg: ExperimentConfig, out: Path, report: dict[str, Any],
+                  plot: Callable[[dict[str, Any], Path], None], table: str) -> None:
+    """The end of a report: report.json and report.png in `out`, the Markdown table
+    printed, and the folder logged to MLflow where the config tracks it."""
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    plot(report, out / "report.png")
+    print(table)
+    print(f"results in {out}")
+    track_report(cfg, out)
+
+
+def median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    """Milliseconds of one call of `fn`: the median of `repeats` calls after a warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)

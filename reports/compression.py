@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +40,13 @@ from models.client_state import client_budget, client_experiment
 from models.mtsc import workload as mtsc
 from models.mtsc.compression import deployed_transmitter, forward_flops, weight_bytes
 from models.mtsc.config import parse_budget
-from reports.cli import report_config, report_folder, report_parser, track_report
+from reports.cli import (
+    finish_report,
+    median_ms,
+    report_config,
+    report_folder,
+    report_parser,
+)
 from reports.runs import restore_client, simulation_run
 
 LATENCY_BATCH, LATENCY_REPEATS = 32, 15
@@ -65,14 +68,6 @@ def _test_split(cfg: ExperimentConfig, pid: int, examples: int | None):
     return test
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 @torch.no_grad()
@@ -92,7 +87,7 @@ def client_row(cfg: ExperimentConfig, run_dir: Path, pid: int, examples: int | N
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ms = _median_ms(lambda: deployed(batch["image"], question, snr), LATENCY_REPEATS)
+        ms = median_ms(lambda: deployed(batch["image"], question, snr), LATENCY_REPEATS)
     finally:
         torch.set_num_threads(threads)
     sent = model.transmitter(batch["image"], question, snr).symbols_sent.mean().item()
@@ -219,11 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     report["full_client"] = {"mixed": mixed, **accuracy, "seed_noise": noise,
                              "within_noise": mixed >= accuracy["full"] - noise}
     report["overrides"] = {name: _overrides(args, name) for name in RUNS}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    plot(report, out / "report.png")
-    print(markdown_table(report))
-    print(f"results in {out}")
-    track_report(cfg, out)
+    finish_report(cfg, out, report, plot, markdown_table(report))
     return 0
 
 

@@ -37,10 +37,7 @@ pre-trained one: the numbers are this workload's, not the paper's.
 
 from __future__ import annotations
 
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +55,13 @@ from models.mtsc import workload as mtsc
 from models.mtsc.metrics import TaskScorer
 from models.mtsc.model import Q_CAP
 from models.split_wire import decode, encode, record_bytes
-from reports.cli import report_config, report_folder, report_parser, track_report
+from reports.cli import (
+    finish_report,
+    median_ms,
+    report_config,
+    report_folder,
+    report_parser,
+)
 from reports.runs import restore_client, simulation_run
 
 RATE_SNRS = [-2.0, 2.0]  # the low-SNR range of the rate ablation (dB)
@@ -143,14 +146,6 @@ def load_server_half(model, run_dir: Path) -> None:
             params[name].copy_(torch.from_numpy(saved[name]))
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 class _Placement:
@@ -239,7 +234,7 @@ def _placement_latency(end: _Placement, batch: dict[str, Tensor]) -> dict[str, d
         at_client, _ = end.wire(noisy)
 
         def ms(fn) -> float:
-            return _median_ms(fn, LATENCY_REPEATS) / n
+            return median_ms(fn, LATENCY_REPEATS) / n
 
         receiver = ms(lambda: end.server_output(received, tx.mask, snr))
         codec = ms(lambda: end.wire(noisy))  # the server's encoding, the client's decoding
@@ -367,11 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                                         out / "placement", args.examples, args.downlink_mbps)
         progress.advance(bar)
     report["overrides"] = runs
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    plot(report, out / "report.png")
-    print(markdown_table(report))
-    print(f"results in {out}")
-    track_report(cfg, out)
+    finish_report(cfg, out, report, plot, markdown_table(report))
     return 0
 
 

@@ -21,10 +21,6 @@ update of the knowledge base with no training step (docs/rag.md).
 from __future__ import annotations
 
 import dataclasses
-import json
-import statistics
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +35,13 @@ from common.data.tensor_dataset import TensorDictDataset
 from models.mtsc import model as mtsc_model
 from models.mtsc import workload as mtsc
 from models.mtsc.knowledge import KnowledgeBase, write_chunks
-from reports.cli import report_config, report_folder, report_parser, track_report
+from reports.cli import (
+    finish_report,
+    median_ms,
+    report_config,
+    report_folder,
+    report_parser,
+)
 
 KS = (0, 1, 4, 16)
 LATENCY_BATCH = 64
@@ -87,14 +89,6 @@ def recall_at_k(model, data: TensorDictDataset, cfg: ExperimentConfig, k: int) -
     return float((got == asked[:, None]).any(1).mean())
 
 
-def _median_ms(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 @torch.no_grad()
@@ -111,8 +105,8 @@ def latency(model, data: TensorDictDataset, k: int) -> dict[str, float]:
         retriever.k = k
         query = np.ascontiguousarray(np.random.default_rng(0).normal(
             size=(n, retriever.knowledge.dim)).astype(np.float32))
-        search = _median_ms(lambda: retriever.knowledge.search(query, k)) if k else 0.0
-        forward = _median_ms(lambda: model.receiver(received, tx.mask, snr))
+        search = median_ms(lambda: retriever.knowledge.search(query, k), 7) if k else 0.0
+        forward = median_ms(lambda: model.receiver(received, tx.mask, snr), 7)
     finally:
         torch.set_num_threads(threads)
     return {"search_ms_per_query": search / n, "receiver_ms_per_query": forward / n}
@@ -247,11 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = report_config(args, check)
     out = report_folder(args, cfg, "rag")
     report = run(cfg, out, args.changed)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    plot(report, out / "report.png")
-    track_report(cfg, out)
-    print(markdown(report))
-    print(f"report: {out}", file=sys.stderr)
+    finish_report(cfg, out, report, plot, markdown(report))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -61,7 +60,12 @@ from common.config import CHANNEL_MODELS, ChannelConfig, ConfigError, Experiment
 from common.seeding import seeded
 from models import get_workload, separate
 from models.channel import WirelessChannel
-from reports.cli import report_config, report_folder, report_parser, track_report
+from reports.cli import (
+    finish_report,
+    report_config,
+    report_folder,
+    report_parser,
+)
 from reports.runs import RunFolderError, finished_run, restore_client, simulation_run
 
 SNRS = [-5.0, -2.5, 0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5, 20.0]
@@ -409,11 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = args.run
     report = compare(cfg, run_dir, args.clients, args.images, args.codecs,
                      ["awgn", args.fading], args.snr)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    plot(report, out / "report.png")
-    print(markdown_table(report))
-    print(f"results in {out}")
-    track_report(cfg, out)
+    finish_report(cfg, out, report, plot, markdown_table(report))
     return 0
 
 
