@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -71,16 +72,18 @@ def _timed(cmd: list[str], timeout_s: float) -> dict:
     ends: dict[int, float] = {}
     printed: dict[int, float] = {}
     tail: list[str] = []
-    for line in proc.stdout:
-        match = ROUND_LINE.search(line)
-        if match:
-            ends.setdefault(int(match.group(1)), time.perf_counter() - t0)
-            printed.setdefault(int(match.group(1)), float(match.group(2)))
-        tail = (tail + [line])[-30:]
-        if time.perf_counter() - t0 > timeout_s:
-            proc.kill()
-            break
-    proc.wait()
+    watchdog = threading.Timer(timeout_s, proc.kill)  # also when it hangs silently
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            match = ROUND_LINE.search(line)
+            if match:
+                ends.setdefault(int(match.group(1)), time.perf_counter() - t0)
+                printed.setdefault(int(match.group(1)), float(match.group(2)))
+            tail = (tail + [line])[-30:]
+        proc.wait()
+    finally:
+        watchdog.cancel()
     return {"round_end_from_start_s": [ends[k] for k in sorted(ends)],
             "round_s": [printed[k] for k in sorted(printed)],
             "process_s": time.perf_counter() - t0, "returncode": proc.returncode,

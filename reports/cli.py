@@ -73,9 +73,10 @@ def finish_report(cfg: ExperimentConfig, out: Path, report: dict[str, Any],
     track_report(cfg, out)
 
 
-def median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    """Milliseconds of one call of `fn`: the median of `repeats` calls after a warm-up."""
-    fn()
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Milliseconds of one call of `fn`: the median of `repeats` calls after `warmup`."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,21 +31,18 @@ from common.data import num_classes
 from common.data.tensor_dataset import TensorDictDataset
 from models.tosc import teacher as tosc_teacher
 from models.tosc import workload as tosc
-from reports.cli import report_config, report_folder, report_parser, track_report
+from reports.cli import (
+    median_ms,
+    report_config,
+    report_folder,
+    report_parser,
+    track_report,
+)
 from reports.runs import simulation_run
 
 LATENCY_BATCH, LATENCY_SNR_DB = 32, 10.0
 
 
-def _median_seconds(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _size(model: torch.nn.Module) -> dict[str, float]:
@@ -71,10 +67,10 @@ def prestored_costs(cfg: ExperimentConfig, trains: list[TensorDictDataset]) -> d
     """What pre-storing saves: the teacher run once per client instead of once per local
     epoch of every round, against reading the stored file back each round."""
     teacher = tosc_teacher.load_teacher(cfg)
-    run_teacher = sum(_median_seconds(lambda d=d: tosc_teacher.compute_teacher_outputs(teacher, d, cfg),
-                                      repeats=3, warmup=1) for d in trains)
-    read_back = sum(_median_seconds(lambda d=d: tosc_teacher.prestored_teacher_outputs(cfg, d),
-                                    repeats=5, warmup=1) for d in trains)
+    run_teacher = sum(median_ms(lambda d=d: tosc_teacher.compute_teacher_outputs(teacher, d, cfg),
+                                repeats=3) for d in trains) / 1e3
+    read_back = sum(median_ms(lambda d=d: tosc_teacher.prestored_teacher_outputs(cfg, d),
+                              repeats=5) for d in trains) / 1e3
     stored = sum(tosc_teacher.prestored_teacher_outputs(cfg, d)[0].nbytes for d in trains)
     n = sum(len(d) for d in trains)
     passes = cfg.rounds * cfg.train.local_epochs
@@ -111,7 +107,7 @@ def build_report(cfg: ExperimentConfig, kd: dict, no_kd: dict) -> dict[str, Any]
     latency = {}
     for name, model in (("teacher", teacher), ("student", student.eval())):
         with torch.no_grad():
-            latency[name] = 1e3 * _median_seconds(lambda m=model: m(batch, snr), repeats=50)
+            latency[name] = median_ms(lambda m=model: m(batch, snr), repeats=50, warmup=3)
 
     def sweep(run):
         return {row["snr_db"]: row["accuracy"] for row in run.get("snr_sweep", [])}
